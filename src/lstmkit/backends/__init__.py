@@ -1,0 +1,88 @@
+"""Backend registry: which backends exist, which can serve an input, and ``backend="auto"``.
+
+Backends are imported lazily, so ``import lstmkit`` does not pay for Numba or Triton.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+from ._contract import LayerOptions
+
+__all__ = ["LayerOptions", "available_backends", "resolve", "BACKEND_MODULES"]
+
+# name -> module; "auto" tries them in this order and takes the first that can serve the input.
+BACKEND_MODULES = {
+    "triton": "lstmkit.backends.triton_gpu",
+    "numba": "lstmkit.backends.numba_cpu",
+    "reference": "lstmkit.backends.reference",
+}
+
+_loaded: dict[str, ModuleType] = {}
+_import_errors: dict[str, str] = {}
+
+
+def _load(name: str) -> Optional[ModuleType]:
+    if name in _loaded:
+        return _loaded[name]
+    if name in _import_errors:
+        return None
+    try:
+        mod = importlib.import_module(BACKEND_MODULES[name])
+    except ImportError as exc:  # a missing optional dependency
+        _import_errors[name] = f"not installed ({exc})"
+        return None
+    _loaded[name] = mod
+    return mod
+
+
+def available_backends() -> list[str]:
+    """Names of the backends whose dependencies are installed, in ``auto`` preference order."""
+    return [name for name in BACKEND_MODULES if _load(name) is not None]
+
+
+def _why_not(name: str, device: torch.device, dtype: torch.dtype, opts: Optional[LayerOptions]) -> Optional[str]:
+    mod = _load(name)
+    if mod is None:
+        return _import_errors[name]
+    return mod.unavailable(device, dtype, opts)
+
+
+def resolve(
+    name: str, device: torch.device, dtype: torch.dtype, opts: Optional[LayerOptions] = None
+) -> ModuleType:
+    """The backend module that runs tensors of ``device``/``dtype`` with ``opts``.
+
+    ``"auto"`` picks the first backend in :data:`BACKEND_MODULES` order that can serve the input.
+    An explicit name that cannot serve it raises; nothing falls back silently.
+    """
+    if name == "auto":
+        for cand in BACKEND_MODULES:
+            if _why_not(cand, device, dtype, opts) is None:
+                return _loaded[cand]
+        raise RuntimeError(f"no lstmkit backend can run device={device}, dtype={dtype}")
+    if name not in BACKEND_MODULES:
+        raise ValueError(
+            f"backend: expected 'auto' or one of {list(BACKEND_MODULES)}, got {name!r}"
+        )
+    reason = _why_not(name, device, dtype, opts)
+    if reason is not None:
+        usable = [c for c in BACKEND_MODULES if _why_not(c, device, dtype, opts) is None]
+        raise RuntimeError(
+            f"backend {name!r} cannot run device={device}, dtype={dtype}: {reason}; "
+            f"backends that can: {usable}"
+        )
+    return _loaded[name]
+
+
+def validate_name(name: str) -> str:
+    if not isinstance(name, str) or (name != "auto" and name not in BACKEND_MODULES):
+        raise ValueError(
+            f"backend: expected 'auto' or one of {list(BACKEND_MODULES)}, got {name!r}; "
+            f"installed: {available_backends()}"
+        )
+    return name
