@@ -15,7 +15,9 @@ from ._contract import LayerOptions
 
 __all__ = ["LayerOptions", "available_backends", "resolve", "BACKEND_MODULES"]
 
-# name -> module; "auto" tries them in this order and takes the first that can serve the input.
+# name -> module; "auto" tries them in this order and takes the first that can serve the input and
+# lists the input's device type in its AUTO_DEVICE_TYPES (absent: any device). The Triton
+# interpreter can run CPU tensors, but "auto" must only pick Triton for CUDA tensors.
 BACKEND_MODULES = {
     "triton": "lstmkit.backends.triton_gpu",
     "numba": "lstmkit.backends.numba_cpu",
@@ -63,7 +65,9 @@ def resolve(
     if name == "auto":
         for cand in BACKEND_MODULES:
             if _why_not(cand, device, dtype, opts) is None:
-                return _loaded[cand]
+                auto_types = getattr(_loaded[cand], "AUTO_DEVICE_TYPES", None)
+                if auto_types is None or device.type in auto_types:
+                    return _loaded[cand]
         raise RuntimeError(f"no lstmkit backend can run device={device}, dtype={dtype}")
     if name not in BACKEND_MODULES:
         raise ValueError(
