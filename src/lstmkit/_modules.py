@@ -1,0 +1,493 @@
+"""lstmkit.LSTM and lstmkit.LSTMCell: drop-in replacements for torch.nn.LSTM / LSTMCell.
+
+Modules hold parameters (torch's names, shapes and initialization), check arguments and convert
+input forms (batch_first, unbatched, PackedSequence, lengths=); the math is in
+:mod:`lstmkit.functional` and the backends.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+from torch.nn import init
+from torch.nn.utils.rnn import PackedSequence
+
+from . import backends, functional
+from ._gates import NUM_GATES
+
+__all__ = ["LSTM", "LSTMCell"]
+
+State = tuple[Tensor, Tensor]
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
+    if value < minimum:
+        bound = "greater than zero" if minimum == 1 else f"at least {minimum}"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} should be of type bool, got: {type(value).__name__}")
+
+
+def _check_state_tensor(name: str, t, like: Tensor) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected a Tensor, got {type(t).__name__}")
+    if t.dtype != like.dtype:
+        raise ValueError(f"{name}: expected dtype {like.dtype} (the input's), got {t.dtype}")
+    if t.device != like.device:
+        raise RuntimeError(f"{name}: expected device {like.device} (the input's), got {t.device}")
+
+
+def _unpack_hx(hx) -> State:
+    if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+        got = f"{type(hx).__name__} of length {len(hx)}" if isinstance(hx, (tuple, list)) else type(hx).__name__
+        raise TypeError(f"hx: expected a tuple (h_0, c_0) of two Tensors, got {got}")
+    return hx[0], hx[1]
+
+
+class LSTM(nn.Module):
+    r"""A multi-layer LSTM, numerically the same as :class:`torch.nn.LSTM`, run by lstmkit's backends.
+
+    For each element in the input sequence, each layer computes
+
+    .. math::
+        \begin{array}{ll}
+        i_t = \sigma(W_{ii} x_t + b_{ii} + W_{hi} h_{t-1} + b_{hi}) \\
+        f_t = \sigma(W_{if} x_t + b_{if} + W_{hf} h_{t-1} + b_{hf}) \\
+        g_t = \tanh(W_{ig} x_t + b_{ig} + W_{hg} h_{t-1} + b_{hg}) \\
+        o_t = \sigma(W_{io} x_t + b_{io} + W_{ho} h_{t-1} + b_{ho}) \\
+        c_t = f_t \odot c_{t-1} + i_t \odot g_t \\
+        h_t = o_t \odot \tanh(c_t)
+        \end{array}
+
+    with gate order (i, f, g, o) in the stacked weights. With ``proj_size > 0``,
+    :math:`h_t = W_{hr}(o_t \odot \tanh(c_t))`. Layer :math:`l > 0` takes the previous layer's
+    :math:`h_t`, after dropout with probability ``dropout`` in training mode.
+
+    Args:
+        input_size: features of the input :math:`x`.
+        hidden_size: features of the hidden state :math:`h`.
+        num_layers: stacked recurrent layers. Default: 1
+        bias: if ``False``, no ``b_ih`` and ``b_hh``. Default: ``True``
+        batch_first: input and output as ``(batch, seq, feature)``. Default: ``False``
+        dropout: dropout probability on the outputs of every layer but the last. Default: 0
+        bidirectional: a bidirectional LSTM. Default: ``False``
+        proj_size: if ``> 0``, an LSTM with projections of that size. Default: 0
+        device, dtype: where and how to create the parameters.
+        backend: ``"auto"`` (the fastest backend that supports the input) or a name from
+            :func:`lstmkit.available_backends`. Default: ``"auto"``
+
+    Inputs: input, (h_0, c_0), lengths
+        - **input**: ``(L, H_in)`` unbatched, ``(L, N, H_in)``, or ``(N, L, H_in)`` with
+          ``batch_first=True``; or a :class:`~torch.nn.utils.rnn.PackedSequence`.
+        - **h_0**: ``(D * num_layers, H_out)`` or ``(D * num_layers, N, H_out)``; zeros if omitted.
+        - **c_0**: ``(D * num_layers, H_cell)`` or ``(D * num_layers, N, H_cell)``; zeros if omitted.
+        - **lengths** (keyword): per-sequence lengths of a padded batch, in any order: outputs are
+          zero past each length and ``h_n``/``c_n`` come from each sequence's last valid step,
+          exactly as with packing.
+
+        where :math:`D` is 2 if bidirectional else 1, ``H_cell = hidden_size`` and ``H_out`` is
+        ``proj_size`` if it is set, else ``hidden_size``.
+
+    Outputs: output, (h_n, c_n)
+        - **output**: ``(L, D * H_out)``, ``(L, N, D * H_out)`` or ``(N, L, D * H_out)``, or a
+          PackedSequence for packed input: the last layer's :math:`h_t` for every step.
+        - **h_n**: ``(D * num_layers, [N,] H_out)``: final hidden state of every layer-direction.
+        - **c_n**: ``(D * num_layers, [N,] H_cell)``: final cell state.
+
+    Attributes:
+        weight_ih_l[k], weight_hh_l[k], bias_ih_l[k], bias_hh_l[k], weight_hr_l[k] (and the
+        ``_reverse`` ones): the same names, shapes and initialization
+        :math:`\mathcal{U}(-1/\sqrt{H}, 1/\sqrt{H})` as :class:`torch.nn.LSTM`, so state dicts load
+        both ways.
+
+    Example::
+
+        >>> lstm = lstmkit.LSTM(10, 20, 2)
+        >>> x = torch.randn(5, 3, 10)
+        >>> h0, c0 = torch.randn(2, 3, 20), torch.randn(2, 3, 20)
+        >>> output, (hn, cn) = lstm(x, (h0, c0))
+        >>> output.shape, hn.shape
+        (torch.Size([5, 3, 20]), torch.Size([2, 3, 20]))
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device=None,
+        dtype=None,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
+            raise ValueError(
+                "dropout should be a number in range [0, 1] representing the probability of an "
+                f"element being zeroed, got {dropout!r}"
+            )
+        _check_int("num_layers", num_layers, 1)
+        if dropout > 0 and num_layers == 1:
+            warnings.warn(
+                "dropout option adds dropout after all but last recurrent layer, so non-zero dropout "
+                f"expects num_layers greater than 1, but got dropout={dropout} and num_layers={num_layers}",
+                stacklevel=2,
+            )
+        _check_bool("bias", bias)
+        _check_bool("batch_first", batch_first)
+        _check_bool("bidirectional", bidirectional)
+        _check_int("input_size", input_size, 1)
+        _check_int("hidden_size", hidden_size, 1)
+        if not isinstance(proj_size, int) or isinstance(proj_size, bool) or proj_size < 0:
+            raise ValueError(
+                f"proj_size should be a positive integer or zero to disable projections, got {proj_size!r}"
+            )
+        if proj_size >= hidden_size:
+            raise ValueError(
+                f"proj_size has to be smaller than hidden_size, got proj_size={proj_size} "
+                f"and hidden_size={hidden_size}"
+            )
+        self.backend = backends.validate_name(backend)
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.proj_size = proj_size
+        self.mode = "LSTM"
+
+        factory = {"device": device, "dtype": dtype}
+        D = 2 if bidirectional else 1
+        G = NUM_GATES * hidden_size
+        P = proj_size if proj_size > 0 else hidden_size
+        self._flat_weights_names: list[str] = []
+        self._all_weights: list[list[str]] = []
+        for layer in range(num_layers):
+            for d in range(D):
+                sfx = f"_l{layer}" + ("_reverse" if d == 1 else "")
+                layer_in = input_size if layer == 0 else P * D
+                shapes = [("weight_ih", (G, layer_in)), ("weight_hh", (G, P))]
+                if bias:
+                    shapes += [("bias_ih", (G,)), ("bias_hh", (G,))]
+                if proj_size > 0:
+                    shapes += [("weight_hr", (proj_size, hidden_size))]
+                names = []
+                for base, shape in shapes:
+                    setattr(self, base + sfx, nn.Parameter(torch.empty(shape, **factory)))
+                    names.append(base + sfx)
+                self._flat_weights_names.extend(names)
+                self._all_weights.append(names)
+        self.reset_parameters()
+
+    # -- torch.nn.LSTM compatibility -------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        stdv = 1.0 / math.sqrt(self.hidden_size)
+        for name in self._flat_weights_names:
+            init.uniform_(getattr(self, name), -stdv, stdv)
+
+    @property
+    def _flat_weights(self) -> list[Tensor]:
+        return [getattr(self, n) for n in self._flat_weights_names]
+
+    @property
+    def all_weights(self) -> list[list[nn.Parameter]]:
+        return [[getattr(self, n) for n in names] for names in self._all_weights]
+
+    def flatten_parameters(self) -> None:
+        """No-op, for code written for torch.nn.LSTM (lstmkit needs no flat cuDNN buffer)."""
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.proj_size != 0:
+            s += f", proj_size={self.proj_size}"
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        if self.bias is not True:
+            s += f", bias={self.bias}"
+        if self.batch_first is not False:
+            s += f", batch_first={self.batch_first}"
+        if self.dropout != 0:
+            s += f", dropout={self.dropout}"
+        if self.bidirectional is not False:
+            s += f", bidirectional={self.bidirectional}"
+        if self.backend != "auto":
+            s += f", backend={self.backend!r}"
+        return s
+
+    # -- forward ---------------------------------------------------------------------------------
+    @property
+    def _real_hidden_size(self) -> int:
+        return self.proj_size if self.proj_size > 0 else self.hidden_size
+
+    def _check_input(self, x: Tensor, packed: bool) -> None:
+        w = self.weight_ih_l0
+        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(
+                f"input: dtype {x.dtype} does not match the weights' dtype {w.dtype}. "
+                f"Convert input: input.to({w.dtype}), or convert model: model.to({x.dtype})"
+            )
+        if x.device != w.device:
+            raise RuntimeError(
+                f"input: expected device {w.device} (the weights'), got {x.device}; move one of them"
+            )
+        if x.shape[-1] != self.input_size:
+            raise RuntimeError(
+                f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got {x.shape[-1]}"
+            )
+        if not packed and x.shape[0 if not self.batch_first else 1] == 0:
+            raise RuntimeError(
+                f"input: expected sequence length to be larger than 0, got input of shape {tuple(x.shape)}"
+            )
+
+    def _check_hidden(self, h: Tensor, c: Tensor, batch: int) -> None:
+        D = 2 if self.bidirectional else 1
+        exp_h = (self.num_layers * D, batch, self._real_hidden_size)
+        exp_c = (self.num_layers * D, batch, self.hidden_size)
+        if tuple(h.shape) != exp_h:
+            raise RuntimeError(f"hx[0] (h_0): expected size {exp_h}, got {tuple(h.shape)}")
+        if tuple(c.shape) != exp_c:
+            raise RuntimeError(f"hx[1] (c_0): expected size {exp_c}, got {tuple(c.shape)}")
+
+    def _zeros_state(self, x: Tensor, batch: int) -> State:
+        D = 2 if self.bidirectional else 1
+        h = torch.zeros(self.num_layers * D, batch, self._real_hidden_size, dtype=x.dtype, device=x.device)
+        c = torch.zeros(self.num_layers * D, batch, self.hidden_size, dtype=x.dtype, device=x.device)
+        return h, c
+
+    def _run(self, x: Tensor, h0: Tensor, c0: Tensor, batch_sizes: Optional[Tensor]):
+        """Time-first (T, B, I) input, (L*D, B, *) states -> (output, h_n, c_n)."""
+        return functional.lstm(
+            x, h0, c0, self._flat_weights,
+            num_layers=self.num_layers, bidirectional=self.bidirectional, has_biases=self.bias,
+            proj_size=self.proj_size, dropout=self.dropout, training=self.training,
+            batch_sizes=batch_sizes, backend=self.backend,
+        )
+
+    def forward(
+        self,
+        input: Union[Tensor, PackedSequence],
+        hx: Optional[State] = None,
+        *,
+        lengths: Optional[Union[Tensor, list[int]]] = None,
+    ):
+        if isinstance(input, PackedSequence):
+            if lengths is not None:
+                raise ValueError("lengths: must be None for a PackedSequence input (it carries its lengths)")
+            return self._forward_packed(input, hx)
+        if not isinstance(input, Tensor):
+            raise TypeError(f"input: expected a Tensor or PackedSequence, got {type(input).__name__}")
+        if input.dim() not in (2, 3):
+            raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+        batched = input.dim() == 3
+        self._check_input(input, packed=False)
+        if not batched:
+            if lengths is not None:
+                raise ValueError("lengths: only valid for batched 3-D input, got unbatched 2-D input")
+            input = input.unsqueeze(1)  # (T, 1, I) whatever batch_first says
+            x = input
+        else:
+            x = input.transpose(0, 1) if self.batch_first else input  # (T, B, I)
+        T, B = x.shape[0], x.shape[1]
+
+        if hx is None:
+            h0, c0 = self._zeros_state(x, B)
+        else:
+            h0, c0 = _unpack_hx(hx)
+            _check_state_tensor("hx[0] (h_0)", h0, x)
+            _check_state_tensor("hx[1] (c_0)", c0, x)
+            want = 3 if batched else 2
+            if h0.dim() != want or c0.dim() != want:
+                kind = "batched 3-D" if batched else "unbatched 2-D"
+                raise RuntimeError(
+                    f"hx: for {kind} input, h_0 and c_0 should also be {want}-D, "
+                    f"got ({h0.dim()}-D, {c0.dim()}-D) tensors"
+                )
+            if not batched:
+                h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+            self._check_hidden(h0, c0, B)
+
+        if lengths is None:
+            out, h_n, c_n = self._run(x, h0, c0, None)
+        else:
+            out, h_n, c_n = self._forward_lengths(x, h0, c0, lengths)
+
+        if not batched:
+            return out.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
+        if self.batch_first:
+            out = out.transpose(0, 1)
+        return out, (h_n, c_n)
+
+    def _forward_lengths(self, x: Tensor, h0: Tensor, c0: Tensor, lengths) -> tuple[Tensor, Tensor, Tensor]:
+        T, B = x.shape[0], x.shape[1]
+        lens = torch.as_tensor(lengths)
+        if lens.dim() != 1 or lens.numel() != B:
+            raise ValueError(f"lengths: expected a 1-D sequence of {B} lengths (one per batch row), "
+                             f"got shape {tuple(lens.shape)}")
+        if lens.dtype.is_floating_point or lens.dtype == torch.bool:
+            raise TypeError(f"lengths: expected integers, got dtype {lens.dtype}")
+        lens = lens.to("cpu", torch.int64)
+        if B and (int(lens.min()) < 1 or int(lens.max()) > T):
+            raise ValueError(f"lengths: expected every length in [1, {T}] (the sequence length), "
+                             f"got min {int(lens.min())}, max {int(lens.max())}")
+        if B == 0 or bool((lens == T).all()):
+            return self._run(x, h0, c0, None)
+        sorted_lens, order = torch.sort(lens, descending=True)
+        unorder = torch.empty_like(order)
+        unorder[order] = torch.arange(B)
+        batch_sizes = functional.lengths_to_batch_sizes(sorted_lens, T)
+        dev = x.device
+        order_d, unorder_d = order.to(dev), unorder.to(dev)
+        out, h_n, c_n = self._run(x.index_select(1, order_d), h0.index_select(1, order_d),
+                                  c0.index_select(1, order_d), batch_sizes)
+        return out.index_select(1, unorder_d), h_n.index_select(1, unorder_d), c_n.index_select(1, unorder_d)
+
+    def _forward_packed(self, packed: PackedSequence, hx: Optional[State]):
+        data, batch_sizes, sorted_indices, unsorted_indices = packed
+        self._check_input(data, packed=True)
+        if data.dim() != 2:
+            raise RuntimeError(f"input: PackedSequence data must have 2 dimensions, got {data.dim()}")
+        B = int(batch_sizes[0])
+        if hx is None:
+            h0, c0 = self._zeros_state(data, B)
+        else:
+            h0, c0 = _unpack_hx(hx)
+            _check_state_tensor("hx[0] (h_0)", h0, data)
+            _check_state_tensor("hx[1] (c_0)", c0, data)
+            self._check_hidden(h0, c0, B)
+            if sorted_indices is not None:
+                h0, c0 = h0.index_select(1, sorted_indices), c0.index_select(1, sorted_indices)
+        x = functional.packed_to_padded(data, batch_sizes)  # (T, B, I)
+        out, h_n, c_n = self._run(x, h0, c0, batch_sizes)
+        out_packed = PackedSequence(functional.padded_to_packed(out, batch_sizes), batch_sizes,
+                                    sorted_indices, unsorted_indices)
+        if unsorted_indices is not None:
+            h_n, c_n = h_n.index_select(1, unsorted_indices), c_n.index_select(1, unsorted_indices)
+        return out_packed, (h_n, c_n)
+
+
+class LSTMCell(nn.Module):
+    r"""A long short-term memory cell, numerically the same as :class:`torch.nn.LSTMCell`.
+
+    .. math::
+        \begin{array}{ll}
+        i = \sigma(W_{ii} x + b_{ii} + W_{hi} h + b_{hi}) \\
+        f = \sigma(W_{if} x + b_{if} + W_{hf} h + b_{hf}) \\
+        g = \tanh(W_{ig} x + b_{ig} + W_{hg} h + b_{hg}) \\
+        o = \sigma(W_{io} x + b_{io} + W_{ho} h + b_{ho}) \\
+        c' = f \odot c + i \odot g \\
+        h' = o \odot \tanh(c')
+        \end{array}
+
+    Args:
+        input_size: features of the input :math:`x`.
+        hidden_size: features of the hidden state :math:`h`.
+        bias: if ``False``, no ``bias_ih`` and ``bias_hh``. Default: ``True``
+        device, dtype: where and how to create the parameters.
+        backend: ``"auto"`` or a name from :func:`lstmkit.available_backends`.
+
+    Inputs: input, (h_0, c_0)
+        - **input**: ``(N, H_in)`` or ``(H_in)``.
+        - **h_0**, **c_0**: ``(N, H)`` or ``(H)``; zeros if omitted.
+
+    Outputs: (h_1, c_1), each ``(N, H)`` or ``(H)``.
+
+    Attributes:
+        weight_ih ``(4H, H_in)``, weight_hh ``(4H, H)``, bias_ih ``(4H)``, bias_hh ``(4H)``,
+        initialized :math:`\mathcal{U}(-1/\sqrt{H}, 1/\sqrt{H})` as in torch.
+
+    Example::
+
+        >>> cell = lstmkit.LSTMCell(10, 20)
+        >>> h, c = cell(torch.randn(3, 10))
+        >>> h.shape
+        torch.Size([3, 20])
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None,
+                 *, backend: str = "auto") -> None:
+        super().__init__()
+        _check_bool("bias", bias)
+        _check_int("input_size", input_size, 1)
+        _check_int("hidden_size", hidden_size, 1)
+        self.backend = backends.validate_name(backend)
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.bias = bias
+        factory = {"device": device, "dtype": dtype}
+        G = NUM_GATES * hidden_size
+        self.weight_ih = nn.Parameter(torch.empty((G, input_size), **factory))
+        self.weight_hh = nn.Parameter(torch.empty((G, hidden_size), **factory))
+        if bias:
+            self.bias_ih = nn.Parameter(torch.empty(G, **factory))
+            self.bias_hh = nn.Parameter(torch.empty(G, **factory))
+        else:
+            self.register_parameter("bias_ih", None)
+            self.register_parameter("bias_hh", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        stdv = 1.0 / math.sqrt(self.hidden_size)
+        for w in (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh):
+            if w is not None:
+                init.uniform_(w, -stdv, stdv)
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.bias is not True:
+            s += f", bias={self.bias}"
+        return s
+
+    def forward(self, input: Tensor, hx: Optional[State] = None) -> State:
+        if not isinstance(input, Tensor):
+            raise TypeError(f"input: expected a Tensor, got {type(input).__name__}")
+        if input.dim() not in (1, 2):
+            raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        w = self.weight_ih
+        if input.dtype != w.dtype:
+            raise ValueError(f"input: dtype {input.dtype} does not match the weights' dtype {w.dtype}")
+        if input.device != w.device:
+            raise RuntimeError(f"input: expected device {w.device} (the weights'), got {input.device}")
+        if input.shape[-1] != self.input_size:
+            raise RuntimeError(
+                f"input has inconsistent input_size: got {input.shape[-1]} expected {self.input_size}"
+            )
+        batched = input.dim() == 2
+        x = input if batched else input.unsqueeze(0)
+        B = x.shape[0]
+        if hx is None:
+            h = c = torch.zeros(B, self.hidden_size, dtype=x.dtype, device=x.device)
+        else:
+            h, c = _unpack_hx(hx)
+            for idx, (name, t) in enumerate((("hx[0] (h)", h), ("hx[1] (c)", c))):
+                _check_state_tensor(name, t, x)
+                if t.dim() not in (1, 2):
+                    raise ValueError(f"LSTMCell: Expected hx[{idx}] to be 1D or 2D, got {t.dim()}D instead")
+                if t.dim() != input.dim():
+                    raise ValueError(f"{name}: expected {input.dim()}-D like the input, got {t.dim()}-D")
+            if not batched:
+                h, c = h.unsqueeze(0), c.unsqueeze(0)
+            for name, t in (("hx[0] (h)", h), ("hx[1] (c)", c)):
+                if tuple(t.shape) != (B, self.hidden_size):
+                    raise RuntimeError(f"{name}: expected size {(B, self.hidden_size)}, got {tuple(t.shape)}")
+        h1, c1 = functional.lstm_cell(x, h, c, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
+                                      backend=self.backend)
+        if not batched:
+            return h1.squeeze(0), c1.squeeze(0)
+        return h1, c1

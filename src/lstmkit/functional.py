@@ -1,0 +1,172 @@
+"""The functional layer: a whole (multi-layer, bidirectional) LSTM from one layer-direction kernel.
+
+It owns everything around the backends' unit of work (see ``backends/_contract.py``): the input
+projection GEMM of every step at once, stacking layers and directions, dropout between layers,
+variable lengths (as PackedSequence-style per-step batch sizes), and backend dispatch.
+
+Dimension legend
+    T  time steps   B  batch rows   I  input features of a layer
+    H  hidden size  P  proj_size if > 0 else H    L  layers   D  directions (1 or 2)
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import backends
+from .backends._contract import LN_EPS, LayerOptions
+
+__all__ = ["lstm", "lstm_cell", "lengths_to_batch_sizes", "padded_to_packed", "packed_to_padded"]
+
+# opts_for(layer, direction, B, T) -> LayerOptions or None; built by the module (variants)
+OptsFn = Callable[[int, int, int, int], Optional[LayerOptions]]
+
+
+def _needs_grad(tensors: Sequence[Optional[Tensor]]) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
+def lengths_to_batch_sizes(sorted_lengths: Tensor, T: int) -> Tensor:
+    """Per-step active-row counts (T,) int64 for lengths sorted in descending order."""
+    steps = torch.arange(T, dtype=torch.int64)
+    return (sorted_lengths.to("cpu", torch.int64).unsqueeze(0) > steps.unsqueeze(1)).sum(1)
+
+
+def _active_mask(batch_sizes: Tensor, B: int, device: torch.device) -> Tensor:
+    # (T, B) bool, True where row b is active at step t; row-major order is packed order.
+    rows = torch.arange(B, dtype=torch.int64)
+    return (rows.unsqueeze(0) < batch_sizes.unsqueeze(1)).to(device)
+
+
+def packed_to_padded(data: Tensor, batch_sizes: Tensor) -> Tensor:
+    """PackedSequence data (N, *) -> zero-padded (T, B, *) in sorted (packed) row order."""
+    T, B = batch_sizes.numel(), int(batch_sizes[0])
+    mask = _active_mask(batch_sizes, B, data.device)
+    out = data.new_zeros((T, B) + tuple(data.shape[1:]))
+    return out.index_put((mask,), data)
+
+
+def padded_to_packed(padded: Tensor, batch_sizes: Tensor) -> Tensor:
+    """Inverse of :func:`packed_to_padded`: (T, B, *) -> (N, *)."""
+    mask = _active_mask(batch_sizes, padded.shape[1], padded.device)
+    return padded[mask]
+
+
+def _layer_weights(weights: Sequence[Tensor], has_biases: bool, proj_size: int, D: int, layer: int, d: int):
+    per = 2 + (2 if has_biases else 0) + (1 if proj_size > 0 else 0)
+    w = weights[(layer * D + d) * per:(layer * D + d + 1) * per]
+    w_ih, w_hh = w[0], w[1]
+    b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
+    w_hr = w[-1] if proj_size > 0 else None
+    return w_ih, w_hh, b_ih, b_hh, w_hr
+
+
+def _input_projection(
+    x: Tensor,                 # (T, B, I)
+    w_ih: Tensor,              # (4H, I)
+    b_ih: Optional[Tensor],    # (4H,)
+    b_hh: Optional[Tensor],    # (4H,)
+    ln_ih: Optional[Tensor],   # (4H,) layer-norm gain, or None
+) -> Tensor:                   # (T, B, 4H)
+    T, B, _ = x.shape
+    x2 = x.reshape(T * B, x.shape[2])
+    if ln_ih is not None:
+        xg = F.layer_norm(x2 @ w_ih.t(), (w_ih.shape[0],), ln_ih, None, LN_EPS)
+        if b_ih is not None:
+            xg = xg + (b_ih + b_hh)
+    elif b_ih is not None:
+        xg = torch.addmm(b_ih + b_hh, x2, w_ih.t())
+    else:
+        xg = x2 @ w_ih.t()
+    return xg.view(T, B, w_ih.shape[0])
+
+
+def lstm(
+    input: Tensor,                        # (T, B, I), time-first, padded in sorted order if batch_sizes
+    h0: Tensor,                           # (L*D, B, P)
+    c0: Tensor,                           # (L*D, B, H)
+    weights: Sequence[Tensor],            # torch.nn.LSTM's _flat_weights order
+    *,
+    num_layers: int,
+    bidirectional: bool = False,
+    has_biases: bool = True,
+    proj_size: int = 0,
+    dropout: float = 0.0,
+    training: bool = False,
+    batch_sizes: Optional[Tensor] = None,  # (T,) int64 non-increasing, or None
+    backend: str = "auto",
+    opts_for: Optional[OptsFn] = None,
+    ln_ih: Optional[Sequence[Tensor]] = None,  # per layer-direction input layer-norm gains
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Run a stacked LSTM over time-first input; returns (output (T, B, D*P), h_n, c_n).
+
+    The same computation as ``torch._VF.lstm`` for time-first input, done by lstmkit's backends.
+    """
+    T, B = input.shape[0], input.shape[1]
+    D = 2 if bidirectional else 1
+    plain = opts_for is None and ln_ih is None
+    first_opts = None if opts_for is None else opts_for(0, 0, B, T)
+    be = backends.resolve(backend, input.device, input.dtype, first_opts)
+    inter_dropout = dropout > 0 and training and num_layers > 1
+
+    fast = getattr(be, "lstm_stack", None)
+    if (
+        fast is not None and plain and not inter_dropout
+        and not _needs_grad([input, h0, c0, *weights])
+        and not torch.compiler.is_compiling()
+    ):
+        return fast(input, h0, c0, list(weights), num_layers=num_layers, bidirectional=bidirectional,
+                    has_biases=has_biases, proj_size=proj_size, batch_sizes=batch_sizes)
+
+    x = input
+    h_n: list[Tensor] = []
+    c_n: list[Tensor] = []
+    for layer in range(num_layers):
+        outs = []
+        for d in range(D):
+            idx = layer * D + d
+            w_ih, w_hh, b_ih, b_hh, w_hr = _layer_weights(weights, has_biases, proj_size, D, layer, d)
+            xg = _input_projection(x, w_ih, b_ih, b_hh, None if ln_ih is None else ln_ih[idx])
+            opts = first_opts if idx == 0 else (None if opts_for is None else opts_for(layer, d, B, T))
+            out, h, c = be.layer(xg, w_hh, w_hr, h0[idx], c0[idx], batch_sizes, d == 1, opts)
+            outs.append(out)
+            h_n.append(h)
+            c_n.append(c)
+        x = outs[0] if D == 1 else torch.cat(outs, 2)
+        if inter_dropout and layer < num_layers - 1:
+            x = F.dropout(x, dropout, training=True)
+    return x, torch.stack(h_n), torch.stack(c_n)
+
+
+def lstm_cell(
+    input: Tensor,             # (B, I)
+    h: Tensor,                 # (B, H)
+    c: Tensor,                 # (B, H)
+    w_ih: Tensor,              # (4H, I)
+    w_hh: Tensor,              # (4H, H)
+    b_ih: Optional[Tensor],    # (4H,)
+    b_hh: Optional[Tensor],    # (4H,)
+    *,
+    backend: str = "auto",
+    opts: Optional[LayerOptions] = None,
+    ln_ih: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """One LSTM step, as ``torch.nn.LSTMCell``: returns (h', c')."""
+    be = backends.resolve(backend, input.device, input.dtype, opts)
+    fast = getattr(be, "lstm_cell_step", None)
+    if (
+        fast is not None and opts is None and ln_ih is None
+        and not _needs_grad([input, h, c, w_ih, w_hh, b_ih, b_hh])
+        and not torch.compiler.is_compiling()
+    ):
+        return fast(input, h, c, w_ih, w_hh, b_ih, b_hh)
+    xg = _input_projection(input.unsqueeze(0), w_ih, b_ih, b_hh, ln_ih)
+    _, h1, c1 = be.layer(xg, w_hh, None, h, c, None, False, opts)
+    return h1, c1
+
