@@ -304,7 +304,7 @@ class LSTM(nn.Module):
             x = input
         else:
             x = input.transpose(0, 1) if self.batch_first else input  # (T, B, I)
-        T, B = x.shape[0], x.shape[1]
+        B = x.shape[1]
 
         if hx is None:
             h0, c0 = self._zeros_state(x, B)
