@@ -10,9 +10,9 @@ import itertools
 
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
-from tolerances import assert_close, max_dev
 
 import lstmkit
+from tolerances import assert_close, max_dev
 
 FORMS = ("time_first", "batch_first", "unbatched", "packed", "lengths")
 # (num_layers, bidirectional, proj_size, bias)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
-from tolerances import assert_close
 
 import lstmkit
+from tolerances import assert_close
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from lstm_oracle import ARCHS, DTYPES, FORMS, MAX_DEV, check_lstm_parity
 
 import lstmkit
+from lstm_oracle import ARCHS, DTYPES, FORMS, MAX_DEV, check_lstm_parity
 
 CPU_BACKENDS = [b for b in lstmkit.available_backends() if b in ("reference", "numba")]
 

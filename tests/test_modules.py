@@ -5,9 +5,9 @@ import pickle
 
 import pytest
 import torch
-from tolerances import assert_close
 
 import lstmkit
+from tolerances import assert_close
 
 CPU_BACKENDS = [b for b in lstmkit.available_backends() if b in ("reference", "numba")]
 
