@@ -1,0 +1,350 @@
+"""The Numba backend: fused CPU kernels for one layer-direction, forward and backward.
+
+Forward is one compiled call per layer-direction over all steps (``kernels.numba_lstm.layer_fwd``),
+saving the gate activations and the cell states. Backward is one compiled call producing the
+gradient of every step's pre-activations (which is the gradient of ``xg``) and of the initial
+state; the weight gradients are then one large GEMM each over all T*B rows.
+
+The differentiable op exists twice with identical results: as torch custom operators
+(``torch.ops.lstmkit.numba_layer_fwd`` / ``numba_layer_bwd``, with fake and autograd
+registrations) which ``torch.compile`` traces, and as a ``torch.autograd.Function`` calling the
+same kernels, used in eager mode because custom-op dispatch costs tens of microseconds per call.
+
+Inference hooks called by ``lstmkit.functional`` when no gradient is needed: :func:`lstm_stack`
+(a whole stacked LSTM in one compiled call) and :func:`lstm_cell_step`.
+
+Dimension legend: T steps, B batch rows, I input features, H hidden size, G = 4H,
+P = proj_size or H, L layers, D directions.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..kernels import numba_lstm as K
+from ._contract import LayerOptions
+
+NAME = "numba"
+AUTO_DEVICE_TYPES = ("cpu",)
+
+_DTYPES = (torch.float32, torch.float64)
+_NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def unavailable(device: torch.device, dtype: torch.dtype, opts: Optional[LayerOptions] = None) -> Optional[str]:
+    if torch.device(device).type != "cpu":
+        return f"the numba backend runs CPU tensors only, got device {device}"
+    if dtype not in _DTYPES:
+        return f"the numba backend supports float32 and float64, got {dtype}"
+    if opts is not None and not opts.is_plain():
+        return "the numba backend implements the plain LSTM only (no peephole, layer norm, " \
+               "recurrent dropout or zoneout)"
+    return None
+
+
+# --- threads ----------------------------------------------------------------------------------
+# The kernels themselves are single-threaded; their BLAS calls go to SciPy's OpenBLAS. Its
+# thread count follows torch.get_num_threads() so that BLAS and torch's OpenMP pool do not
+# oversubscribe the cores.
+
+_blas_threads: Optional[int] = None
+_blas_ctl = None
+
+
+def sync_threads() -> None:
+    global _blas_threads, _blas_ctl
+    n = torch.get_num_threads()
+    if n == _blas_threads:
+        return
+    if _blas_ctl is None:
+        from threadpoolctl import ThreadpoolController
+
+        ctl = ThreadpoolController()
+        _blas_ctl = [lib for lib in ctl.lib_controllers
+                     if lib.user_api == "blas" and "scipy" in lib.filepath and "64_" not in lib.filepath]
+    for lib in _blas_ctl:
+        lib.set_num_threads(n)
+    _blas_threads = n
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+def _np(t: Tensor) -> np.ndarray:
+    return t.detach().contiguous().numpy()
+
+
+def _bs_np(batch_sizes: Optional[Tensor]) -> np.ndarray:
+    if batch_sizes is None:
+        return _NO_BS
+    return batch_sizes.detach().to("cpu", torch.int64).contiguous().numpy()
+
+
+_NO_BS = np.zeros(0, np.int64)
+
+
+def _check(xg: Tensor, w_hh: Tensor, w_hr: Optional[Tensor], h0: Tensor, c0: Tensor) -> None:
+    why = unavailable(xg.device, xg.dtype)
+    if why is not None:
+        raise RuntimeError(why)
+    for name, t in (("w_hh", w_hh), ("w_hr", w_hr), ("h0", h0), ("c0", c0)):
+        if t is not None and t.dtype != xg.dtype:
+            raise TypeError(f"{name}: expected dtype {xg.dtype}, got {t.dtype}")
+
+
+def _forward(xg: Tensor, w_hh: Tensor, w_hr: Optional[Tensor], h0: Tensor, c0: Tensor,
+             batch_sizes: Optional[Tensor], reverse: bool, save: bool):
+    """(out (T,B,P), h_n (B,P), c_n (B,H), gates (T,B,G) or (0,B,G), cs (T,B,H) or (0,B,H))."""
+    _check(xg, w_hh, w_hr, h0, c0)
+    sync_threads()
+    T, B, G = xg.shape
+    H = G // 4
+    P = w_hh.shape[1]
+    out = xg.new_empty((T, B, P))
+    h_n = h0.detach().clone(memory_format=torch.contiguous_format)
+    c_n = c0.detach().clone(memory_format=torch.contiguous_format)
+    n_save = T if save else 0
+    gates = xg.new_empty((n_save, B, G))
+    cs = xg.new_empty((n_save, B, H))
+    w_hr_np = _np(w_hr) if w_hr is not None else np.zeros((0, H), _NP_DTYPE[xg.dtype])
+    K.layer_fwd(_np(xg), _np(w_hh), w_hr_np, h_n.numpy(), c_n.numpy(), _bs_np(batch_sizes),
+                bool(reverse), out.numpy(), 0, gates.numpy(), cs.numpy())
+    return out, h_n, c_n, gates, cs
+
+
+def _backward(gates: Tensor, cs: Tensor, out: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor,
+              w_hr: Optional[Tensor], batch_sizes: Optional[Tensor], reverse: bool,
+              grad_out: Tensor, grad_h: Tensor, grad_c: Tensor):
+    """(d xg (T,B,G), d w_hh (G,P), d w_hr (P,H) or None, d h0 (B,P), d c0 (B,H))."""
+    sync_threads()
+    T, B, G = gates.shape
+    H = G // 4
+    P = w_hh.shape[1]
+    proj = w_hr is not None
+    dgates = gates.new_empty((T, B, G))
+    dh = grad_h.detach().clone(memory_format=torch.contiguous_format)
+    dc = grad_c.detach().clone(memory_format=torch.contiguous_format)
+    dhs = gates.new_empty((T if proj else 0, B, P))
+    hps = gates.new_empty((T if proj else 0, B, H))
+    w_hr_np = _np(w_hr) if proj else np.zeros((0, H), _NP_DTYPE[gates.dtype])
+    K.layer_bwd(gates.numpy(), cs.numpy(), _np(c0), _np(w_hh), w_hr_np, _np(grad_out),
+                dh.numpy(), dc.numpy(), _bs_np(batch_sizes), bool(reverse),
+                dgates.numpy(), dhs.numpy(), hps.numpy())
+    # dW_hh = sum over steps of dgates_t^T h_{t-1}: the previous h is the output of the step
+    # before in processing order, or h0 at a row's first step.
+    dw_hh = gates.new_zeros((G, P))
+    if T > 0:
+        out = out.detach()
+        h0 = h0.detach()
+        if reverse:
+            main_g, main_h = dgates[:-1], out[1:]
+            if batch_sizes is None:
+                first = dgates[T - 1]
+            else:
+                lengths = (batch_sizes.to(torch.int64).unsqueeze(0)
+                           > torch.arange(B, dtype=torch.int64).unsqueeze(1)).sum(1)  # (B,)
+                first = dgates[(lengths - 1).clamp(min=0), torch.arange(B)]
+                first = first * (lengths > 0).unsqueeze(1).to(first.dtype)
+        else:
+            main_g, main_h = dgates[1:], out[:-1]
+            first = dgates[0]
+        torch.mm(first.t(), h0, out=dw_hh)
+        if T > 1:
+            dw_hh.addmm_(main_g.reshape(-1, G).t(), main_h.reshape(-1, P))
+    dw_hr = torch.mm(dhs.reshape(-1, P).t(), hps.reshape(-1, H)) if proj else None
+    return dgates, dw_hh, dw_hr, dh, dc
+
+
+# --- eager autograd ---------------------------------------------------------------------------
+
+class _LayerFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xg, w_hh, w_hr, h0, c0, batch_sizes, reverse):
+        out, h_n, c_n, gates, cs = _forward(xg, w_hh, w_hr, h0, c0, batch_sizes, reverse, True)
+        ctx.save_for_backward(gates, cs, out, h0, c0, w_hh, w_hr, batch_sizes)
+        ctx.reverse = reverse
+        return out, h_n, c_n
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_h, grad_c):
+        gates, cs, out, h0, c0, w_hh, w_hr, batch_sizes = ctx.saved_tensors
+        dxg, dw_hh, dw_hr, dh0, dc0 = _backward(gates, cs, out, h0, c0, w_hh, w_hr, batch_sizes,
+                                                ctx.reverse, grad_out, grad_h, grad_c)
+        return dxg, dw_hh, dw_hr, dh0, dc0, None, None
+
+
+# --- custom operators (torch.compile) ---------------------------------------------------------
+
+@torch.library.custom_op("lstmkit::numba_layer_fwd", mutates_args=(), device_types="cpu")
+def numba_layer_fwd(xg: Tensor, w_hh: Tensor, w_hr: Optional[Tensor], h0: Tensor, c0: Tensor,
+                    batch_sizes: Optional[Tensor], reverse: bool
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """out, h_n, c_n, and the saved gate activations and cell states."""
+    return _forward(xg, w_hh, w_hr, h0, c0, batch_sizes, reverse, True)
+
+
+@numba_layer_fwd.register_fake
+def _(xg, w_hh, w_hr, h0, c0, batch_sizes, reverse):
+    T, B, G = xg.shape
+    P = w_hh.shape[1]
+    return (xg.new_empty((T, B, P)), xg.new_empty((B, P)), xg.new_empty((B, G // 4)),
+            xg.new_empty((T, B, G)), xg.new_empty((T, B, G // 4)))
+
+
+@torch.library.custom_op("lstmkit::numba_layer_bwd", mutates_args=(), device_types="cpu")
+def numba_layer_bwd(gates: Tensor, cs: Tensor, out: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor,
+                    w_hr: Optional[Tensor], batch_sizes: Optional[Tensor], reverse: bool,
+                    grad_out: Tensor, grad_h: Tensor, grad_c: Tensor
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """d xg, d w_hh, d w_hr ((0, 0) without projection), d h0, d c0."""
+    dxg, dw_hh, dw_hr, dh0, dc0 = _backward(gates, cs, out, h0, c0, w_hh, w_hr, batch_sizes,
+                                            reverse, grad_out, grad_h, grad_c)
+    if dw_hr is None:
+        dw_hr = gates.new_empty((0, 0))
+    return dxg, dw_hh, dw_hr, dh0, dc0
+
+
+@numba_layer_bwd.register_fake
+def _(gates, cs, out, h0, c0, w_hh, w_hr, batch_sizes, reverse, grad_out, grad_h, grad_c):
+    T, B, G = gates.shape
+    P = w_hh.shape[1]
+    dw_hr = gates.new_empty(tuple(w_hr.shape) if w_hr is not None else (0, 0))
+    return (gates.new_empty((T, B, G)), gates.new_empty((G, P)), dw_hr,
+            gates.new_empty((B, P)), gates.new_empty((B, G // 4)))
+
+
+def _op_setup(ctx, inputs, output):
+    xg, w_hh, w_hr, h0, c0, batch_sizes, reverse = inputs
+    out, _, _, gates, cs = output
+    ctx.save_for_backward(gates, cs, out, h0, c0, w_hh, w_hr, batch_sizes)
+    ctx.reverse = reverse
+
+
+def _op_backward(ctx, grad_out, grad_h, grad_c, _grad_gates, _grad_cs):
+    gates, cs, out, h0, c0, w_hh, w_hr, batch_sizes = ctx.saved_tensors
+    dxg, dw_hh, dw_hr, dh0, dc0 = torch.ops.lstmkit.numba_layer_bwd(
+        gates, cs, out, h0, c0, w_hh, w_hr, batch_sizes, ctx.reverse, grad_out, grad_h, grad_c)
+    return dxg, dw_hh, (dw_hr if w_hr is not None else None), dh0, dc0, None, None
+
+
+numba_layer_fwd.register_autograd(_op_backward, setup_context=_op_setup)
+
+
+# --- the contract -----------------------------------------------------------------------------
+
+def layer(
+    xg: Tensor,                      # (T, B, 4H)
+    w_hh: Tensor,                    # (4H, P)
+    w_hr: Optional[Tensor],          # (P, H) or None
+    h0: Tensor,                      # (B, P)
+    c0: Tensor,                      # (B, H)
+    batch_sizes: Optional[Tensor],   # (T,) int64, non-increasing, or None
+    reverse: bool,
+    opts: Optional[LayerOptions] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    if opts is not None and not opts.is_plain():
+        raise RuntimeError(unavailable(xg.device, xg.dtype, opts))
+    if torch.compiler.is_compiling():
+        out, h_n, c_n, _, _ = torch.ops.lstmkit.numba_layer_fwd(xg, w_hh, w_hr, h0, c0, batch_sizes,
+                                                                bool(reverse))
+        return out, h_n, c_n
+    if torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (xg, w_hh, w_hr, h0, c0)
+    ):
+        return _LayerFn.apply(xg, w_hh, w_hr, h0, c0, batch_sizes, bool(reverse))
+    out, h_n, c_n, _, _ = _forward(xg, w_hh, w_hr, h0, c0, batch_sizes, reverse, False)
+    return out, h_n, c_n
+
+
+# --- inference hooks --------------------------------------------------------------------------
+
+# Weights as NumPy views, keyed by the identity of the weight tensors. The views share memory
+# with the parameters, so in-place updates (optimizer steps) are seen; a parameter whose storage
+# was replaced changes its data_ptr and the entry is rebuilt. Non-contiguous weights are copied
+# on every call, never cached. The entries hold the tensors, so their ids stay unique.
+_WCACHE: OrderedDict = OrderedDict()
+_WCACHE_SIZE = 16
+
+
+def _weight_views(weights: Sequence[Tensor], dtype: torch.dtype) -> tuple:
+    key = tuple(map(id, weights))
+    hit = _WCACHE.get(key)
+    if hit is not None:
+        ptrs, views, _ = hit
+        if all(w.data_ptr() == p for w, p in zip(weights, ptrs)):
+            return views
+    views = []
+    cacheable = True
+    for w in weights:
+        if w.dtype != dtype:
+            raise TypeError(f"weights: expected dtype {dtype}, got {w.dtype}")
+        if w.device.type != "cpu":
+            raise RuntimeError(f"weights: expected CPU tensors, got device {w.device}")
+        cacheable = cacheable and w.is_contiguous()
+        a = _np(w)
+        views.append(a.reshape(1, -1) if a.ndim == 1 else a)
+    views = tuple(views)
+    if cacheable:
+        _WCACHE[key] = (tuple(w.data_ptr() for w in weights), views, tuple(weights))
+        if len(_WCACHE) > _WCACHE_SIZE:
+            _WCACHE.popitem(last=False)
+    return views
+
+
+def lstm_stack(
+    x: Tensor,                        # (T, B, I)
+    h0: Tensor,                       # (L*D, B, P)
+    c0: Tensor,                       # (L*D, B, H)
+    weights: Sequence[Tensor],        # torch.nn.LSTM's _flat_weights order
+    *,
+    num_layers: int,
+    bidirectional: bool,
+    has_biases: bool,
+    proj_size: int,
+    batch_sizes: Optional[Tensor],    # (T,) int64 or None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A stacked LSTM forward without gradients, in one compiled call: (out (T,B,D*P), h_n, c_n)."""
+    why = unavailable(x.device, x.dtype)
+    if why is not None:
+        raise RuntimeError(why)
+    sync_threads()
+    T, B = x.shape[0], x.shape[1]
+    D = 2 if bidirectional else 1
+    P = h0.shape[2]
+    ws = _weight_views(weights, x.dtype)
+    out = x.new_empty((T, B, D * P))
+    h_n = h0.new_empty(h0.shape)
+    c_n = c0.new_empty(c0.shape)
+    K.stack_fwd(_np(x), _np(h0), _np(c0), ws, num_layers, D, bool(has_biases), proj_size > 0,
+                _bs_np(batch_sizes), out.numpy(), h_n.numpy(), c_n.numpy())
+    return out, h_n, c_n
+
+
+def lstm_cell_step(
+    x: Tensor,                 # (B, I)
+    h: Tensor,                 # (B, H)
+    c: Tensor,                 # (B, H)
+    w_ih: Tensor,              # (4H, I)
+    w_hh: Tensor,              # (4H, H)
+    b_ih: Optional[Tensor],    # (4H,)
+    b_hh: Optional[Tensor],    # (4H,)
+) -> tuple[Tensor, Tensor]:
+    """One LSTMCell step without gradients: (h1 (B,H), c1 (B,H))."""
+    why = unavailable(x.device, x.dtype)
+    if why is not None:
+        raise RuntimeError(why)
+    sync_threads()
+    ws = [w_ih, w_hh] + ([b_ih, b_hh] if b_ih is not None else [])
+    views = _weight_views(ws, x.dtype)
+    if b_ih is None:
+        nob = np.zeros((0, w_ih.shape[0]), _NP_DTYPE[x.dtype])
+        views = views + (nob, nob)
+    h1 = h.new_empty(h.shape)
+    c1 = c.new_empty(c.shape)
+    K.cell_step(_np(x), _np(h), _np(c), views[0], views[1], views[2], views[3], h1.numpy(), c1.numpy())
+    return h1, c1

@@ -1,0 +1,360 @@
+"""Fused LSTM kernels for the CPU, compiled with Numba: plain functions on NumPy arrays.
+
+Dimension legend
+    T  time steps            B  batch rows             I  input features of a layer
+    H  hidden size           G  = 4H gate pre-activations, gate order i, f, g, o (``_gates.py``)
+    P  output size of a step: proj_size if > 0, else H
+    L  layers                D  directions (1 or 2)    Q  = D * P, the output width of a layer
+
+Conventions
+    * ``bs`` (T,) int64 is the number of active rows at each step (rows are sorted by length,
+      PackedSequence order); an empty array means every row is active at every step.
+    * An absent optional matrix (no projection, no bias, nothing saved) is passed as an array with
+      a zero-sized first dimension, so every kernel has a single signature per dtype.
+    * float32 uses a clamped rational approximation of tanh that vectorizes (``math.tanh`` is a
+      scalar libm call); float64 uses the exact functions. Backward recomputes tanh(c) with the
+      same function as forward, so the gradients are those of the function actually computed.
+    * Products below ``SMALL_FLOPS`` multiply-adds are hand-written loops (a BLAS call costs
+      about a microsecond); larger ones go to BLAS through ``np.dot``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, types
+from numba.extending import overload
+
+_JIT = dict(cache=True, fastmath=True, error_model="numpy", nogil=True)
+
+# multiply-adds below which a hand-written loop beats a BLAS call
+SMALL_FLOPS = 24 * 1024
+
+# Eigen's rational approximation of tanh (float32): odd numerator of degree 13, even denominator
+# of degree 6, exact to a few ulp on the clamped range; beyond it tanh rounds to +-1 in float32.
+_CLAMP = np.float32(7.90531110763549805)
+_A1 = np.float32(4.89352455891786e-03)
+_A3 = np.float32(6.37261928875436e-04)
+_A5 = np.float32(1.48572235717979e-05)
+_A7 = np.float32(5.12229709037114e-08)
+_A9 = np.float32(-8.60467152213735e-11)
+_A11 = np.float32(2.00018790482477e-13)
+_A13 = np.float32(-2.76076847742355e-16)
+_B0 = np.float32(4.89352518554385e-03)
+_B2 = np.float32(2.26843463243900e-03)
+_B4 = np.float32(1.18534705686654e-04)
+_B6 = np.float32(1.19825839466702e-06)
+_HALF32 = np.float32(0.5)
+
+
+def act_tanh(x):
+    """tanh as the kernels compute it (the Python form is only for typing; see the overload)."""
+    return math.tanh(x)
+
+
+def act_sigmoid(x):
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+@njit(**_JIT)
+def _tanh32(x):
+    x = min(max(x, -_CLAMP), _CLAMP)
+    x2 = x * x
+    p = x2 * _A13 + _A11
+    p = x2 * p + _A9
+    p = x2 * p + _A7
+    p = x2 * p + _A5
+    p = x2 * p + _A3
+    p = x2 * p + _A1
+    p = x * p
+    q = x2 * _B6 + _B4
+    q = x2 * q + _B2
+    q = x2 * q + _B0
+    return p / q
+
+
+@overload(act_tanh, jit_options=dict(fastmath=True, error_model="numpy"))
+def _ov_tanh(x):
+    if isinstance(x, types.Float) and x.bitwidth == 32:
+        def tanh32(x):
+            return _tanh32(x)
+        return tanh32
+    return lambda x: math.tanh(x)
+
+
+@overload(act_sigmoid, jit_options=dict(fastmath=True, error_model="numpy"))
+def _ov_sigmoid(x):
+    if isinstance(x, types.Float) and x.bitwidth == 32:
+        def sig32(x):
+            return _HALF32 * _tanh32(_HALF32 * x) + _HALF32
+        return sig32
+    return lambda x: 1.0 / (1.0 + math.exp(-x))
+
+
+@njit(**_JIT)
+def matmul_nt(a, w, out):
+    """out = a @ w.T.
+
+    a    (n, K)
+    w    (N, K)
+    out  (n, N)   written
+    """
+    n, K = a.shape
+    N = w.shape[0]
+    if n * N * K <= SMALL_FLOPS:
+        for r in range(n):
+            for j in range(N):
+                acc = out.dtype.type(0.0)
+                for k in range(K):
+                    acc += a[r, k] * w[j, k]
+                out[r, j] = acc
+    else:
+        np.dot(a, w.T, out)
+
+
+@njit(**_JIT)
+def matmul_nn(a, w, out):
+    """out = a @ w.
+
+    a    (n, K)
+    w    (K, N)
+    out  (n, N)   written
+    """
+    n, K = a.shape
+    N = w.shape[1]
+    if n * N * K <= SMALL_FLOPS:
+        for r in range(n):
+            for j in range(N):
+                out[r, j] = 0
+            for k in range(K):
+                av = a[r, k]
+                for j in range(N):
+                    out[r, j] += av * w[k, j]
+    else:
+        np.dot(a, w, out)
+
+
+@njit(**_JIT)
+def layer_fwd(xg, w_hh, w_hr, h, c, bs, reverse, out, col0, gates, cs):
+    """One layer-direction over all steps; the state (h, c) is updated in place.
+
+    xg     (T, B, G)   input projections with biases, C-contiguous
+    w_hh   (G, P)      recurrent weights
+    w_hr   (P, H)      projection weights, or (0, H) for none
+    h      (B, P)      initial hidden state in, final (h_n) out
+    c      (B, H)      initial cell state in, final (c_n) out
+    bs     (T,)        active rows per step, or (0,) for all
+    reverse            run t = T-1 .. 0
+    out    (T, B, Q)   h of every step written to columns col0 .. col0+P; zeros at inactive rows
+    col0               first output column (D*P wide outputs of bidirectional layers)
+    gates  (T, B, G)   i, f, g, o activations saved for backward, or (0, B, G) to save nothing
+    cs     (T, B, H)   c after every step (every row: inactive rows carry theirs), or (0, B, H)
+    """
+    T, B, G = xg.shape
+    H = G // 4
+    P = h.shape[1]
+    save = gates.shape[0] > 0
+    proj = w_hr.shape[0] > 0
+    z = np.empty((B, G), xg.dtype)        # recurrent pre-activations, then gate activations
+    hp = np.empty((B, H), xg.dtype)       # o * tanh(c) before the projection
+    hr = np.empty((B, P), xg.dtype)       # projected h
+    for s in range(T):
+        t = T - 1 - s if reverse else s
+        nb = B if bs.shape[0] == 0 else bs[t]
+        for b in range(nb, B):
+            for j in range(P):
+                out[t, b, col0 + j] = 0
+        if nb > 0:
+            zt = z[:nb]
+            matmul_nt(h[:nb], w_hh, zt)
+            xt = xg[t]
+            for b in range(nb):
+                for j in range(H):
+                    ig = act_sigmoid(xt[b, j] + zt[b, j])
+                    fg = act_sigmoid(xt[b, H + j] + zt[b, H + j])
+                    gg = act_tanh(xt[b, 2 * H + j] + zt[b, 2 * H + j])
+                    og = act_sigmoid(xt[b, 3 * H + j] + zt[b, 3 * H + j])
+                    cv = fg * c[b, j] + ig * gg
+                    c[b, j] = cv
+                    hp[b, j] = og * act_tanh(cv)
+                    zt[b, j] = ig
+                    zt[b, H + j] = fg
+                    zt[b, 2 * H + j] = gg
+                    zt[b, 3 * H + j] = og
+            if proj:
+                matmul_nt(hp[:nb], w_hr, hr[:nb])
+                src = hr
+            else:
+                src = hp
+            for b in range(nb):
+                for j in range(P):
+                    h[b, j] = src[b, j]
+                    out[t, b, col0 + j] = src[b, j]
+            if save:
+                gates[t, :nb] = zt
+        if save:
+            for b in range(nb, B):
+                for j in range(G):
+                    gates[t, b, j] = 0
+            cs[t] = c
+
+
+@njit(**_JIT)
+def layer_bwd(gates, cs, c0, w_hh, w_hr, grad_out, dh, dc, bs, reverse, dgates, dhs, hps):
+    """Backward of :func:`layer_fwd` through all steps (the recurrent part).
+
+    gates    (T, B, G)   saved activations
+    cs       (T, B, H)   saved c after every step
+    c0       (B, H)      initial cell state
+    w_hh     (G, P)      recurrent weights
+    w_hr     (P, H)      projection weights, or (0, H)
+    grad_out (T, B, P)   gradient of the outputs
+    dh       (B, P)      gradient of h_n in, of h0 out
+    dc       (B, H)      gradient of c_n in, of c0 out
+    bs       (T,)        active rows per step, or (0,)
+    reverse              the forward ran t = T-1 .. 0
+    dgates   (T, B, G)   written: gradient of the pre-activations (= of xg); zeros at inactive rows
+    dhs      (T, B, P)   written when projecting: gradient of each step's projected h, else (0, B, P)
+    hps      (T, B, H)   written when projecting: o * tanh(c) of each step, else (0, B, H)
+    """
+    T, B, G = gates.shape
+    H = G // 4
+    P = dh.shape[1]
+    proj = w_hr.shape[0] > 0
+    dht = np.empty((B, P), gates.dtype)
+    dhp = np.empty((B, H), gates.dtype)
+    one = gates.dtype.type(1.0)
+    for s in range(T):
+        t = s if reverse else T - 1 - s
+        nb = B if bs.shape[0] == 0 else bs[t]
+        for b in range(nb, B):
+            for j in range(G):
+                dgates[t, b, j] = 0
+        if proj:
+            for b in range(nb, B):
+                for j in range(P):
+                    dhs[t, b, j] = 0
+                for j in range(H):
+                    hps[t, b, j] = 0
+        if nb == 0:
+            continue
+        for b in range(nb):
+            for j in range(P):
+                dht[b, j] = dh[b, j] + grad_out[t, b, j]
+        if proj:
+            dhs[t, :nb] = dht[:nb]
+            matmul_nn(dht[:nb], w_hr, dhp[:nb])
+            src = dhp
+        else:
+            src = dht
+        if reverse:
+            cprev = c0 if t == T - 1 else cs[t + 1]
+        else:
+            cprev = c0 if t == 0 else cs[t - 1]
+        gt = gates[t]
+        dg = dgates[t]
+        ct = cs[t]
+        for b in range(nb):
+            for j in range(H):
+                ig = gt[b, j]
+                fg = gt[b, H + j]
+                gg = gt[b, 2 * H + j]
+                og = gt[b, 3 * H + j]
+                tc = act_tanh(ct[b, j])
+                dhv = src[b, j]
+                dcv = dc[b, j] + dhv * og * (one - tc * tc)
+                dg[b, j] = dcv * gg * ig * (one - ig)
+                dg[b, H + j] = dcv * cprev[b, j] * fg * (one - fg)
+                dg[b, 2 * H + j] = dcv * ig * (one - gg * gg)
+                dg[b, 3 * H + j] = dhv * tc * og * (one - og)
+                dc[b, j] = dcv * fg
+                if proj:
+                    hps[t, b, j] = og * tc
+        matmul_nn(dg[:nb], w_hh, dh[:nb])
+
+
+@njit(**_JIT)
+def stack_fwd(x, h0, c0, ws, num_layers, num_dirs, has_bias, has_proj, bs, out, h_n, c_n):
+    """A whole stacked (bidirectional) LSTM forward without saving anything, in one call.
+
+    x      (T, B, I)        input, C-contiguous
+    h0     (L*D, B, P)      initial hidden states
+    c0     (L*D, B, H)      initial cell states
+    ws     tuple of 2-D C-contiguous arrays in torch.nn.LSTM's _flat_weights order, biases as
+           (1, G): per layer and direction w_ih (G, I or Q), w_hh (G, P), [b_ih, b_hh], [w_hr (P, H)]
+    bs     (T,)             active rows per step, or (0,)
+    out    (T, B, Q)        written: the last layer's outputs
+    h_n    (L*D, B, P)      written
+    c_n    (L*D, B, H)      written
+    """
+    T, B, _ = x.shape
+    P = h0.shape[2]
+    H = c0.shape[2]
+    G = 4 * H
+    Q = num_dirs * P
+    per = 2 + (2 if has_bias else 0) + (1 if has_proj else 0)
+    no_save_g = np.empty((0, B, G), x.dtype)
+    no_save_c = np.empty((0, B, H), x.dtype)
+    no_proj = np.empty((0, H), x.dtype)
+    xg = np.empty((T, B, G), x.dtype)
+    inp = x.reshape(T * B, x.shape[2])
+    for layer in range(num_layers):
+        dst = out if layer == num_layers - 1 else np.empty((T, B, Q), x.dtype)
+        for d in range(num_dirs):
+            k = (layer * num_dirs + d) * per
+            w_ih = ws[k]
+            w_hh = ws[k + 1]
+            xg2 = xg.reshape(T * B, G)
+            matmul_nt(inp, w_ih, xg2)
+            if has_bias:
+                b_ih = ws[k + 2]
+                b_hh = ws[k + 3]
+                for r in range(T * B):
+                    for j in range(G):
+                        xg2[r, j] += b_ih[0, j] + b_hh[0, j]
+            w_hr = ws[k + per - 1] if has_proj else no_proj
+            idx = layer * num_dirs + d
+            h_n[idx] = h0[idx]
+            c_n[idx] = c0[idx]
+            layer_fwd(xg, w_hh, w_hr, h_n[idx], c_n[idx], bs, d == 1, dst, d * P,
+                      no_save_g, no_save_c)
+        inp = dst.reshape(T * B, Q)
+
+
+@njit(**_JIT)
+def cell_step(x, h, c, w_ih, w_hh, b_ih, b_hh, h1, c1):
+    """One LSTMCell step.
+
+    x     (B, I)
+    h     (B, H)
+    c     (B, H)
+    w_ih  (G, I)
+    w_hh  (G, H)
+    b_ih  (1, G) or (0, G) for no biases
+    b_hh  (1, G) or (0, G)
+    h1    (B, H)   written
+    c1    (B, H)   written
+    """
+    B = x.shape[0]
+    H = h.shape[1]
+    G = 4 * H
+    z = np.empty((B, G), x.dtype)
+    zh = np.empty((B, G), x.dtype)
+    matmul_nt(x, w_ih, z)
+    matmul_nt(h, w_hh, zh)
+    bias = b_ih.shape[0] > 0
+    for b in range(B):
+        for j in range(G):
+            v = z[b, j] + zh[b, j]
+            if bias:
+                v += b_ih[0, j] + b_hh[0, j]
+            z[b, j] = v
+        for j in range(H):
+            ig = act_sigmoid(z[b, j])
+            fg = act_sigmoid(z[b, H + j])
+            gg = act_tanh(z[b, 2 * H + j])
+            og = act_sigmoid(z[b, 3 * H + j])
+            cv = fg * c[b, j] + ig * gg
+            c1[b, j] = cv
+            h1[b, j] = og * act_tanh(cv)
