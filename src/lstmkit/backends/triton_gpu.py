@@ -1,0 +1,312 @@
+"""The Triton backend: fused forward and backward kernels for CUDA tensors.
+
+One layer-direction (see ``_contract.py``) runs as
+
+* forward: a persistent kernel over all T steps with W_hh (and W_hr) in registers when
+  ``4H x P`` fits (:data:`PERSISTENT_MAX_ELEMS`), else per step one cuBLAS GEMM ``h W_hh^T``
+  (plus the projection GEMM) and one fused Triton pointwise kernel;
+* backward: the same two shapes, run backwards over T, producing the gate gradients of every
+  step; the weight gradients ``dW_hh`` and ``dW_hr`` are single GEMMs over all steps after the
+  sequential loop, and the variant parameters' gradients are per-program partial sums.
+
+The input projections of all steps (one GEMM) are the functional layer's: ``xg`` arrives with
+them. Arithmetic is float32 for every dtype; float32 GEMMs use IEEE precision (never TF32).
+
+Triton is optional (``pip install lstmkit[gpu]``): this module imports without it and
+:func:`unavailable` names what is missing. CPU tensors are served only under
+``TRITON_INTERPRET=1`` (the kernels' tests in CI); ``backend="auto"`` picks this backend only
+for CUDA tensors (:data:`AUTO_DEVICE_TYPES`).
+
+Dimension legend: T steps, B batch rows, H hidden size, P = proj_size or H.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from ._contract import LN_EPS, LayerOptions
+
+NAME = "triton"
+AUTO_DEVICE_TYPES = ("cuda",)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# The persistent kernels hold the four (BLOCK_P x BLOCK_H) gate tiles of W_hh (BLOCK_* = the next
+# power of two >= 16) in registers; above this many elements they would spill, and the per-step
+# GEMM path runs instead. Tests set it to 0 to exercise the per-step path on tiny shapes.
+PERSISTENT_MAX_ELEMS = int(os.environ.get("LSTMKIT_TRITON_PERSISTENT_MAX", 4 * 64 * 64))
+
+_kernels = None
+_import_error: Optional[str] = None
+
+
+def _load_kernels():
+    global _kernels, _import_error
+    if _kernels is None and _import_error is None:
+        try:
+            from ..kernels import triton_lstm
+        except ImportError as exc:
+            _import_error = f"triton is not installed ({exc}); install lstmkit[gpu]"
+        else:
+            _kernels = triton_lstm
+    return _kernels
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def unavailable(device: torch.device, dtype: torch.dtype, opts: Optional[LayerOptions] = None) -> Optional[str]:
+    device = torch.device(device)
+    if dtype not in DTYPES:
+        return f"dtype {dtype}: the triton backend runs {', '.join(str(d) for d in DTYPES)}"
+    if device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
+        return f"device {device}: needs a CUDA device (or TRITON_INTERPRET=1 for CPU tensors)"
+    if _load_kernels() is None:
+        return _import_error
+    return None
+
+
+def _p2(n: int) -> int:
+    return max(16, 1 << max(0, int(n) - 1).bit_length())
+
+
+def _zone_mode(z: Union[Tensor, float, None]) -> tuple[int, Optional[Tensor], float]:
+    if z is None or (isinstance(z, float) and z == 0.0):
+        return 0, None, 0.0
+    if isinstance(z, Tensor):
+        return 1, z.contiguous(), 0.0
+    return 2, None, float(z)
+
+
+class _Cfg:
+    """Everything about one call that is not a differentiable tensor."""
+
+    def __init__(self, T, B, H, P, reverse, batch_sizes, opts, device):
+        self.T, self.B, self.H, self.P = T, B, H, P
+        self.reverse = bool(reverse)
+        self.bs = None
+        if batch_sizes is not None and T > 0 and int(batch_sizes.min()) < B:
+            self.bs = batch_sizes.to(device=device, dtype=torch.int32)
+            self.act = (torch.arange(B).unsqueeze(0) < batch_sizes.cpu().unsqueeze(1)).to(device)  # (T, B)
+        self.rm = opts.rec_mask.contiguous() if opts.rec_mask is not None else None
+        self.zc_mode, self.zc, self.zc_p = _zone_mode(opts.zoneout_c)
+        self.zh_mode, self.zh, self.zh_p = _zone_mode(opts.zoneout_h)
+        bh, bp = _p2(H), _p2(P)
+        self.block_h, self.block_p = bh, bp
+        self.persistent = 4 * bh * bp <= PERSISTENT_MAX_ELEMS
+        if self.persistent:
+            self.block_b = 16
+            self.num_warps = 4 if 4 * bh * bp <= 4 * 32 * 32 else 8
+        else:
+            self.block_b = max(1, min(16, 4096 // (4 * bh)))
+            self.num_warps = 4 if bh <= 256 else 8
+        self.grid = (triton_cdiv(B, self.block_b),)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def _flags(cfg: _Cfg, f32: bool, peephole, ln_hh, ln_cell_w, w_hr) -> dict:
+    return dict(
+        REVERSE=cfg.reverse, PERSISTENT=cfg.persistent, F32_DOT=f32, HAS_BS=cfg.bs is not None,
+        HAS_PROJ=w_hr is not None, HAS_PEEP=peephole is not None, HAS_LNH=ln_hh is not None,
+        HAS_LNC=ln_cell_w is not None, HAS_RM=cfg.rm is not None, ZC=cfg.zc_mode, ZH=cfg.zh_mode,
+        BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_P=cfg.block_p, num_warps=cfg.num_warps,
+    )
+
+
+def _or(t: Optional[Tensor], dummy: Tensor) -> Tensor:
+    return dummy if t is None else t
+
+
+def _forward(xg, w_hh, w_hr, h0, c0, peephole, ln_hh, ln_cell_w, ln_cell_b, cfg: _Cfg, store: bool):
+    K = _load_kernels()
+    T, B, H, P = cfg.T, cfg.B, cfg.H, cfg.P
+    dev, f32 = xg.device, torch.float32
+    xg = xg.contiguous()
+    w_hh = w_hh.contiguous()
+    w_hr = w_hr.contiguous() if w_hr is not None else None
+    hs = torch.empty((T + 1, B, P), device=dev, dtype=f32)
+    cs = torch.empty((T + 1, B, H), device=dev, dtype=f32)
+    init = T if cfg.reverse else 0
+    hs[init] = h0
+    cs[init] = c0
+    out = torch.empty((T, B, P), device=dev, dtype=xg.dtype)
+    dummy = torch.empty(1, device=dev, dtype=f32)
+    gates = torch.empty((T, B, 4 * H), device=dev, dtype=f32) if store else None
+    proj_on_host = w_hr is not None and not cfg.persistent
+    store_hh = w_hr is not None and (store or proj_on_host)
+    hh = torch.empty((T, B, H), device=dev, dtype=f32) if store_hh else None
+    r = torch.empty((T, B, 4 * H), device=dev, dtype=f32) if store and ln_hh is not None else None
+    lnh_st = torch.empty((T, B, 2), device=dev, dtype=f32) if store and ln_hh is not None else None
+    lnc_st = torch.empty((T, B, 2), device=dev, dtype=f32) if store and ln_cell_w is not None else None
+    args = [xg, None, w_hh, _or(w_hr, dummy), hs, cs, out, _or(gates, dummy), _or(hh, dummy),
+            _or(r, dummy), _or(lnh_st, dummy), _or(lnc_st, dummy), _or(cfg.bs, dummy),
+            _or(peephole, dummy), _or(ln_hh, dummy), _or(ln_cell_w, dummy), _or(ln_cell_b, dummy),
+            _or(cfg.rm, dummy), _or(cfg.zc, dummy), _or(cfg.zh, dummy), cfg.zc_p, cfg.zh_p,
+            T, B, H, P]
+    flags = _flags(cfg, xg.dtype == torch.float32, peephole, ln_hh, ln_cell_w, w_hr)
+    flags.update(H_IN_KERNEL=not proj_on_host, STORE=store, STORE_HH=store_hh)
+    if cfg.persistent:
+        args[1] = dummy
+        K.lstm_fwd_kernel[cfg.grid](*args, 0, T, LN_EPS, **flags)
+    else:
+        w_t = w_hh.t()
+        for k in range(T):
+            t = T - 1 - k if cfg.reverse else k
+            prev = t + 1 if cfg.reverse else t
+            new = t if cfg.reverse else t + 1
+            h_in = hs[prev] if cfg.rm is None else hs[prev] * cfg.rm
+            args[1] = torch.mm(h_in.to(w_hh.dtype), w_t)                    # (B, 4H)
+            K.lstm_fwd_kernel[cfg.grid](*args, k, 1, LN_EPS, **flags)
+            if proj_on_host:
+                ht = torch.mm(hh[t].to(w_hr.dtype), w_hr.t()).float()       # (B, P)
+                h_prev = hs[prev]
+                if cfg.zh_mode == 1:
+                    ht = torch.lerp(ht, h_prev, cfg.zh[t].float())
+                elif cfg.zh_mode == 2:
+                    ht = torch.lerp(ht, h_prev, cfg.zh_p)
+                if cfg.bs is not None:
+                    a = cfg.act[t].unsqueeze(1)
+                    hs[new] = torch.where(a, ht, h_prev)
+                    out[t] = torch.where(a, ht, 0.0)
+                else:
+                    hs[new] = ht
+                    out[t] = ht
+    fin = 0 if cfg.reverse else T
+    h_n = hs[fin].to(xg.dtype)
+    c_n = cs[fin].to(xg.dtype)
+    saved = dict(hs=hs, cs=cs, gates=gates, hh=hh, r=r, lnh_st=lnh_st, lnc_st=lnc_st)
+    return out, h_n, c_n, saved
+
+
+def _backward(g_out, g_hn, g_cn, xg_dtype, w_hh, w_hr, peephole, ln_hh, ln_cell_w, ln_cell_b,
+              cfg: _Cfg, sv: dict):
+    K = _load_kernels()
+    T, B, H, P = cfg.T, cfg.B, cfg.H, cfg.P
+    dev, f32 = w_hh.device, torch.float32
+    w_hh = w_hh.contiguous()
+    w_hr = w_hr.contiguous() if w_hr is not None else None
+    g_out = g_out.contiguous()
+    gh = g_hn.to(f32).contiguous().clone()
+    gc = g_cn.to(f32).contiguous().clone()
+    dummy = torch.empty(1, device=dev, dtype=f32)
+    dxg = torch.empty((T, B, 4 * H), device=dev, dtype=f32)
+    dr = torch.empty_like(dxg) if ln_hh is not None else dxg
+    dht = torch.empty((T, B, P), device=dev, dtype=f32) if w_hr is not None else None
+    has_par = peephole is not None or ln_hh is not None or ln_cell_w is not None
+    dpar = torch.zeros((cfg.grid[0], 9 * H), device=dev, dtype=f32) if has_par else dummy
+    proj_on_host = w_hr is not None and not cfg.persistent
+    ghh = torch.empty((B, H), device=dev, dtype=f32) if proj_on_host else dummy
+    args = [g_out, gh, gc, ghh, w_hh, _or(w_hr, dummy), sv["hs"], sv["cs"], sv["gates"],
+            _or(sv["r"], dummy), _or(sv["lnh_st"], dummy), _or(sv["lnc_st"], dummy), _or(cfg.bs, dummy),
+            _or(peephole, dummy), _or(ln_hh, dummy), _or(ln_cell_w, dummy), _or(ln_cell_b, dummy),
+            _or(cfg.rm, dummy), _or(cfg.zc, dummy), _or(cfg.zh, dummy), cfg.zc_p, cfg.zh_p,
+            dxg, dr, _or(dht, dummy), dpar, T, B, H, P]
+    flags = _flags(cfg, w_hh.dtype == torch.float32, peephole, ln_hh, ln_cell_w, w_hr)
+    flags.update(H_PART=not proj_on_host)
+    if cfg.persistent:
+        K.lstm_bwd_kernel[cfg.grid](*args, 0, T, **flags)
+    else:
+        w_hh32 = w_hh.float()
+        w_hr32 = w_hr.float() if w_hr is not None else None
+        for k in range(T):
+            t = k if cfg.reverse else T - 1 - k
+            if proj_on_host:
+                a = cfg.act[t].unsqueeze(1) if cfg.bs is not None else None
+                g = gh + (g_out[t].float() if a is None else torch.where(a, g_out[t].float(), 0.0))
+                if cfg.zh_mode == 1:
+                    keep = cfg.zh[t].float()
+                    ght, gkeep = (1 - keep) * g, keep * g
+                elif cfg.zh_mode == 2:
+                    ght, gkeep = (1 - cfg.zh_p) * g, cfg.zh_p * g
+                else:
+                    ght, gkeep = g, torch.zeros_like(g)
+                if a is not None:
+                    ght = torch.where(a, ght, 0.0)
+                    gkeep = torch.where(a, gkeep, g)
+                dht[t] = ght
+                torch.mm(ght, w_hr32, out=ghh)
+                gh.copy_(gkeep)
+            K.lstm_bwd_kernel[cfg.grid](*args, k, 1, **flags)
+            ghin = torch.mm(dr[t], w_hh32)                                   # (B, P)
+            if cfg.rm is not None:
+                ghin *= cfg.rm
+            gh += ghin
+    # weight gradients: one GEMM each over all steps
+    hs = sv["hs"]
+    h_prev = hs[1:] if cfg.reverse else hs[:-1]                                # (T, B, P)
+    if cfg.rm is not None:
+        h_prev = h_prev * cfg.rm
+    d_w_hh = torch.mm(dr.reshape(T * B, 4 * H).t(), h_prev.reshape(T * B, P)).to(w_hh.dtype)
+    d_w_hr = None
+    if w_hr is not None:
+        d_w_hr = torch.mm(dht.reshape(T * B, P).t(), sv["hh"].reshape(T * B, H)).to(w_hr.dtype)
+    d_peep = d_lnh = d_lncw = d_lncb = None
+    if has_par:
+        tot = dpar.sum(0)
+        if ln_hh is not None:
+            d_lnh = tot[:4 * H].to(ln_hh.dtype)
+        if peephole is not None:
+            d_peep = tot[4 * H:7 * H].reshape(3, H).to(peephole.dtype)
+        if ln_cell_w is not None:
+            d_lncw = tot[7 * H:8 * H].to(ln_cell_w.dtype)
+            d_lncb = tot[8 * H:9 * H].to(ln_cell_b.dtype)
+    return dxg.to(xg_dtype), d_w_hh, d_w_hr, gh, gc, d_peep, d_lnh, d_lncw, d_lncb
+
+
+class _LayerFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xg, w_hh, w_hr, h0, c0, peephole, ln_hh, ln_cell_w, ln_cell_b, cfg):
+        out, h_n, c_n, saved = _forward(xg, w_hh, w_hr, h0, c0, peephole, ln_hh, ln_cell_w, ln_cell_b,
+                                        cfg, store=True)
+        ctx.cfg, ctx.saved, ctx.xg_dtype = cfg, saved, xg.dtype
+        ctx.h0_dtype, ctx.c0_dtype = h0.dtype, c0.dtype
+        ctx.save_for_backward(w_hh, w_hr, peephole, ln_hh, ln_cell_w, ln_cell_b)
+        return out, h_n, c_n
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_out, g_hn, g_cn):
+        w_hh, w_hr, peephole, ln_hh, ln_cell_w, ln_cell_b = ctx.saved_tensors
+        dxg, dw_hh, dw_hr, dh0, dc0, dpeep, dlnh, dlncw, dlncb = _backward(
+            g_out, g_hn, g_cn, ctx.xg_dtype, w_hh, w_hr, peephole, ln_hh, ln_cell_w, ln_cell_b,
+            ctx.cfg, ctx.saved)
+        ctx.saved = None
+        return (dxg, dw_hh, dw_hr, dh0.to(ctx.h0_dtype), dc0.to(ctx.c0_dtype),
+                dpeep, dlnh, dlncw, dlncb, None)
+
+
+def layer(
+    xg: Tensor,                      # (T, B, 4H)
+    w_hh: Tensor,                    # (4H, P)
+    w_hr: Optional[Tensor],          # (P, H) or None
+    h0: Tensor,                      # (B, P)
+    c0: Tensor,                      # (B, H)
+    batch_sizes: Optional[Tensor],   # (T,) int64, non-increasing, or None
+    reverse: bool,
+    opts: Optional[LayerOptions] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    reason = unavailable(xg.device, xg.dtype, opts)
+    if reason is not None:
+        raise RuntimeError(f"triton backend: {reason}")
+    T, B, G = xg.shape
+    H, P = G // 4, w_hh.shape[1]
+    o = opts if opts is not None else LayerOptions()
+    if T == 0 or B == 0:
+        return xg.new_zeros((T, B, P)), h0, c0
+    if (o.ln_cell_w is None) != (o.ln_cell_b is None):
+        raise ValueError("ln_cell_w and ln_cell_b go together")
+    cfg = _Cfg(T, B, H, P, reverse, batch_sizes, o, xg.device)
+    params = (o.peephole, o.ln_hh, o.ln_cell_w, o.ln_cell_b)
+    params = tuple(p.contiguous() if p is not None else None for p in params)
+    tensors = (xg, w_hh, w_hr, h0, c0) + params
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _LayerFn.apply(xg, w_hh, w_hr, h0, c0, *params, cfg)
+    out, h_n, c_n, _ = _forward(xg, w_hh, w_hr, h0, c0, *params, cfg, store=False)
+    return out, h_n, c_n

@@ -1,0 +1,566 @@
+"""Triton kernels for one LSTM layer-direction: forward and backward, plain and every variant.
+
+Dimension legend
+    T  time steps          B  batch rows          H  hidden size
+    P  output size of a step (proj_size if > 0, else H)
+    BB, BH, BP  block sizes (powers of two) covering a block of rows, all of H, all of P
+
+Layouts (all contiguous, row-major)
+    xg, gates, r, dxg, dr   (T, B, 4H)   gate blocks i, f, g, o of H columns each
+    hs                      (T+1, B, P)  float32 h states, *time-slotted*: the state before time t is
+    cs                      (T+1, B, H)  slot t (forward) or slot t+1 (reverse); the state after time t
+                                         is slot t+1 (forward) or slot t (reverse). The host writes
+                                         (h0, c0) into the initial slot (0 forward, T reverse).
+    out                     (T, B, P)    h of every time, zero where a row is inactive
+
+Each program owns BB batch rows and *all* hidden units, so the sequential dependency of a step
+on the previous one stays inside one program (no cross-program synchronisation, which also keeps
+the kernels runnable under TRITON_INTERPRET=1).
+
+Two modes, chosen by the constexpr PERSISTENT:
+    PERSISTENT=True   one launch loops over all T steps with W_hh (and W_hr) held in registers;
+                      the recurrent GEMM of each step is a tl.dot on chip. Used when 4H x P fits.
+    PERSISTENT=False  one launch per step (k0 = that step, n_steps = 1); the host computes the
+                      recurrent GEMM (and the projection GEMM) with cuBLAS and the kernel is the
+                      one fused pointwise pass of that step.
+
+The equations are those of ``lstmkit/backends/_contract.py``; all arithmetic is float32.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _tanh(x):
+    # exp of a non-positive argument only: no overflow, no cancellation near 0 beyond 1 ulp of 1.
+    e = tl.exp(-2.0 * tl.abs(x))
+    y = (1.0 - e) / (1.0 + e)
+    return tl.where(x >= 0, y, -y)
+
+
+@triton.jit
+def _cell_fwd(
+    zi, zf, zg, zo,         # (BB, BH) gate pre-activations without peepholes
+    c,                      # (BB, BH) c_{t-1}
+    p_i, p_f, p_o,          # (1, BH) peephole weights (HAS_PEEP)
+    lnc_w, lnc_b,           # (1, BH) LN_c gain and bias (HAS_LNC)
+    cmh,                    # (1, BH) 1.0 on the H real columns, 0.0 on padding
+    H, eps,
+    HAS_PEEP: tl.constexpr, HAS_LNC: tl.constexpr,
+):
+    if HAS_PEEP:
+        zi = zi + p_i * c
+        zf = zf + p_f * c
+    i = _sigmoid(zi)
+    f = _sigmoid(zf)
+    g = _tanh(zg)
+    cn = f * c + i * g
+    if HAS_PEEP:
+        zo = zo + p_o * cn
+    o = _sigmoid(zo)
+    mean = tl.sum(cn, axis=1) * 0.0     # (BB,)
+    rstd = mean + 1.0
+    ca = cn
+    if HAS_LNC:
+        mean = tl.sum(cn * cmh, axis=1) / H
+        d = (cn - mean[:, None]) * cmh
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / H + eps)
+        ca = d * rstd[:, None] * lnc_w + lnc_b
+    tc = _tanh(ca)
+    return i, f, g, o, cn, tc, mean, rstd
+
+
+@triton.jit
+def _cell_bwd(
+    ghh,                    # (BB, BH) grad of hh = o * tanh(LN_c(c~)); zero on inactive rows
+    gcn,                    # (BB, BH) grad of c~ through the cell state; zero on inactive rows
+    i, f, g, o,             # (BB, BH) gate activations of the step
+    c,                      # (BB, BH) c_{t-1}
+    p_i, p_f, p_o,          # (1, BH) peephole weights (HAS_PEEP)
+    lnc_w, lnc_b,           # (1, BH) LN_c gain and bias (HAS_LNC)
+    mean, rstd,             # (BB,) LN_c statistics of the step (HAS_LNC)
+    cmh,                    # (1, BH) column mask
+    H,
+    HAS_PEEP: tl.constexpr, HAS_LNC: tl.constexpr,
+):
+    cn = f * c + i * g
+    n = cn
+    ca = cn
+    if HAS_LNC:
+        n = (cn - mean[:, None]) * rstd[:, None] * cmh
+        ca = n * lnc_w + lnc_b
+    tc = _tanh(ca)
+    g_o = ghh * tc
+    g_ca = ghh * o * (1.0 - tc * tc)
+    if HAS_LNC:
+        gn = g_ca * lnc_w
+        m1 = tl.sum(gn * cmh, axis=1) / H
+        m2 = tl.sum(gn * n, axis=1) / H
+        gcn = gcn + rstd[:, None] * (gn - m1[:, None] - n * m2[:, None]) * cmh
+    else:
+        gcn = gcn + g_ca
+    g_ao = g_o * o * (1.0 - o)
+    if HAS_PEEP:
+        gcn = gcn + g_ao * p_o
+    g_ai = gcn * g * i * (1.0 - i)
+    g_af = gcn * c * f * (1.0 - f)
+    g_zg = gcn * i * (1.0 - g * g)
+    gc_prev = gcn * f
+    if HAS_PEEP:
+        gc_prev = gc_prev + g_ai * p_i + g_af * p_f
+    return g_ai, g_af, g_zg, g_ao, gc_prev, g_ca, n, cn
+
+
+@triton.jit
+def lstm_fwd_kernel(
+    xg_ptr,         # (T, B, 4H) input projections with biases, dtype of the layer
+    rec_ptr,        # (B, 4H) h_in W_hh^T of step k0 (PERSISTENT=False only)
+    w_hh_ptr,       # (4H, P) recurrent weights
+    w_hr_ptr,       # (P, H) projection weights (HAS_PROJ)
+    hs_ptr,         # (T+1, B, P) float32 h states, time-slotted
+    cs_ptr,         # (T+1, B, H) float32 c states, time-slotted
+    out_ptr,        # (T, B, P) outputs, dtype of the layer
+    gates_ptr,      # (T, B, 4H) float32 i, f, g, o after activation (STORE)
+    hh_ptr,         # (T, B, H) float32 o * tanh(LN_c(c~)), input of the projection (STORE_HH)
+    r_ptr,          # (T, B, 4H) float32 recurrent pre-activations before LN_h (STORE and HAS_LNH)
+    lnh_st_ptr,     # (T, B, 2) float32 mean, rstd of LN_h (STORE and HAS_LNH)
+    lnc_st_ptr,     # (T, B, 2) float32 mean, rstd of LN_c (STORE and HAS_LNC)
+    bs_ptr,         # (T,) int32 active rows per time (HAS_BS)
+    peep_ptr,       # (3, H) peephole weights for i, f, o (HAS_PEEP)
+    lnh_w_ptr,      # (4H,) LN_h gain (HAS_LNH)
+    lnc_w_ptr,      # (H,) LN_c gain (HAS_LNC)
+    lnc_b_ptr,      # (H,) LN_c bias (HAS_LNC)
+    rm_ptr,         # (B, P) recurrent-dropout mask (HAS_RM)
+    zc_ptr,         # (T, B, H) zoneout mask of c (ZC == 1)
+    zh_ptr,         # (T, B, P) zoneout mask of h (ZH == 1)
+    zc_p, zh_p,     # zoneout probabilities (ZC == 2, ZH == 2)
+    T, B, H, P, k0, n_steps, eps,
+    REVERSE: tl.constexpr, PERSISTENT: tl.constexpr, F32_DOT: tl.constexpr,
+    HAS_BS: tl.constexpr, HAS_PROJ: tl.constexpr, H_IN_KERNEL: tl.constexpr,
+    HAS_PEEP: tl.constexpr, HAS_LNH: tl.constexpr, HAS_LNC: tl.constexpr, HAS_RM: tl.constexpr,
+    ZC: tl.constexpr, ZH: tl.constexpr, STORE: tl.constexpr, STORE_HH: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rb = pid * BLOCK_B + tl.arange(0, BLOCK_B)          # (BB,)
+    ch = tl.arange(0, BLOCK_H)                          # (BH,)
+    cp = tl.arange(0, BLOCK_P)                          # (BP,)
+    rmask = rb < B
+    hmask = ch < H
+    pmask = cp < P
+    m_bh = rmask[:, None] & hmask[None, :]
+    m_bp = rmask[:, None] & pmask[None, :]
+    cmh = hmask.to(tl.float32)[None, :]                 # (1, BH)
+    off_bh = rb[:, None] * H + ch[None, :]
+    off_bp = rb[:, None] * P + cp[None, :]
+    off_bg = rb[:, None] * (4 * H) + ch[None, :]
+    G = 4 * H
+
+    if PERSISTENT:
+        # W_hh^T per gate, (BP, BH): element [p, j] = W_hh[gate * H + j, p]
+        wmask = pmask[:, None] & hmask[None, :]
+        w_base = w_hh_ptr + ch[None, :] * P + cp[:, None]
+        w_i = tl.load(w_base, mask=wmask, other=0.0)
+        w_f = tl.load(w_base + H * P, mask=wmask, other=0.0)
+        w_g = tl.load(w_base + 2 * H * P, mask=wmask, other=0.0)
+        w_o = tl.load(w_base + 3 * H * P, mask=wmask, other=0.0)
+        if F32_DOT:
+            w_i = w_i.to(tl.float32)
+            w_f = w_f.to(tl.float32)
+            w_g = w_g.to(tl.float32)
+            w_o = w_o.to(tl.float32)
+        if HAS_PROJ:
+            # W_hr^T, (BH, BP): element [j, p] = W_hr[p, j]
+            w_r = tl.load(w_hr_ptr + cp[None, :] * H + ch[:, None],
+                          mask=hmask[:, None] & pmask[None, :], other=0.0)
+            if F32_DOT:
+                w_r = w_r.to(tl.float32)
+    p_i = 0.0
+    p_f = 0.0
+    p_o = 0.0
+    if HAS_PEEP:
+        p_i = tl.load(peep_ptr + ch, mask=hmask, other=0.0).to(tl.float32)[None, :]
+        p_f = tl.load(peep_ptr + H + ch, mask=hmask, other=0.0).to(tl.float32)[None, :]
+        p_o = tl.load(peep_ptr + 2 * H + ch, mask=hmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_LNH:
+        a_i = tl.load(lnh_w_ptr + ch, mask=hmask, other=0.0).to(tl.float32)[None, :]
+        a_f = tl.load(lnh_w_ptr + H + ch, mask=hmask, other=0.0).to(tl.float32)[None, :]
+        a_g = tl.load(lnh_w_ptr + 2 * H + ch, mask=hmask, other=0.0).to(tl.float32)[None, :]
+        a_o = tl.load(lnh_w_ptr + 3 * H + ch, mask=hmask, other=0.0).to(tl.float32)[None, :]
+    lnc_w = 0.0
+    lnc_b = 0.0
+    if HAS_LNC:
+        lnc_w = tl.load(lnc_w_ptr + ch, mask=hmask, other=0.0).to(tl.float32)[None, :]
+        lnc_b = tl.load(lnc_b_ptr + ch, mask=hmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_RM:
+        rmk = tl.load(rm_ptr + off_bp, mask=m_bp, other=0.0).to(tl.float32)
+
+    # state before the first step of this launch
+    if REVERSE:
+        slot0 = T - k0
+    else:
+        slot0 = k0
+    h = tl.load(hs_ptr + slot0 * B * P + off_bp, mask=m_bp, other=0.0)
+    c = tl.load(cs_ptr + slot0 * B * H + off_bh, mask=m_bh, other=0.0)
+
+    for k in range(k0, k0 + n_steps):
+        if REVERSE:
+            t = T - 1 - k
+            new = t
+        else:
+            t = k
+            new = t + 1
+        xb = xg_ptr + t * B * G + off_bg
+        zi = tl.load(xb, mask=m_bh, other=0.0).to(tl.float32)
+        zf = tl.load(xb + H, mask=m_bh, other=0.0).to(tl.float32)
+        zg = tl.load(xb + 2 * H, mask=m_bh, other=0.0).to(tl.float32)
+        zo = tl.load(xb + 3 * H, mask=m_bh, other=0.0).to(tl.float32)
+        if PERSISTENT:
+            hin = h
+            if HAS_RM:
+                hin = h * rmk
+            if F32_DOT:
+                ri = tl.dot(hin, w_i, input_precision="ieee")
+                rf = tl.dot(hin, w_f, input_precision="ieee")
+                rg = tl.dot(hin, w_g, input_precision="ieee")
+                ro = tl.dot(hin, w_o, input_precision="ieee")
+            else:
+                hin16 = hin.to(w_i.dtype)
+                ri = tl.dot(hin16, w_i)
+                rf = tl.dot(hin16, w_f)
+                rg = tl.dot(hin16, w_g)
+                ro = tl.dot(hin16, w_o)
+        else:
+            rbp = rec_ptr + off_bg
+            ri = tl.load(rbp, mask=m_bh, other=0.0).to(tl.float32)
+            rf = tl.load(rbp + H, mask=m_bh, other=0.0).to(tl.float32)
+            rg = tl.load(rbp + 2 * H, mask=m_bh, other=0.0).to(tl.float32)
+            ro = tl.load(rbp + 3 * H, mask=m_bh, other=0.0).to(tl.float32)
+        if HAS_LNH:
+            if STORE:
+                rsb = r_ptr + t * B * G + off_bg
+                tl.store(rsb, ri, mask=m_bh)
+                tl.store(rsb + H, rf, mask=m_bh)
+                tl.store(rsb + 2 * H, rg, mask=m_bh)
+                tl.store(rsb + 3 * H, ro, mask=m_bh)
+            mu = (tl.sum(ri * cmh, axis=1) + tl.sum(rf * cmh, axis=1)
+                  + tl.sum(rg * cmh, axis=1) + tl.sum(ro * cmh, axis=1)) / G
+            di = (ri - mu[:, None]) * cmh
+            df = (rf - mu[:, None]) * cmh
+            dg = (rg - mu[:, None]) * cmh
+            do = (ro - mu[:, None]) * cmh
+            var = (tl.sum(di * di, axis=1) + tl.sum(df * df, axis=1)
+                   + tl.sum(dg * dg, axis=1) + tl.sum(do * do, axis=1)) / G
+            rs = 1.0 / tl.sqrt(var + eps)
+            if STORE:
+                tl.store(lnh_st_ptr + (t * B + rb) * 2, mu, mask=rmask)
+                tl.store(lnh_st_ptr + (t * B + rb) * 2 + 1, rs, mask=rmask)
+            ri = di * rs[:, None] * a_i
+            rf = df * rs[:, None] * a_f
+            rg = dg * rs[:, None] * a_g
+            ro = do * rs[:, None] * a_o
+        i, f, g, o, cn, tc, lmu, lrs = _cell_fwd(
+            zi + ri, zf + rf, zg + rg, zo + ro, c, p_i, p_f, p_o, lnc_w, lnc_b, cmh, H, eps,
+            HAS_PEEP, HAS_LNC)
+        hh = o * tc
+        if HAS_BS:
+            act = (rb < tl.load(bs_ptr + t))[:, None]
+        else:
+            act = rmask[:, None]
+        if ZC == 1:
+            dcm = tl.load(zc_ptr + t * B * H + off_bh, mask=m_bh, other=0.0).to(tl.float32)
+            c_new = dcm * c + (1.0 - dcm) * cn
+        elif ZC == 2:
+            c_new = zc_p * c + (1.0 - zc_p) * cn
+        else:
+            c_new = cn
+        c = tl.where(act, c_new, c)
+        tl.store(cs_ptr + new * B * H + off_bh, c, mask=m_bh)
+        if STORE:
+            gb = gates_ptr + t * B * G + off_bg
+            tl.store(gb, i, mask=m_bh)
+            tl.store(gb + H, f, mask=m_bh)
+            tl.store(gb + 2 * H, g, mask=m_bh)
+            tl.store(gb + 3 * H, o, mask=m_bh)
+            if HAS_LNC:
+                tl.store(lnc_st_ptr + (t * B + rb) * 2, lmu, mask=rmask)
+                tl.store(lnc_st_ptr + (t * B + rb) * 2 + 1, lrs, mask=rmask)
+        if STORE_HH:
+            tl.store(hh_ptr + t * B * H + off_bh, hh, mask=m_bh)
+        if H_IN_KERNEL:
+            if HAS_PROJ:
+                if F32_DOT:
+                    ht = tl.dot(hh, w_r, input_precision="ieee")
+                else:
+                    ht = tl.dot(hh.to(w_r.dtype), w_r)
+            else:
+                ht = hh
+            if ZH == 1:
+                dhm = tl.load(zh_ptr + t * B * P + off_bp, mask=m_bp, other=0.0).to(tl.float32)
+                h_new = dhm * h + (1.0 - dhm) * ht
+            elif ZH == 2:
+                h_new = zh_p * h + (1.0 - zh_p) * ht
+            else:
+                h_new = ht
+            h = tl.where(act, h_new, h)
+            tl.store(hs_ptr + new * B * P + off_bp, h, mask=m_bp)
+            tl.store(out_ptr + t * B * P + off_bp,
+                     tl.where(act, h_new, 0.0).to(out_ptr.dtype.element_ty), mask=m_bp)
+
+
+@triton.jit
+def lstm_bwd_kernel(
+    gout_ptr,       # (T, B, P) grad of out
+    gh_ptr,         # (B, P) float32 in/out: grad of the h state; grad of h_n in, grad of h0 out
+    gc_ptr,         # (B, H) float32 in/out: grad of the c state; grad of c_n in, grad of c0 out
+    ghh_ptr,        # (B, H) float32 grad of hh of this step (GHH_IN: host did the projection part)
+    w_hh_ptr,       # (4H, P) recurrent weights (PERSISTENT)
+    w_hr_ptr,       # (P, H) projection weights (PERSISTENT and HAS_PROJ)
+    hs_ptr,         # (T+1, B, P) float32 h states from the forward, time-slotted
+    cs_ptr,         # (T+1, B, H) float32 c states from the forward, time-slotted
+    gates_ptr,      # (T, B, 4H) float32 gate activations from the forward
+    r_ptr,          # (T, B, 4H) float32 recurrent pre-activations before LN_h (HAS_LNH)
+    lnh_st_ptr,     # (T, B, 2) float32 LN_h mean, rstd (HAS_LNH)
+    lnc_st_ptr,     # (T, B, 2) float32 LN_c mean, rstd (HAS_LNC)
+    bs_ptr,         # (T,) int32 active rows per time (HAS_BS)
+    peep_ptr,       # (3, H) (HAS_PEEP)
+    lnh_w_ptr,      # (4H,) (HAS_LNH)
+    lnc_w_ptr,      # (H,) (HAS_LNC)
+    lnc_b_ptr,      # (H,) (HAS_LNC)
+    rm_ptr,         # (B, P) recurrent-dropout mask (HAS_RM)
+    zc_ptr,         # (T, B, H) (ZC == 1)
+    zh_ptr,         # (T, B, P) (ZH == 1)
+    zc_p, zh_p,     # zoneout probabilities (ZC == 2, ZH == 2)
+    dxg_ptr,        # (T, B, 4H) float32 out: grad of xg
+    dr_ptr,         # (T, B, 4H) float32 out: grad of h_in W_hh^T (HAS_LNH; otherwise equal to dxg)
+    dht_ptr,        # (T, B, P) float32 out: grad of the projection output h~ (HAS_PROJ and H_PART)
+    dpar_ptr,       # (n_programs, 9H) float32 in/out: partial sums over this program's rows of the
+                    #   grads of LN_h gain [0, 4H), peephole i, f, o [4H, 7H), LN_c gain [7H, 8H),
+                    #   LN_c bias [8H, 9H)
+    T, B, H, P, k0, n_steps,
+    REVERSE: tl.constexpr, PERSISTENT: tl.constexpr, F32_DOT: tl.constexpr,
+    HAS_BS: tl.constexpr, HAS_PROJ: tl.constexpr, H_PART: tl.constexpr,
+    HAS_PEEP: tl.constexpr, HAS_LNH: tl.constexpr, HAS_LNC: tl.constexpr, HAS_RM: tl.constexpr,
+    ZC: tl.constexpr, ZH: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    # k counts backward steps: k = 0 is the forward's last step.
+    pid = tl.program_id(0)
+    rb = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    ch = tl.arange(0, BLOCK_H)
+    cp = tl.arange(0, BLOCK_P)
+    rmask = rb < B
+    hmask = ch < H
+    pmask = cp < P
+    m_bh = rmask[:, None] & hmask[None, :]
+    m_bp = rmask[:, None] & pmask[None, :]
+    cmh = hmask.to(tl.float32)[None, :]
+    off_bh = rb[:, None] * H + ch[None, :]
+    off_bp = rb[:, None] * P + cp[None, :]
+    off_bg = rb[:, None] * (4 * H) + ch[None, :]
+    G = 4 * H
+
+    if PERSISTENT:
+        # W_hh per gate, (BH, BP): element [j, p] = W_hh[gate * H + j, p]
+        wmask = hmask[:, None] & pmask[None, :]
+        w_base = w_hh_ptr + ch[:, None] * P + cp[None, :]
+        w_i = tl.load(w_base, mask=wmask, other=0.0)
+        w_f = tl.load(w_base + H * P, mask=wmask, other=0.0)
+        w_g = tl.load(w_base + 2 * H * P, mask=wmask, other=0.0)
+        w_o = tl.load(w_base + 3 * H * P, mask=wmask, other=0.0)
+        if F32_DOT:
+            w_i = w_i.to(tl.float32)
+            w_f = w_f.to(tl.float32)
+            w_g = w_g.to(tl.float32)
+            w_o = w_o.to(tl.float32)
+        if HAS_PROJ:
+            # W_hr, (BP, BH)
+            w_r = tl.load(w_hr_ptr + cp[:, None] * H + ch[None, :],
+                          mask=pmask[:, None] & hmask[None, :], other=0.0)
+            if F32_DOT:
+                w_r = w_r.to(tl.float32)
+    p_i = 0.0
+    p_f = 0.0
+    p_o = 0.0
+    if HAS_PEEP:
+        p_i = tl.load(peep_ptr + ch, mask=hmask, other=0.0).to(tl.float32)[None, :]
+        p_f = tl.load(peep_ptr + H + ch, mask=hmask, other=0.0).to(tl.float32)[None, :]
+        p_o = tl.load(peep_ptr + 2 * H + ch, mask=hmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_LNH:
+        a_i = tl.load(lnh_w_ptr + ch, mask=hmask, other=0.0).to(tl.float32)[None, :]
+        a_f = tl.load(lnh_w_ptr + H + ch, mask=hmask, other=0.0).to(tl.float32)[None, :]
+        a_g = tl.load(lnh_w_ptr + 2 * H + ch, mask=hmask, other=0.0).to(tl.float32)[None, :]
+        a_o = tl.load(lnh_w_ptr + 3 * H + ch, mask=hmask, other=0.0).to(tl.float32)[None, :]
+    lnc_w = 0.0
+    lnc_b = 0.0
+    if HAS_LNC:
+        lnc_w = tl.load(lnc_w_ptr + ch, mask=hmask, other=0.0).to(tl.float32)[None, :]
+        lnc_b = tl.load(lnc_b_ptr + ch, mask=hmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_RM:
+        rmk = tl.load(rm_ptr + off_bp, mask=m_bp, other=0.0).to(tl.float32)
+
+    gh = tl.load(gh_ptr + off_bp, mask=m_bp, other=0.0)
+    gc = tl.load(gc_ptr + off_bh, mask=m_bh, other=0.0)
+    zero_h = tl.sum(gc, axis=0) * 0.0          # (BH,)
+    acc_ai = zero_h                             # LN_h gain partials, per gate
+    acc_af = zero_h
+    acc_ag = zero_h
+    acc_ao = zero_h
+    acc_pi = zero_h                             # peephole partials
+    acc_pf = zero_h
+    acc_po = zero_h
+    acc_lw = zero_h                             # LN_c gain and bias partials
+    acc_lb = zero_h
+
+    for k in range(k0, k0 + n_steps):
+        if REVERSE:
+            t = k
+            prev = t + 1
+        else:
+            t = T - 1 - k
+            prev = t
+        if HAS_BS:
+            actv = rb < tl.load(bs_ptr + t)
+        else:
+            actv = rmask
+        act = actv[:, None]
+        actf = act.to(tl.float32)
+        if H_PART:
+            gh = gh + tl.load(gout_ptr + t * B * P + off_bp, mask=m_bp & act, other=0.0).to(tl.float32)
+            if ZH == 1:
+                dhm = tl.load(zh_ptr + t * B * P + off_bp, mask=m_bp, other=0.0).to(tl.float32)
+                ght = (1.0 - dhm) * gh * actf
+                gh_keep = dhm * gh
+            elif ZH == 2:
+                ght = (1.0 - zh_p) * gh * actf
+                gh_keep = zh_p * gh
+            else:
+                ght = gh * actf
+                gh_keep = gh * 0.0
+            if HAS_PROJ:
+                tl.store(dht_ptr + t * B * P + off_bp, ght, mask=m_bp)
+                if F32_DOT:
+                    ghh = tl.dot(ght, w_r, input_precision="ieee")
+                else:
+                    ghh = tl.dot(ght.to(w_r.dtype), w_r)
+            else:
+                ghh = ght
+        else:
+            ghh = tl.load(ghh_ptr + off_bh, mask=m_bh, other=0.0)
+        if ZC == 1:
+            dcm = tl.load(zc_ptr + t * B * H + off_bh, mask=m_bh, other=0.0).to(tl.float32)
+            gcn = (1.0 - dcm) * gc * actf
+            gc_keep = dcm * gc
+        elif ZC == 2:
+            gcn = (1.0 - zc_p) * gc * actf
+            gc_keep = zc_p * gc
+        else:
+            gcn = gc * actf
+            gc_keep = gc * 0.0
+        gb = gates_ptr + t * B * G + off_bg
+        i = tl.load(gb, mask=m_bh, other=0.0)
+        f = tl.load(gb + H, mask=m_bh, other=0.0)
+        g = tl.load(gb + 2 * H, mask=m_bh, other=0.0)
+        o = tl.load(gb + 3 * H, mask=m_bh, other=0.0)
+        c = tl.load(cs_ptr + prev * B * H + off_bh, mask=m_bh, other=0.0)
+        lmu = tl.sum(c, axis=1) * 0.0
+        lrs = lmu
+        if HAS_LNC:
+            lmu = tl.load(lnc_st_ptr + (t * B + rb) * 2, mask=rmask, other=0.0)
+            lrs = tl.load(lnc_st_ptr + (t * B + rb) * 2 + 1, mask=rmask, other=0.0)
+        g_ai, g_af, g_zg, g_ao, gc_prev, g_ca, n, cn = _cell_bwd(
+            ghh, gcn, i, f, g, o, c, p_i, p_f, p_o, lnc_w, lnc_b, lmu, lrs, cmh, H,
+            HAS_PEEP, HAS_LNC)
+        if HAS_PEEP:
+            acc_pi += tl.sum(g_ai * c, axis=0)
+            acc_pf += tl.sum(g_af * c, axis=0)
+            acc_po += tl.sum(g_ao * cn, axis=0)
+        if HAS_LNC:
+            acc_lw += tl.sum(g_ca * n, axis=0)
+            acc_lb += tl.sum(g_ca, axis=0)
+        db = dxg_ptr + t * B * G + off_bg
+        tl.store(db, g_ai, mask=m_bh)
+        tl.store(db + H, g_af, mask=m_bh)
+        tl.store(db + 2 * H, g_zg, mask=m_bh)
+        tl.store(db + 3 * H, g_ao, mask=m_bh)
+        if HAS_LNH:
+            rsb = r_ptr + t * B * G + off_bg
+            mu = tl.load(lnh_st_ptr + (t * B + rb) * 2, mask=rmask, other=0.0)[:, None]
+            rs = tl.load(lnh_st_ptr + (t * B + rb) * 2 + 1, mask=rmask, other=0.0)[:, None]
+            ni = (tl.load(rsb, mask=m_bh, other=0.0) - mu) * rs * cmh
+            nf = (tl.load(rsb + H, mask=m_bh, other=0.0) - mu) * rs * cmh
+            ng = (tl.load(rsb + 2 * H, mask=m_bh, other=0.0) - mu) * rs * cmh
+            no = (tl.load(rsb + 3 * H, mask=m_bh, other=0.0) - mu) * rs * cmh
+            acc_ai += tl.sum(g_ai * ni, axis=0)
+            acc_af += tl.sum(g_af * nf, axis=0)
+            acc_ag += tl.sum(g_zg * ng, axis=0)
+            acc_ao += tl.sum(g_ao * no, axis=0)
+            ui = g_ai * a_i
+            uf = g_af * a_f
+            ug = g_zg * a_g
+            uo = g_ao * a_o
+            m1 = (tl.sum(ui, axis=1) + tl.sum(uf, axis=1) + tl.sum(ug, axis=1) + tl.sum(uo, axis=1)) / G
+            m2 = (tl.sum(ui * ni, axis=1) + tl.sum(uf * nf, axis=1)
+                  + tl.sum(ug * ng, axis=1) + tl.sum(uo * no, axis=1)) / G
+            m1 = m1[:, None]
+            m2 = m2[:, None]
+            g_ri = rs * (ui - m1 - ni * m2) * cmh
+            g_rf = rs * (uf - m1 - nf * m2) * cmh
+            g_rg = rs * (ug - m1 - ng * m2) * cmh
+            g_ro = rs * (uo - m1 - no * m2) * cmh
+            drb = dr_ptr + t * B * G + off_bg
+            tl.store(drb, g_ri, mask=m_bh)
+            tl.store(drb + H, g_rf, mask=m_bh)
+            tl.store(drb + 2 * H, g_rg, mask=m_bh)
+            tl.store(drb + 3 * H, g_ro, mask=m_bh)
+        else:
+            g_ri = g_ai
+            g_rf = g_af
+            g_rg = g_zg
+            g_ro = g_ao
+        gc = tl.where(act, gc_keep + gc_prev, gc)
+        if H_PART:
+            if PERSISTENT:
+                if F32_DOT:
+                    ghin = (tl.dot(g_ri, w_i, input_precision="ieee")
+                            + tl.dot(g_rf, w_f, input_precision="ieee")
+                            + tl.dot(g_rg, w_g, input_precision="ieee")
+                            + tl.dot(g_ro, w_o, input_precision="ieee"))
+                else:
+                    ghin = (tl.dot(g_ri.to(w_i.dtype), w_i) + tl.dot(g_rf.to(w_i.dtype), w_f)
+                            + tl.dot(g_rg.to(w_i.dtype), w_g) + tl.dot(g_ro.to(w_i.dtype), w_o))
+                if HAS_RM:
+                    ghin = ghin * rmk
+                gh = tl.where(act, gh_keep + ghin, gh)
+            else:
+                # the host adds (dr[t] W_hh) * mask, which is zero on inactive rows
+                gh = tl.where(act, gh_keep, gh)
+
+    if H_PART:
+        tl.store(gh_ptr + off_bp, gh, mask=m_bp)
+    tl.store(gc_ptr + off_bh, gc, mask=m_bh)
+    if HAS_LNH or HAS_PEEP or HAS_LNC:
+        pb = dpar_ptr + pid * 9 * H + ch
+        if HAS_LNH:
+            tl.store(pb, tl.load(pb, mask=hmask, other=0.0) + acc_ai, mask=hmask)
+            tl.store(pb + H, tl.load(pb + H, mask=hmask, other=0.0) + acc_af, mask=hmask)
+            tl.store(pb + 2 * H, tl.load(pb + 2 * H, mask=hmask, other=0.0) + acc_ag, mask=hmask)
+            tl.store(pb + 3 * H, tl.load(pb + 3 * H, mask=hmask, other=0.0) + acc_ao, mask=hmask)
+        if HAS_PEEP:
+            tl.store(pb + 4 * H, tl.load(pb + 4 * H, mask=hmask, other=0.0) + acc_pi, mask=hmask)
+            tl.store(pb + 5 * H, tl.load(pb + 5 * H, mask=hmask, other=0.0) + acc_pf, mask=hmask)
+            tl.store(pb + 6 * H, tl.load(pb + 6 * H, mask=hmask, other=0.0) + acc_po, mask=hmask)
+        if HAS_LNC:
+            tl.store(pb + 7 * H, tl.load(pb + 7 * H, mask=hmask, other=0.0) + acc_lw, mask=hmask)
+            tl.store(pb + 8 * H, tl.load(pb + 8 * H, mask=hmask, other=0.0) + acc_lb, mask=hmask)
+
+
+__all__ = ["lstm_fwd_kernel", "lstm_bwd_kernel", "triton"]
