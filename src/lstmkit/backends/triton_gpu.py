@@ -120,6 +120,16 @@ def _flags(cfg: _Cfg, f32: bool, peephole, ln_hh, ln_cell_w, w_hr) -> dict:
     )
 
 
+def _f32_dot(dtype: torch.dtype) -> bool:
+    """Whether the on-chip GEMMs run in float32 (IEEE) rather than on 16-bit operands.
+
+    float32 inputs always do (no TF32). The Triton 3.9 interpreter's tl.dot on bfloat16 operands
+    returns garbage (it multiplies their uint16 storage), so under the interpreter bfloat16 weights
+    are upcast; on CUDA the bfloat16 and float16 GEMMs use the tensor cores with float32 accumulation.
+    """
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and _interpreting())
+
+
 def _or(t: Optional[Tensor], dummy: Tensor) -> Tensor:
     return dummy if t is None else t
 
@@ -150,7 +160,7 @@ def _forward(xg, w_hh, w_hr, h0, c0, peephole, ln_hh, ln_cell_w, ln_cell_b, cfg:
             _or(peephole, dummy), _or(ln_hh, dummy), _or(ln_cell_w, dummy), _or(ln_cell_b, dummy),
             _or(cfg.rm, dummy), _or(cfg.zc, dummy), _or(cfg.zh, dummy), cfg.zc_p, cfg.zh_p,
             T, B, H, P]
-    flags = _flags(cfg, xg.dtype == torch.float32, peephole, ln_hh, ln_cell_w, w_hr)
+    flags = _flags(cfg, _f32_dot(xg.dtype), peephole, ln_hh, ln_cell_w, w_hr)
     flags.update(H_IN_KERNEL=not proj_on_host, STORE=store, STORE_HH=store_hh)
     if cfg.persistent:
         args[1] = dummy
@@ -208,7 +218,7 @@ def _backward(g_out, g_hn, g_cn, xg_dtype, w_hh, w_hr, peephole, ln_hh, ln_cell_
             _or(peephole, dummy), _or(ln_hh, dummy), _or(ln_cell_w, dummy), _or(ln_cell_b, dummy),
             _or(cfg.rm, dummy), _or(cfg.zc, dummy), _or(cfg.zh, dummy), cfg.zc_p, cfg.zh_p,
             dxg, dr, _or(dht, dummy), dpar, T, B, H, P]
-    flags = _flags(cfg, w_hh.dtype == torch.float32, peephole, ln_hh, ln_cell_w, w_hr)
+    flags = _flags(cfg, _f32_dot(w_hh.dtype), peephole, ln_hh, ln_cell_w, w_hr)
     flags.update(H_PART=not proj_on_host)
     if cfg.persistent:
         K.lstm_bwd_kernel[cfg.grid](*args, 0, T, **flags)
