@@ -1,0 +1,82 @@
+"""lstmkit.LSTM(backend="triton") against torch.nn.LSTM with copied weights.
+
+The oracle runs on the CPU in float64; lstmkit runs float32 on CUDA when present, else on CPU
+tensors under TRITON_INTERPRET=1 (tiny shapes). Outputs, final states and every gradient.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+pytest.importorskip("triton")
+
+import lstmkit  # noqa: E402
+from lstmkit.backends import triton_gpu  # noqa: E402
+from tolerances import assert_close  # noqa: E402
+
+ON_CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
+if not ON_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA device and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+
+def _check(form, num_layers, bidirectional, proj_size, bias, T=5, B=3, I=3, H=4, seed=0):
+    torch.manual_seed(seed)
+    ours = lstmkit.LSTM(I, H, num_layers, bias=bias, batch_first=form == "batch_first",
+                        bidirectional=bidirectional, proj_size=proj_size, backend="triton").to(DEVICE)
+    oracle = torch.nn.LSTM(I, H, num_layers, bias=bias, batch_first=form == "batch_first",
+                           bidirectional=bidirectional, proj_size=proj_size, dtype=torch.float64)
+    oracle.load_state_dict({k: v.double().cpu() for k, v in ours.state_dict().items()})
+    D, P = (2 if bidirectional else 1), (proj_size or H)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(*((B, T, I) if form == "batch_first" else (T, B, I)), generator=g)
+    h0 = torch.randn(num_layers * D, B, P, generator=g)
+    c0 = torch.randn(num_layers * D, B, H, generator=g)
+    lengths = torch.tensor([2, T, 1][:B] + [T] * max(0, B - 3))
+    results = []
+    for model, dtype, dev in ((ours, torch.float32, DEVICE), (oracle, torch.float64, torch.device("cpu"))):
+        xi, hi, ci = (t.to(dev, dtype).detach().clone().requires_grad_() for t in (x, h0, c0))
+        if form == "packed":
+            out, (hn, cn) = model(pack_padded_sequence(xi, lengths, enforce_sorted=False), (hi, ci))
+            out = pad_packed_sequence(out, total_length=T)[0]
+        elif form == "lengths" and model is ours:
+            out, (hn, cn) = model(xi, (hi, ci), lengths=lengths)
+        elif form == "lengths":
+            out, (hn, cn) = model(pack_padded_sequence(xi, lengths, enforce_sorted=False), (hi, ci))
+            out = pad_packed_sequence(out, total_length=T)[0]
+        else:
+            out, (hn, cn) = model(xi, (hi, ci))
+        gen = torch.Generator().manual_seed(seed + 2)
+        loss = sum((r * torch.randn(r.shape, generator=gen).to(dev, dtype)).sum() for r in (out, hn, cn))
+        loss.backward()
+        grads = [xi.grad, hi.grad, ci.grad] + [p.grad for p in model.parameters()]
+        results.append(([out, hn, cn], grads))
+    (r1, g1), (r2, g2) = results
+    for name, a, b in zip(["output", "h_n", "c_n"], r1, r2):
+        assert a.shape == b.shape, name
+        assert_close(a.double().cpu(), b, dtype=torch.float32, msg=name)
+    names = ["input", "h0", "c0"] + [n for n, _ in ours.named_parameters()]
+    assert len(g1) == len(g2) == len(names)
+    for name, a, b in zip(names, g1, g2):
+        assert a is not None, f"no gradient for {name}"
+        assert_close(a.double().cpu(), b, dtype=torch.float32, msg=f"grad of {name}")
+
+
+@pytest.mark.parametrize("per_step", [False, True], ids=["persistent", "per_step"])
+@pytest.mark.parametrize(
+    "form,num_layers,bidirectional,proj_size,bias",
+    [
+        ("time_first", 1, False, 0, True),
+        ("batch_first", 2, True, 2, False),
+        ("packed", 2, True, 0, True),
+        ("lengths", 1, True, 2, True),
+    ],
+)
+def test_module_matches_torch(monkeypatch, per_step, form, num_layers, bidirectional, proj_size, bias):
+    if per_step:
+        monkeypatch.setattr(triton_gpu, "PERSISTENT_MAX_ELEMS", 0)
+    _check(form, num_layers, bidirectional, proj_size, bias)
