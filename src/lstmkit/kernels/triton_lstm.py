@@ -119,7 +119,11 @@ def _cell_bwd(
     return g_ai, g_af, g_zg, g_ao, gc_prev, g_ca, n, cn
 
 
-@triton.jit
+# Shapes and the step index are runtime values (no recompile per T, B, step or H % 16).
+_RUNTIME_INTS = ["T", "B", "H", "P", "k0", "n_steps"]
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def lstm_fwd_kernel(
     xg_ptr,         # (T, B, 4H) input projections with biases, dtype of the layer
     rec_ptr,        # (B, 4H) h_in W_hh^T of step k0 (PERSISTENT=False only)
@@ -316,7 +320,7 @@ def lstm_fwd_kernel(
                      tl.where(act, h_new, 0.0).to(out_ptr.dtype.element_ty), mask=m_bp)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def lstm_bwd_kernel(
     gout_ptr,       # (T, B, P) grad of out
     gh_ptr,         # (B, P) float32 in/out: grad of the h state; grad of h_n in, grad of h0 out

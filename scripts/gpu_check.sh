@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# One-shot GPU check for the Triton backend (issue 6), for a session that has a CUDA machine:
+#   1. the Triton tests on CUDA tensors (tests/test_triton_*.py; the same tests CI runs under
+#      TRITON_INTERPRET=1 on the CPU),
+#   2. `lstmkit bench --device cuda` (python -m lstmkit.bench.cuda): T=256, B in {1, 8, 64, 256},
+#      H in {64, 256, 1024}, inference and training, against torch.nn.LSTM (cuDNN), plus every
+#      variant against the straightforward torch loop.
+# Everything lands under $OUT (default ./gpu_check_out). Budget: about 8 minutes.
+#   usage: OUT=/some/dir [PYTHON=python3] bash scripts/gpu_check.sh
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_check_out}"
+mkdir -p "$OUT"
+PY="${PYTHON:-}"
+if [ -z "$PY" ]; then
+  if [ -x .venv/bin/python ] && .venv/bin/python -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+    PY=.venv/bin/python
+  else
+    PY=python3
+  fi
+fi
+export PYTHONPATH="$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
+  "$PY" -c "import sys, torch; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'available', torch.cuda.is_available())"
+  "$PY" -c "import triton; print('triton', triton.__version__)"
+  "$PY" -c "import pytest; print('pytest', pytest.__version__)"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+if ! "$PY" -c "import torch, triton, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+  echo "gpu_check: needs torch with CUDA and triton in $PY (see $OUT/env.txt)" | tee -a "$OUT/env.txt"
+  exit 2
+fi
+
+status=0
+# 1. tests on CUDA
+if "$PY" -c "import pytest" 2>/dev/null; then
+  par=""
+  "$PY" -c "import xdist" 2>/dev/null && par="-n 8"
+  SECONDS=0
+  timeout 270 "$PY" -m pytest tests/test_triton_backend.py tests/test_triton_module.py -q -rfE \
+      -p no:cacheprovider $par --junitxml="$OUT/tests.xml" > "$OUT/tests.txt" 2>&1
+  rc=$?
+  echo "pytest exit $rc after ${SECONDS}s" >> "$OUT/tests.txt"
+  tail -n 25 "$OUT/tests.txt"
+  [ $rc -ne 0 ] && status=1
+else
+  echo "gpu_check: pytest is not installed in $PY; tests skipped" | tee "$OUT/tests.txt"
+  status=1
+fi
+
+# 2. the benchmark (rows stream to bench.log as they finish, so a timeout keeps what was measured)
+SECONDS=0
+timeout 270 "$PY" -m lstmkit.bench.cuda --device cuda --json "$OUT/bench.json" --markdown "$OUT/bench.md" \
+    > "$OUT/bench.log" 2>&1
+rc=$?
+echo "bench exit $rc after ${SECONDS}s" >> "$OUT/bench.log"
+tail -n 60 "$OUT/bench.log"
+[ $rc -ne 0 ] && status=1
+exit $status
