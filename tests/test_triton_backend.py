@@ -26,14 +26,16 @@ DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
 if not ON_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA device and TRITON_INTERPRET is not 1", allow_module_level=True)
 
-PATHS = ["persistent", "per_step"]
+PATHS = ["registers", "stream", "per_step"]
 VARIANTS = ["plain", "peephole", "layer_norm", "ln_hh", "ln_cell", "rec_dropout", "zoneout",
             "zoneout_eval", "all"]
 
 
 @pytest.fixture(params=PATHS)
 def path(request, monkeypatch):
-    monkeypatch.setattr(triton_gpu, "PERSISTENT_MAX_ELEMS", 1 << 30 if request.param == "persistent" else 0)
+    """Force one kernel shape: W_hh in registers, W_hh streamed by a persistent kernel, or per step."""
+    monkeypatch.setattr(triton_gpu, "PERSISTENT_MAX_ELEMS", 1 << 30 if request.param == "registers" else 0)
+    monkeypatch.setattr(triton_gpu, "STREAM_MAX_BLOCK", 1 << 30 if request.param == "stream" else 0)
     return request.param
 
 
@@ -131,6 +133,7 @@ def test_plain(path, reverse, proj, batch_sizes):
         (1, 1, 1, 1, False, None),              # T = B = H = 1
         (3, 17, 3, 2, True, [17, 9, 1]),        # B beyond one block of rows (two programs)
         (4, 2, 5, 5, False, [2, 0, 0, 0]),      # steps where no row is active
+        (3, 2, 40, 36, True, [2, 1, 1]),        # several BLOCK_K chunks over P, H and 4H when streamed
     ],
 )
 def test_edge_shapes(path, T, B, H, P, proj, batch_sizes):
@@ -224,3 +227,12 @@ def test_missing_triton_is_a_clear_error_only_when_asked_for():
     env = dict(os.environ, TRITON_INTERPRET="1")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+@pytest.mark.parametrize("H,P,mode", [(8, 8, "registers"), (64, 64, "registers"), (100, 100, "stream"),
+                                      (256, 128, "stream"), (1024, 1024, "per_step"), (512, 64, "per_step")])
+def test_kernel_shape_choice(H, P, mode):
+    """The default thresholds: W_hh on chip up to H = 64, streamed up to 256, per-step GEMMs above."""
+    cfg = triton_gpu._Cfg(2, 3, H, P, False, None, LayerOptions(), torch.device("cpu"))
+    got = "per_step" if not cfg.persistent else ("stream" if cfg.w_stream else "registers")
+    assert got == mode

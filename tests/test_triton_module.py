@@ -66,7 +66,7 @@ def _check(form, num_layers, bidirectional, proj_size, bias, T=5, B=3, I=3, H=4,
         assert_close(a.double().cpu(), b, dtype=torch.float32, msg=f"grad of {name}")
 
 
-@pytest.mark.parametrize("per_step", [False, True], ids=["persistent", "per_step"])
+@pytest.mark.parametrize("path", ["registers", "stream", "per_step"])
 @pytest.mark.parametrize(
     "form,num_layers,bidirectional,proj_size,bias",
     [
@@ -76,7 +76,7 @@ def _check(form, num_layers, bidirectional, proj_size, bias, T=5, B=3, I=3, H=4,
         ("lengths", 1, True, 2, True),
     ],
 )
-def test_module_matches_torch(monkeypatch, per_step, form, num_layers, bidirectional, proj_size, bias):
-    if per_step:
-        monkeypatch.setattr(triton_gpu, "PERSISTENT_MAX_ELEMS", 0)
+def test_module_matches_torch(monkeypatch, path, form, num_layers, bidirectional, proj_size, bias):
+    monkeypatch.setattr(triton_gpu, "PERSISTENT_MAX_ELEMS", 1 << 30 if path == "registers" else 0)
+    monkeypatch.setattr(triton_gpu, "STREAM_MAX_BLOCK", 1 << 30 if path == "stream" else 0)
     _check(form, num_layers, bidirectional, proj_size, bias)

@@ -34,10 +34,14 @@ NAME = "triton"
 AUTO_DEVICE_TYPES = ("cuda",)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# The persistent kernels hold the four (BLOCK_P x BLOCK_H) gate tiles of W_hh (BLOCK_* = the next
-# power of two >= 16) in registers; above this many elements they would spill, and the per-step
-# GEMM path runs instead. Tests set it to 0 to exercise the per-step path on tiny shapes.
+# Which kernel shape runs, by the padded sizes BLOCK_H, BLOCK_P (next powers of two >= 16):
+# * 4 * BLOCK_H * BLOCK_P <= PERSISTENT_MAX_ELEMS: persistent, W_hh (and W_hr) held in registers;
+# * else max(BLOCK_H, BLOCK_P) <= STREAM_MAX_BLOCK: persistent, W_hh streamed from L2 every step
+#   (one launch; the program's 4 x BLOCK_B x BLOCK_H gate accumulators still fit in registers);
+# * else one cuBLAS GEMM plus one fused pointwise kernel per step.
+# The tests set them to force each shape on tiny sizes. GPU tuning of both is pending.
 PERSISTENT_MAX_ELEMS = int(os.environ.get("LSTMKIT_TRITON_PERSISTENT_MAX", 4 * 64 * 64))
+STREAM_MAX_BLOCK = int(os.environ.get("LSTMKIT_TRITON_STREAM_MAX", 256))
 
 _kernels = None
 _import_error: Optional[str] = None
@@ -97,7 +101,9 @@ class _Cfg:
         self.zh_mode, self.zh, self.zh_p = _zone_mode(opts.zoneout_h)
         bh, bp = _p2(H), _p2(P)
         self.block_h, self.block_p = bh, bp
-        self.persistent = 4 * bh * bp <= PERSISTENT_MAX_ELEMS
+        self.w_stream = 4 * bh * bp > PERSISTENT_MAX_ELEMS and max(bh, bp) <= STREAM_MAX_BLOCK
+        self.persistent = 4 * bh * bp <= PERSISTENT_MAX_ELEMS or self.w_stream
+        self.block_k = 16 if min(bh, bp) <= 16 else 32
         if self.persistent:
             self.block_b = 16
             self.num_warps = 4 if 4 * bh * bp <= 4 * 32 * 32 else 8
@@ -116,7 +122,8 @@ def _flags(cfg: _Cfg, f32: bool, peephole, ln_hh, ln_cell_w, w_hr) -> dict:
         REVERSE=cfg.reverse, PERSISTENT=cfg.persistent, F32_DOT=f32, HAS_BS=cfg.bs is not None,
         HAS_PROJ=w_hr is not None, HAS_PEEP=peephole is not None, HAS_LNH=ln_hh is not None,
         HAS_LNC=ln_cell_w is not None, HAS_RM=cfg.rm is not None, ZC=cfg.zc_mode, ZH=cfg.zh_mode,
-        BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_P=cfg.block_p, num_warps=cfg.num_warps,
+        W_STREAM=cfg.w_stream, BLOCK_K=cfg.block_k, BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h,
+        BLOCK_P=cfg.block_p, num_warps=cfg.num_warps,
     )
 
 
@@ -150,7 +157,7 @@ def _forward(xg, w_hh, w_hr, h0, c0, peephole, ln_hh, ln_cell_w, ln_cell_b, cfg:
     dummy = torch.empty(1, device=dev, dtype=f32)
     gates = torch.empty((T, B, 4 * H), device=dev, dtype=f32) if store else None
     proj_on_host = w_hr is not None and not cfg.persistent
-    store_hh = w_hr is not None and (store or proj_on_host)
+    store_hh = w_hr is not None and (store or proj_on_host or cfg.w_stream)
     hh = torch.empty((T, B, H), device=dev, dtype=f32) if store_hh else None
     r = torch.empty((T, B, 4 * H), device=dev, dtype=f32) if store and ln_hh is not None else None
     lnh_st = torch.empty((T, B, 2), device=dev, dtype=f32) if store and ln_hh is not None else None

@@ -20,6 +20,9 @@ the kernels runnable under TRITON_INTERPRET=1).
 Two modes, chosen by the constexpr PERSISTENT:
     PERSISTENT=True   one launch loops over all T steps with W_hh (and W_hr) held in registers;
                       the recurrent GEMM of each step is a tl.dot on chip. Used when 4H x P fits.
+                      With W_STREAM=True the weights do not fit: each step streams them from
+                      L2 in BLOCK_K chunks against the previous state re-read from global memory
+                      (a CTA barrier makes the previous step's stores visible).
     PERSISTENT=False  one launch per step (k0 = that step, n_steps = 1); the host computes the
                       recurrent GEMM (and the projection GEMM) with cuBLAS and the kernel is the
                       one fused pointwise pass of that step.
@@ -44,6 +47,24 @@ def _tanh(x):
     e = tl.exp(-2.0 * tl.abs(x))
     y = (1.0 - e) / (1.0 + e)
     return tl.where(x >= 0, y, -y)
+
+
+@triton.jit
+def _ld(ptr, mask, F32: tl.constexpr):
+    """A weight tile, upcast to float32 when the GEMMs run in float32."""
+    w = tl.load(ptr, mask=mask, other=0.0)
+    if F32:
+        w = w.to(tl.float32)
+    return w
+
+
+@triton.jit
+def _dot(a, b, F32: tl.constexpr):
+    """a @ b with float32 accumulation: IEEE float32, or 16-bit operands (tensor cores)."""
+    if F32:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a.to(b.dtype), b)
 
 
 @triton.jit
@@ -151,6 +172,7 @@ def lstm_fwd_kernel(
     HAS_BS: tl.constexpr, HAS_PROJ: tl.constexpr, H_IN_KERNEL: tl.constexpr,
     HAS_PEEP: tl.constexpr, HAS_LNH: tl.constexpr, HAS_LNC: tl.constexpr, HAS_RM: tl.constexpr,
     ZC: tl.constexpr, ZH: tl.constexpr, STORE: tl.constexpr, STORE_HH: tl.constexpr,
+    W_STREAM: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -168,7 +190,7 @@ def lstm_fwd_kernel(
     off_bg = rb[:, None] * (4 * H) + ch[None, :]
     G = 4 * H
 
-    if PERSISTENT:
+    if PERSISTENT and not W_STREAM:
         # W_hh^T per gate, (BP, BH): element [p, j] = W_hh[gate * H + j, p]
         wmask = pmask[:, None] & hmask[None, :]
         w_base = w_hh_ptr + ch[None, :] * P + cp[:, None]
@@ -218,16 +240,37 @@ def lstm_fwd_kernel(
     for k in range(k0, k0 + n_steps):
         if REVERSE:
             t = T - 1 - k
+            prev = t + 1
             new = t
         else:
             t = k
+            prev = t
             new = t + 1
         xb = xg_ptr + t * B * G + off_bg
         zi = tl.load(xb, mask=m_bh, other=0.0).to(tl.float32)
         zf = tl.load(xb + H, mask=m_bh, other=0.0).to(tl.float32)
         zg = tl.load(xb + 2 * H, mask=m_bh, other=0.0).to(tl.float32)
         zo = tl.load(xb + 3 * H, mask=m_bh, other=0.0).to(tl.float32)
-        if PERSISTENT:
+        if PERSISTENT and W_STREAM:
+            tl.debug_barrier()      # the previous step's h stores are visible to every thread
+            ri = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+            rf = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+            rg = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+            ro = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+            for kk in range(0, P, BLOCK_K):
+                ck = kk + tl.arange(0, BLOCK_K)                  # (BK,)
+                kmask = ck < P
+                am = rmask[:, None] & kmask[None, :]
+                hc = tl.load(hs_ptr + prev * B * P + rb[:, None] * P + ck[None, :], mask=am, other=0.0)
+                if HAS_RM:
+                    hc = hc * tl.load(rm_ptr + rb[:, None] * P + ck[None, :], mask=am, other=0.0).to(tl.float32)
+                wm = kmask[:, None] & hmask[None, :]
+                wb = w_hh_ptr + ch[None, :] * P + ck[:, None]     # (BK, BH) chunk of W_hh^T
+                ri += _dot(hc, _ld(wb, wm, F32_DOT), F32_DOT)
+                rf += _dot(hc, _ld(wb + H * P, wm, F32_DOT), F32_DOT)
+                rg += _dot(hc, _ld(wb + 2 * H * P, wm, F32_DOT), F32_DOT)
+                ro += _dot(hc, _ld(wb + 3 * H * P, wm, F32_DOT), F32_DOT)
+        elif PERSISTENT:
             hin = h
             if HAS_RM:
                 hin = h * rmk
@@ -300,11 +343,18 @@ def lstm_fwd_kernel(
         if STORE_HH:
             tl.store(hh_ptr + t * B * H + off_bh, hh, mask=m_bh)
         if H_IN_KERNEL:
-            if HAS_PROJ:
-                if F32_DOT:
-                    ht = tl.dot(hh, w_r, input_precision="ieee")
-                else:
-                    ht = tl.dot(hh.to(w_r.dtype), w_r)
+            if HAS_PROJ and W_STREAM:
+                tl.debug_barrier()  # hh of this step (stored above) is visible
+                ht = tl.zeros((BLOCK_B, BLOCK_P), dtype=tl.float32)
+                for kk in range(0, H, BLOCK_K):
+                    ck = kk + tl.arange(0, BLOCK_K)
+                    kmask = ck < H
+                    a = tl.load(hh_ptr + t * B * H + rb[:, None] * H + ck[None, :],
+                                mask=rmask[:, None] & kmask[None, :], other=0.0)
+                    w = _ld(w_hr_ptr + cp[None, :] * H + ck[:, None], kmask[:, None] & pmask[None, :], F32_DOT)
+                    ht += _dot(a, w, F32_DOT)
+            elif HAS_PROJ:
+                ht = _dot(hh, w_r, F32_DOT)
             else:
                 ht = hh
             if ZH == 1:
@@ -353,7 +403,7 @@ def lstm_bwd_kernel(
     REVERSE: tl.constexpr, PERSISTENT: tl.constexpr, F32_DOT: tl.constexpr,
     HAS_BS: tl.constexpr, HAS_PROJ: tl.constexpr, H_PART: tl.constexpr,
     HAS_PEEP: tl.constexpr, HAS_LNH: tl.constexpr, HAS_LNC: tl.constexpr, HAS_RM: tl.constexpr,
-    ZC: tl.constexpr, ZH: tl.constexpr,
+    ZC: tl.constexpr, ZH: tl.constexpr, W_STREAM: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     # k counts backward steps: k = 0 is the forward's last step.
@@ -372,7 +422,7 @@ def lstm_bwd_kernel(
     off_bg = rb[:, None] * (4 * H) + ch[None, :]
     G = 4 * H
 
-    if PERSISTENT:
+    if PERSISTENT and not W_STREAM:
         # W_hh per gate, (BH, BP): element [j, p] = W_hh[gate * H + j, p]
         wmask = hmask[:, None] & pmask[None, :]
         w_base = w_hh_ptr + ch[:, None] * P + cp[None, :]
@@ -451,10 +501,19 @@ def lstm_bwd_kernel(
                 gh_keep = gh * 0.0
             if HAS_PROJ:
                 tl.store(dht_ptr + t * B * P + off_bp, ght, mask=m_bp)
-                if F32_DOT:
-                    ghh = tl.dot(ght, w_r, input_precision="ieee")
+                if W_STREAM:
+                    tl.debug_barrier()
+                    ghh = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+                    for kk in range(0, P, BLOCK_K):
+                        ck = kk + tl.arange(0, BLOCK_K)
+                        kmask = ck < P
+                        a = tl.load(dht_ptr + t * B * P + rb[:, None] * P + ck[None, :],
+                                    mask=rmask[:, None] & kmask[None, :], other=0.0)
+                        w = _ld(w_hr_ptr + ck[:, None] * H + ch[None, :], kmask[:, None] & hmask[None, :],
+                                F32_DOT)
+                        ghh += _dot(a, w, F32_DOT)
                 else:
-                    ghh = tl.dot(ght.to(w_r.dtype), w_r)
+                    ghh = _dot(ght, w_r, F32_DOT)
             else:
                 ghh = ght
         else:
@@ -532,7 +591,20 @@ def lstm_bwd_kernel(
             g_ro = g_ao
         gc = tl.where(act, gc_keep + gc_prev, gc)
         if H_PART:
-            if PERSISTENT:
+            if PERSISTENT and W_STREAM:
+                tl.debug_barrier()  # this step's dr stores are visible
+                ghin = tl.zeros((BLOCK_B, BLOCK_P), dtype=tl.float32)
+                for kk in range(0, G, BLOCK_K):
+                    ck = kk + tl.arange(0, BLOCK_K)
+                    kmask = ck < G
+                    a = tl.load(dr_ptr + t * B * G + rb[:, None] * G + ck[None, :],
+                                mask=rmask[:, None] & kmask[None, :], other=0.0)
+                    w = _ld(w_hh_ptr + ck[:, None] * P + cp[None, :], kmask[:, None] & pmask[None, :], F32_DOT)
+                    ghin += _dot(a, w, F32_DOT)
+                if HAS_RM:
+                    ghin = ghin * rmk
+                gh = tl.where(act, gh_keep + ghin, gh)
+            elif PERSISTENT:
                 if F32_DOT:
                     ghin = (tl.dot(g_ri, w_i, input_precision="ieee")
                             + tl.dot(g_rf, w_f, input_precision="ieee")
