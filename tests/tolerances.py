@@ -10,11 +10,15 @@ TOL = {
     torch.float16: (5e-3, 5e-3),
 }
 
+# float32 against an implementation with another summation order, through a layer norm: normalizing
+# by a small standard deviation amplifies rounding differences (float64 keeps the strict bound).
+TOL_NORMALIZED = {**TOL, torch.float32: (1e-4, 1e-4)}
 
-def assert_close(actual, expected, *, dtype=None, msg=""):
+
+def assert_close(actual, expected, *, dtype=None, msg="", table=TOL):
     """Assert two tensors agree within the tolerance of ``dtype`` (default: expected's dtype)."""
     dtype = dtype or expected.dtype
-    rtol, atol = TOL[dtype]
+    rtol, atol = table[dtype]
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{msg}\n{m}")
 
 

@@ -19,6 +19,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from . import backends, functional
 from ._gates import NUM_GATES
+from ._variants import Variants
 
 __all__ = ["LSTM", "LSTMCell"]
 
@@ -86,6 +87,33 @@ class LSTM(nn.Module):
         backend: ``"auto"`` (the fastest backend that supports the input) or a name from
             :func:`lstmkit.available_backends`. Default: ``"auto"``
 
+    Variants (keyword-only; all off gives exactly torch's module, state dict and numbers). They
+    combine with each other and with layers, bidirectional and proj_size:
+
+        layer_norm: layer-normalized LSTM (Ba, Kiros and Hinton 2016, "Layer Normalization"; the
+            form of haste's LayerNormLSTM):
+            :math:`z_t = \mathrm{LN}(W_{ih} x_t;\gamma_x) + \mathrm{LN}(W_{hh} h_{t-1};\gamma_h) + b_{ih} + b_{hh}`,
+            :math:`h_t = o_t \odot \tanh(\mathrm{LN}(c_t;\gamma_c,\beta_c))`, where
+            :math:`\mathrm{LN}(v;\gamma,\beta) = \gamma (v - \mu(v))/\sqrt{\sigma^2(v) + 10^{-5}} + \beta`
+            over the 4H gate pre-activations (resp. the H cell units). Parameters
+            ``ln_ih_weight_l{k}`` (:math:`\gamma_x`, 4H), ``ln_hh_weight_l{k}`` (:math:`\gamma_h`,
+            4H), ``ln_cell_weight_l{k}`` / ``ln_cell_bias_l{k}`` (:math:`\gamma_c, \beta_c`, H);
+            gains start at 1, the bias at 0.
+        peephole: peephole connections (Gers and Schmidhuber 2000, "Recurrent nets that time and
+            count"): :math:`i_t = \sigma(\dots + p_i \odot c_{t-1})`,
+            :math:`f_t = \sigma(\dots + p_f \odot c_{t-1})`, :math:`o_t = \sigma(\dots + p_o \odot c_t)`;
+            parameter ``weight_peephole_l{k}`` of shape (3, H), rows :math:`p_i, p_f, p_o`.
+        recurrent_dropout: variational dropout on :math:`h_{t-1}` inside the recurrence (Gal and
+            Ghahramani 2016): :math:`W_{hh}(h_{t-1} \odot m)`, one mask :math:`m` (scaled by
+            :math:`1/(1-p)`) per sequence and layer-direction, drawn per forward call, training only.
+        zoneout: ``p`` or ``(p_cell, p_hidden)`` (Krueger et al. 2017): in training each unit keeps its
+            previous value with probability p, :math:`c_t = d^c_t \odot c_{t-1} + (1 - d^c_t) \odot \tilde c_t`
+            and the same for :math:`h_t` (with :math:`\tilde c_t, \tilde h_t` the plain LSTM update);
+            in evaluation the expectation, :math:`c_t = p\, c_{t-1} + (1 - p)\, \tilde c_t`.
+        forget_bias: initialize the forget-gate bias to this value (Jozefowicz, Zaremba and
+            Sutskever 2015; 1.0 is their recommendation): ``bias_ih``'s forget block is set to it and
+            ``bias_hh``'s to 0. The parameter layout is unchanged.
+
     Inputs: input, (h_0, c_0), lengths
         - **input**: ``(L, H_in)`` unbatched, ``(L, N, H_in)``, or ``(N, L, H_in)`` with
           ``batch_first=True``; or a :class:`~torch.nn.utils.rnn.PackedSequence`.
@@ -134,6 +162,11 @@ class LSTM(nn.Module):
         dtype=None,
         *,
         backend: str = "auto",
+        layer_norm: bool = False,
+        peephole: bool = False,
+        recurrent_dropout: float = 0.0,
+        zoneout: Union[float, tuple[float, float]] = 0.0,
+        forget_bias: Optional[float] = None,
     ) -> None:
         super().__init__()
         if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
@@ -163,6 +196,8 @@ class LSTM(nn.Module):
                 f"and hidden_size={hidden_size}"
             )
         self.backend = backends.validate_name(backend)
+        self.variants = Variants.parse(layer_norm=layer_norm, peephole=peephole, recurrent_dropout=recurrent_dropout,
+                                       zoneout=zoneout, forget_bias=forget_bias, bias=bias)
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers
@@ -179,6 +214,7 @@ class LSTM(nn.Module):
         P = proj_size if proj_size > 0 else hidden_size
         self._flat_weights_names: list[str] = []
         self._all_weights: list[list[str]] = []
+        self._suffixes: list[str] = []
         for layer in range(num_layers):
             for d in range(D):
                 sfx = f"_l{layer}" + ("_reverse" if d == 1 else "")
@@ -194,6 +230,9 @@ class LSTM(nn.Module):
                     names.append(base + sfx)
                 self._flat_weights_names.extend(names)
                 self._all_weights.append(names)
+                self._suffixes.append(sfx)
+        # variant parameters after all of torch's, so torch's parameter order is kept as a prefix
+        self._variant_names = [self.variants.register(self, sfx, hidden_size, factory) for sfx in self._suffixes]
         self.reset_parameters()
 
     # -- torch.nn.LSTM compatibility -------------------------------------------------------------
@@ -201,6 +240,9 @@ class LSTM(nn.Module):
         stdv = 1.0 / math.sqrt(self.hidden_size)
         for name in self._flat_weights_names:
             init.uniform_(getattr(self, name), -stdv, stdv)
+        for sfx, names in zip(self._suffixes, self._variant_names):
+            b_ih, b_hh = getattr(self, "bias_ih" + sfx, None), getattr(self, "bias_hh" + sfx, None)
+            self.variants.reset(self, names, b_ih, b_hh, self.hidden_size)
 
     @property
     def _flat_weights(self) -> list[Tensor]:
@@ -227,6 +269,7 @@ class LSTM(nn.Module):
             s += f", dropout={self.dropout}"
         if self.bidirectional is not False:
             s += f", bidirectional={self.bidirectional}"
+        s += self.variants.extra_repr()
         if self.backend != "auto":
             s += f", backend={self.backend!r}"
         return s
@@ -273,11 +316,22 @@ class LSTM(nn.Module):
 
     def _run(self, x: Tensor, h0: Tensor, c0: Tensor, batch_sizes: Optional[Tensor]):
         """Time-first (T, B, I) input, (L*D, B, *) states -> (output, h_n, c_n)."""
+        opts_for = ln_ih = None
+        v = self.variants
+        if v.recurrent:
+            D = 2 if self.bidirectional else 1
+            H, P, training = self.hidden_size, self._real_hidden_size, self.training
+
+            def opts_for(layer: int, d: int, B: int, T: int):
+                return v.layer_options(self, self._suffixes[layer * D + d], B, T, H, P, training, x)
+
+            if v.layer_norm:
+                ln_ih = [v.input_norm(self, sfx) for sfx in self._suffixes]
         return functional.lstm(
             x, h0, c0, self._flat_weights,
             num_layers=self.num_layers, bidirectional=self.bidirectional, has_biases=self.bias,
             proj_size=self.proj_size, dropout=self.dropout, training=self.training,
-            batch_sizes=batch_sizes, backend=self.backend,
+            batch_sizes=batch_sizes, backend=self.backend, opts_for=opts_for, ln_ih=ln_ih,
         )
 
     def forward(
@@ -333,6 +387,61 @@ class LSTM(nn.Module):
         if self.batch_first:
             out = out.transpose(0, 1)
         return out, (h_n, c_n)
+
+    # -- streaming ---------------------------------------------------------------------------------
+    def step(self, x: Tensor, state: Optional[State] = None) -> tuple[Tensor, State]:
+        """Advance every sequence of the batch by one time step, carrying the state between calls.
+
+        ``x``: ``(B, input_size)`` (or ``(input_size,)`` unbatched); ``state``: ``(h, c)`` as returned by
+        the previous call or by ``forward`` (``(num_layers, B, H_out)``, ``(num_layers, B, hidden_size)``),
+        or ``None`` for zeros. Returns ``(y, (h, c))`` with ``y`` the top layer's ``(B, H_out)``.
+        The same numbers as one ``forward`` call over the whole sequence. Unidirectional LSTMs only.
+        In training mode, recurrent dropout and zoneout masks are drawn per call.
+        """
+        if self.bidirectional:
+            raise RuntimeError("step: a bidirectional LSTM needs the whole sequence; use forward() on it")
+        if not isinstance(x, Tensor) or x.dim() not in (1, 2):
+            got = f"{x.dim()}-D" if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"step: expected x of shape (batch, input_size) or (input_size,), got {got}")
+        batched = x.dim() == 2
+        x1 = x.unsqueeze(0) if batched else x.view(1, 1, -1)  # (1, B, I)
+        self._check_input(x1, packed=False)
+        B = x1.shape[1]
+        if state is None:
+            h0, c0 = self._zeros_state(x1, B)
+        else:
+            h0, c0 = _unpack_hx(state)
+            if not batched:
+                h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+            if h0.shape != (self.num_layers, B, self._real_hidden_size) or c0.shape != (
+                    self.num_layers, B, self.hidden_size):
+                self._check_hidden(h0, c0, B)
+        out, h, c = self._run(x1, h0, c0, None)
+        if not batched:
+            return out[0, 0], (h[:, 0], c[:, 0])
+        return out[0], (h, c)
+
+    @staticmethod
+    def reset_state(state: State, rows) -> State:
+        """Zero the state of chosen batch rows (new sequences starting there), e.g. between stream chunks.
+
+        ``rows``: a bool mask ``(B,)`` or a list/tensor of row indices. Returns a new ``(h, c)``; the
+        argument is not modified.
+        """
+        h, c = _unpack_hx(state)
+        B = h.shape[1]
+        r = torch.as_tensor(rows, device=h.device)
+        if r.dtype == torch.bool:
+            if r.shape != (B,):
+                raise ValueError(f"rows: expected a bool mask of shape ({B},), got shape {tuple(r.shape)}")
+            keep = ~r
+        else:
+            if r.numel() and (int(r.min()) < -B or int(r.max()) >= B):
+                raise IndexError(f"rows: expected indices in [0, {B}), got {r.tolist()}")
+            keep = torch.ones(B, dtype=torch.bool, device=h.device)
+            keep[r.long()] = False
+        keep = keep.view(1, B, 1)
+        return h * keep, c * keep
 
     def _forward_lengths(self, x: Tensor, h0: Tensor, c0: Tensor, lengths) -> tuple[Tensor, Tensor, Tensor]:
         T, B = x.shape[0], x.shape[1]
@@ -421,12 +530,17 @@ class LSTMCell(nn.Module):
     """
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None,
-                 *, backend: str = "auto") -> None:
+                 *, backend: str = "auto", layer_norm: bool = False, peephole: bool = False,
+                 recurrent_dropout: float = 0.0, zoneout: Union[float, tuple[float, float]] = 0.0,
+                 forget_bias: Optional[float] = None) -> None:
         super().__init__()
         _check_bool("bias", bias)
         _check_int("input_size", input_size, 1)
         _check_int("hidden_size", hidden_size, 1)
         self.backend = backends.validate_name(backend)
+        self.variants = Variants.parse(layer_norm=layer_norm, peephole=peephole, recurrent_dropout=recurrent_dropout,
+                                       zoneout=zoneout, forget_bias=forget_bias, bias=bias)
+        self._rec_mask: Optional[Tensor] = None
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.bias = bias
@@ -440,6 +554,7 @@ class LSTMCell(nn.Module):
         else:
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)
+        self._variant_names = self.variants.register(self, "", hidden_size, factory)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -447,12 +562,22 @@ class LSTMCell(nn.Module):
         for w in (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh):
             if w is not None:
                 init.uniform_(w, -stdv, stdv)
+        self.variants.reset(self, self._variant_names, self.bias_ih, self.bias_hh, self.hidden_size)
+
+    def reset_dropout_mask(self) -> None:
+        """Start a new recurrent-dropout mask at the next call (call it at the start of each sequence).
+
+        With ``recurrent_dropout > 0`` in training mode the cell keeps one mask across calls, so that a
+        sequence run step by step shares one mask (variational dropout); a new mask is also drawn when
+        the batch size changes.
+        """
+        self._rec_mask = None
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
         if self.bias is not True:
             s += f", bias={self.bias}"
-        return s
+        return s + self.variants.extra_repr()
 
     def forward(self, input: Tensor, hx: Optional[State] = None) -> State:
         if not isinstance(input, Tensor):
@@ -486,8 +611,18 @@ class LSTMCell(nn.Module):
             for name, t in (("hx[0] (h)", h), ("hx[1] (c)", c)):
                 if tuple(t.shape) != (B, self.hidden_size):
                     raise RuntimeError(f"{name}: expected size {(B, self.hidden_size)}, got {tuple(t.shape)}")
+        opts = ln_ih = None
+        v = self.variants
+        if v.recurrent:
+            H = self.hidden_size
+            opts = v.layer_options(self, "", B, 1, H, H, self.training, x)
+            if opts.rec_mask is not None:
+                if self._rec_mask is None or self._rec_mask.shape != opts.rec_mask.shape:
+                    self._rec_mask = opts.rec_mask
+                opts.rec_mask = self._rec_mask
+            ln_ih = v.input_norm(self, "")
         h1, c1 = functional.lstm_cell(x, h, c, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
-                                      backend=self.backend)
+                                      backend=self.backend, opts=opts, ln_ih=ln_ih)
         if not batched:
             return h1.squeeze(0), c1.squeeze(0)
         return h1, c1
