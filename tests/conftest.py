@@ -9,3 +9,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Report the largest deviation from torch.nn.LSTM seen by the parity tests (this process only)."""
+    oracle = sys.modules.get("lstm_oracle")
+    if oracle is not None and oracle.MAX_DEV:
+        devs = ", ".join(f"{str(k).replace('torch.', '')} {v:.2e}" for k, v in oracle.MAX_DEV.items())
+        terminalreporter.write_line(f"largest deviation from torch.nn.LSTM (outputs, states, gradients): {devs}")

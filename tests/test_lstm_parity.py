@@ -4,16 +4,9 @@ import pytest
 import torch
 
 import lstmkit
-from lstm_oracle import ARCHS, DTYPES, FORMS, MAX_DEV, check_lstm_parity
+from lstm_oracle import ARCHS, DTYPES, FORMS, check_lstm_parity
 
 CPU_BACKENDS = [b for b in lstmkit.available_backends() if b in ("reference", "numba")]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _report_max_dev():
-    yield
-    if MAX_DEV:
-        print("\nlargest deviation from torch.nn.LSTM:", {str(k): f"{v:.2e}" for k, v in MAX_DEV.items()})
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
