@@ -34,7 +34,8 @@ VARIANTS = ["plain", "peephole", "layer_norm", "ln_hh", "ln_cell", "rec_dropout"
 @pytest.fixture(params=PATHS)
 def path(request, monkeypatch):
     """Force one kernel shape: W_hh in registers, W_hh streamed by a persistent kernel, or per step."""
-    monkeypatch.setattr(triton_gpu, "PERSISTENT_MAX_ELEMS", 1 << 30 if request.param == "registers" else 0)
+    for knob in ("PERSISTENT_MAX_ELEMS", "PERSISTENT_MAX_ELEMS_16"):
+        monkeypatch.setattr(triton_gpu, knob, 1 << 30 if request.param == "registers" else 0)
     monkeypatch.setattr(triton_gpu, "STREAM_MAX_BLOCK", 1 << 30 if request.param == "stream" else 0)
     return request.param
 
@@ -229,10 +230,13 @@ def test_missing_triton_is_a_clear_error_only_when_asked_for():
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
 
 
-@pytest.mark.parametrize("H,P,mode", [(8, 8, "registers"), (64, 64, "registers"), (100, 100, "stream"),
-                                      (256, 128, "stream"), (1024, 1024, "per_step"), (512, 64, "per_step")])
-def test_kernel_shape_choice(H, P, mode):
-    """The default thresholds: W_hh on chip up to H = 64, streamed up to 256, per-step GEMMs above."""
-    cfg = triton_gpu._Cfg(2, 3, H, P, False, None, LayerOptions(), torch.device("cpu"))
+@pytest.mark.parametrize("H,P,dtype,mode", [
+    (8, 8, torch.float32, "registers"), (64, 64, torch.float32, "registers"), (100, 100, torch.float32, "stream"),
+    (128, 128, torch.bfloat16, "registers"), (256, 128, torch.float16, "stream"),
+    (256, 128, torch.float32, "stream"), (1024, 1024, torch.float32, "per_step"), (512, 64, torch.bfloat16, "per_step"),
+])
+def test_kernel_shape_choice(H, P, dtype, mode):
+    """The default thresholds: W_hh on chip up to H = 64 (16-bit: 128), streamed up to 256, per-step above."""
+    cfg = triton_gpu._Cfg(2, 3, H, P, False, None, LayerOptions(), torch.device("cpu"), dtype)
     got = "per_step" if not cfg.persistent else ("stream" if cfg.w_stream else "registers")
     assert got == mode

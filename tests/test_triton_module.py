@@ -77,6 +77,7 @@ def _check(form, num_layers, bidirectional, proj_size, bias, T=5, B=3, I=3, H=4,
     ],
 )
 def test_module_matches_torch(monkeypatch, path, form, num_layers, bidirectional, proj_size, bias):
-    monkeypatch.setattr(triton_gpu, "PERSISTENT_MAX_ELEMS", 1 << 30 if path == "registers" else 0)
+    for knob in ("PERSISTENT_MAX_ELEMS", "PERSISTENT_MAX_ELEMS_16"):
+        monkeypatch.setattr(triton_gpu, knob, 1 << 30 if path == "registers" else 0)
     monkeypatch.setattr(triton_gpu, "STREAM_MAX_BLOCK", 1 << 30 if path == "stream" else 0)
     _check(form, num_layers, bidirectional, proj_size, bias)

@@ -35,12 +35,16 @@ AUTO_DEVICE_TYPES = ("cuda",)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Which kernel shape runs, by the padded sizes BLOCK_H, BLOCK_P (next powers of two >= 16):
-# * 4 * BLOCK_H * BLOCK_P <= PERSISTENT_MAX_ELEMS: persistent, W_hh (and W_hr) held in registers;
+# * 4 * BLOCK_H * BLOCK_P <= PERSISTENT_MAX_ELEMS (float32) or PERSISTENT_MAX_ELEMS_16 (16-bit):
+#   persistent, W_hh (and W_hr) held in registers;
 # * else max(BLOCK_H, BLOCK_P) <= STREAM_MAX_BLOCK: persistent, W_hh streamed from L2 every step
 #   (one launch; the program's 4 x BLOCK_B x BLOCK_H gate accumulators still fit in registers);
 # * else one cuBLAS GEMM plus one fused pointwise kernel per step.
-# The tests set them to force each shape on tiny sizes. GPU tuning of both is pending.
+# The tests set them to force each shape on tiny sizes. The defaults come from compiling for sm_90
+# without a GPU (ptxas: no or few spills: float32 H <= 64 and 16-bit H <= 128 at 16 warps); timing
+# them on a GPU is pending.
 PERSISTENT_MAX_ELEMS = int(os.environ.get("LSTMKIT_TRITON_PERSISTENT_MAX", 4 * 64 * 64))
+PERSISTENT_MAX_ELEMS_16 = int(os.environ.get("LSTMKIT_TRITON_PERSISTENT_MAX_16", 4 * 128 * 128))
 STREAM_MAX_BLOCK = int(os.environ.get("LSTMKIT_TRITON_STREAM_MAX", 256))
 
 _kernels = None
@@ -89,7 +93,7 @@ def _zone_mode(z: Union[Tensor, float, None]) -> tuple[int, Optional[Tensor], fl
 class _Cfg:
     """Everything about one call that is not a differentiable tensor."""
 
-    def __init__(self, T, B, H, P, reverse, batch_sizes, opts, device):
+    def __init__(self, T, B, H, P, reverse, batch_sizes, opts, device, dtype=torch.float32):
         self.T, self.B, self.H, self.P = T, B, H, P
         self.reverse = bool(reverse)
         self.bs = None
@@ -101,12 +105,14 @@ class _Cfg:
         self.zh_mode, self.zh, self.zh_p = _zone_mode(opts.zoneout_h)
         bh, bp = _p2(H), _p2(P)
         self.block_h, self.block_p = bh, bp
-        self.w_stream = 4 * bh * bp > PERSISTENT_MAX_ELEMS and max(bh, bp) <= STREAM_MAX_BLOCK
-        self.persistent = 4 * bh * bp <= PERSISTENT_MAX_ELEMS or self.w_stream
+        w_elems = 4 * bh * bp
+        on_chip = w_elems <= (PERSISTENT_MAX_ELEMS if dtype == torch.float32 else PERSISTENT_MAX_ELEMS_16)
+        self.w_stream = not on_chip and max(bh, bp) <= STREAM_MAX_BLOCK
+        self.persistent = on_chip or self.w_stream
         self.block_k = 16 if min(bh, bp) <= 16 else 32
         if self.persistent:
-            self.block_b = 16
-            self.num_warps = 4 if 4 * bh * bp <= 4 * 32 * 32 else 8
+            self.block_b = 16  # tl.dot needs M >= 16
+            self.num_warps = 16 if self.w_stream else (4 if w_elems <= 4096 else 8 if w_elems <= 8192 else 16)
         else:
             self.block_b = max(1, min(16, 4096 // (4 * bh)))
             self.num_warps = 4 if bh <= 256 else 8
@@ -124,6 +130,7 @@ def _flags(cfg: _Cfg, f32: bool, peephole, ln_hh, ln_cell_w, w_hr) -> dict:
         HAS_LNC=ln_cell_w is not None, HAS_RM=cfg.rm is not None, ZC=cfg.zc_mode, ZH=cfg.zh_mode,
         W_STREAM=cfg.w_stream, BLOCK_K=cfg.block_k, BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h,
         BLOCK_P=cfg.block_p, num_warps=cfg.num_warps,
+        enable_fp_fusion=True,  # FMA contraction, stated (Triton 3.9 warns when it is left to its default)
     )
 
 
@@ -319,7 +326,7 @@ def layer(
         return xg.new_zeros((T, B, P)), h0, c0
     if (o.ln_cell_w is None) != (o.ln_cell_b is None):
         raise ValueError("ln_cell_w and ln_cell_b go together")
-    cfg = _Cfg(T, B, H, P, reverse, batch_sizes, o, xg.device)
+    cfg = _Cfg(T, B, H, P, reverse, batch_sizes, o, xg.device, xg.dtype)
     params = (o.peephole, o.ln_hh, o.ln_cell_w, o.ln_cell_b)
     params = tuple(p.contiguous() if p is not None else None for p in params)
     tensors = (xg, w_hh, w_hr, h0, c0) + params
