@@ -75,6 +75,8 @@ def unavailable(device: torch.device, dtype: torch.dtype, opts: Optional[LayerOp
         return f"device {device}: needs a CUDA device (or TRITON_INTERPRET=1 for CPU tensors)"
     if _load_kernels() is None:
         return _import_error
+    if device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) < (8, 0):
+        return f"dtype {dtype} on {torch.cuda.get_device_name(device)}: needs compute capability 8.0 or newer"
     return None
 
 
