@@ -63,11 +63,13 @@ def sync_threads() -> None:
     if n == _blas_threads:
         return
     if _blas_ctl is None:
+        import scipy.linalg.cython_blas  # noqa: F401  (loads the BLAS the kernels call)
         from threadpoolctl import ThreadpoolController
 
         ctl = ThreadpoolController()
+        # numba's np.dot calls SciPy's 32-bit-integer OpenBLAS, not NumPy's 64-bit one
         _blas_ctl = [lib for lib in ctl.lib_controllers
-                     if lib.user_api == "blas" and "scipy" in lib.filepath and "64_" not in lib.filepath]
+                     if lib.user_api == "blas" and "scipy.libs" in lib.filepath]
     for lib in _blas_ctl:
         lib.set_num_threads(n)
     _blas_threads = n

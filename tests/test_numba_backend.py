@@ -1,0 +1,311 @@
+"""The Numba backend: its layer against the reference backend, its inference hooks against
+torch.nn.LSTM / LSTMCell (the oracle), gradcheck, the custom operators and torch.compile."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import lstmkit
+from lstmkit.backends import LayerOptions
+from lstmkit.backends import numba_cpu as nb
+from lstmkit.backends import reference as ref
+from lstmkit.kernels import numba_lstm as K
+from tolerances import assert_close
+
+DTYPES = (torch.float32, torch.float64)
+
+
+def _batch_sizes(lengths, T):
+    lengths = torch.tensor(sorted(lengths, reverse=True))
+    return (lengths.unsqueeze(0) > torch.arange(T).unsqueeze(1)).sum(1)
+
+
+def _layer_case(dtype, T, B, H, P, proj, seed=0, noncontig=False):
+    g = torch.Generator().manual_seed(seed)
+    s = 1 / math.sqrt(H)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, dtype=dtype, generator=g) * scale).requires_grad_()
+
+    if noncontig:  # a transposed view of a (B, T, 4H) tensor
+        xg = (torch.randn(B, T, 4 * H, dtype=dtype, generator=g)).transpose(0, 1).requires_grad_()
+        assert not xg.is_contiguous()
+    else:
+        xg = r(T, B, 4 * H)
+    w_hh = r(4 * H, P, scale=s)
+    w_hr = r(P, H, scale=s) if proj else None
+    h0 = r(B, P)
+    c0 = r(B, H)
+    return xg, w_hh, w_hr, h0, c0
+
+
+def _run_layer(backend, case, batch_sizes, reverse, seed=1):
+    xg, w_hh, w_hr, h0, c0 = case
+    out, h, c = backend.layer(xg, w_hh, w_hr, h0, c0, batch_sizes, reverse, None)
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((t * torch.randn(t.shape, dtype=t.dtype, generator=g)).sum() for t in (out, h, c))
+    inputs = [t for t in case if t is not None]
+    grads = torch.autograd.grad(loss, inputs)
+    return (out, h, c), grads
+
+
+LAYER_GRID = [
+    # T, B, H, P, proj, lengths
+    (6, 3, 4, 4, False, None),
+    (6, 3, 4, 2, True, None),
+    (7, 5, 3, 3, False, [7, 1, 4, 7, 2]),
+    (7, 5, 6, 2, True, [1, 7, 3, 3, 5]),
+    (30, 4, 8, 8, False, [30, 1, 2, 29]),     # very different lengths
+    (5, 3, 4, 4, False, [5, 0, 2]),           # an empty row
+    (1, 2, 3, 3, False, None),                # T = 1
+    (5, 1, 3, 3, False, None),                # B = 1
+    (5, 3, 1, 1, False, [5, 2, 4]),           # H = 1
+    (12, 9, 40, 40, False, [12, 12, 11, 9, 9, 5, 3, 2, 1]),  # large enough for the BLAS path
+    (12, 9, 40, 24, True, None),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("T,B,H,P,proj,lengths", LAYER_GRID)
+def test_layer_matches_reference(T, B, H, P, proj, lengths, reverse, dtype):
+    case = _layer_case(dtype, T, B, H, P, proj)
+    bs = None if lengths is None else _batch_sizes(lengths, T)
+    (o1, h1, c1), g1 = _run_layer(nb, case, bs, reverse)
+    (o2, h2, c2), g2 = _run_layer(ref, case, bs, reverse)
+    assert_close(o1, o2, msg="out")
+    assert_close(h1, h2, msg="h_n")
+    assert_close(c1, c2, msg="c_n")
+    names = ["xg", "w_hh", "w_hr", "h0", "c0"] if proj else ["xg", "w_hh", "h0", "c0"]
+    for name, a, b in zip(names, g1, g2):
+        assert_close(a, b, msg=f"grad of {name}")
+    if lengths is not None:  # zeros past each length
+        for t in range(T):
+            assert torch.all(o1[t, int(bs[t]):] == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layer_noncontiguous_and_no_grad(dtype):
+    case = _layer_case(dtype, 6, 4, 5, 5, False, noncontig=True)
+    (o1, h1, c1), g1 = _run_layer(nb, case, None, False)
+    (o2, h2, c2), g2 = _run_layer(ref, case, None, False)
+    for a, b in zip((o1, h1, c1, *g1), (o2, h2, c2, *g2)):
+        assert_close(a, b)
+    with torch.no_grad():  # the path that saves nothing gives the same numbers
+        o3, h3, c3 = nb.layer(*case, None, False, None)
+    assert torch.equal(o3, o1.detach()) and torch.equal(h3, h1.detach()) and torch.equal(c3, c1.detach())
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("proj", [False, True])
+def test_layer_gradcheck(proj, reverse):
+    case = _layer_case(torch.float64, 4, 3, 3, 2 if proj else 3, proj, seed=3)
+    bs = _batch_sizes([4, 1, 3], 4)
+
+    def fn(*ins):
+        if proj:
+            xg, w_hh, w_hr, h0, c0 = ins
+        else:
+            (xg, w_hh, h0, c0), w_hr = ins, None
+        return nb.layer(xg, w_hh, w_hr, h0, c0, bs, reverse, None)
+
+    assert torch.autograd.gradcheck(fn, tuple(t for t in case if t is not None), eps=1e-6, atol=1e-7)
+
+
+# --- the inference hooks against torch.nn.LSTM ------------------------------------------------
+
+STACK_GRID = list(itertools.product((1, 2), (False, True), (0, 3), (True, False)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_layers,bidirectional,proj_size,bias", STACK_GRID)
+@pytest.mark.parametrize("lengths", [None, [6, 2, 5, 1]])
+def test_lstm_stack_matches_torch(num_layers, bidirectional, proj_size, bias, lengths, dtype):
+    torch.manual_seed(0)
+    T, B, I, H = 6, 4, 3, 5
+    m = torch.nn.LSTM(I, H, num_layers, bias=bias, bidirectional=bidirectional,
+                      proj_size=proj_size, dtype=dtype)
+    D = 2 if bidirectional else 1
+    P = proj_size or H
+    x = torch.randn(T, B, I, dtype=dtype)
+    h0 = torch.randn(num_layers * D, B, P, dtype=dtype)
+    c0 = torch.randn(num_layers * D, B, H, dtype=dtype)
+    kw = dict(num_layers=num_layers, bidirectional=bidirectional, has_biases=bias, proj_size=proj_size)
+    with torch.no_grad():
+        if lengths is None:
+            want_out, (want_h, want_c) = m(x, (h0, c0))  # oracle
+            out, h, c = nb.lstm_stack(x, h0, c0, m._flat_weights, batch_sizes=None, **kw)
+        else:
+            order = torch.argsort(torch.tensor(lengths), descending=True)
+            xs, h0s, c0s = x[:, order], h0[:, order], c0[:, order]
+            sorted_len = torch.tensor(lengths)[order]
+            packed = pack_padded_sequence(xs, sorted_len)
+            want, (want_h, want_c) = m(packed, (h0s, c0s))  # oracle
+            want_out = pad_packed_sequence(want, total_length=T)[0]
+            out, h, c = nb.lstm_stack(xs, h0s, c0s, m._flat_weights,
+                                      batch_sizes=_batch_sizes(lengths, T), **kw)
+    assert_close(out, want_out, msg="output")
+    assert_close(h, want_h, msg="h_n")
+    assert_close(c, want_c, msg="c_n")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,B,I,H", [(1, 1, 7, 40), (9, 6, 33, 64), (3, 1, 1, 1)])
+def test_lstm_stack_shapes_noncontiguous(T, B, I, H, dtype):
+    torch.manual_seed(1)
+    m = torch.nn.LSTM(I, H, 2, dtype=dtype)
+    x = torch.randn(B, T, I, dtype=dtype).transpose(0, 1)  # non-contiguous time-first view
+    h0 = torch.randn(2, B, H, dtype=dtype)
+    c0 = torch.randn(2, B, H, dtype=dtype)
+    with torch.no_grad():
+        want_out, (want_h, want_c) = m(x, (h0, c0))  # oracle
+        out, h, c = nb.lstm_stack(x, h0, c0, m._flat_weights, num_layers=2, bidirectional=False,
+                                  has_biases=True, proj_size=0, batch_sizes=None)
+    for a, b in ((out, want_out), (h, want_h), (c, want_c)):
+        assert_close(a, b)
+
+
+def test_lstm_stack_sees_weight_updates():
+    """The cached weight views follow in-place updates and replaced parameters."""
+    torch.manual_seed(2)
+    m = torch.nn.LSTM(3, 4, 1)
+    x = torch.randn(5, 2, 3)
+    z = torch.zeros(1, 2, 4)
+    kw = dict(num_layers=1, bidirectional=False, has_biases=True, proj_size=0, batch_sizes=None)
+    with torch.no_grad():
+        for step in range(3):
+            if step == 1:
+                m.weight_hh_l0.mul_(0.5)            # in place, like an optimizer step
+            if step == 2:
+                m.weight_ih_l0.data = torch.randn(16, 3)  # a new storage
+            want = m(x, (z, z))[0]  # oracle
+            got = nb.lstm_stack(x, z, z, m._flat_weights, **kw)[0]
+            assert_close(got, want, msg=f"step {step}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("B,I,H", [(3, 4, 5), (1, 64, 128)])
+def test_cell_step_matches_torch(B, I, H, bias, dtype):
+    torch.manual_seed(3)
+    cell = torch.nn.LSTMCell(I, H, bias=bias, dtype=dtype)
+    x = torch.randn(B, I, dtype=dtype)
+    h = torch.randn(B, H, dtype=dtype)
+    c = torch.randn(B, H, dtype=dtype)
+    with torch.no_grad():
+        want_h, want_c = cell(x, (h, c))  # oracle
+        got_h, got_c = nb.lstm_cell_step(x, h, c, cell.weight_ih, cell.weight_hh, cell.bias_ih,
+                                         cell.bias_hh)
+    assert_close(got_h, want_h)
+    assert_close(got_c, want_c)
+
+
+# --- through lstmkit.LSTM ---------------------------------------------------------------------
+
+def test_module_inference_uses_the_stack_hook(monkeypatch):
+    calls = []
+    real = nb.lstm_stack
+
+    def spy(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(nb, "lstm_stack", spy)
+    torch.manual_seed(4)
+    ours = lstmkit.LSTM(3, 5, 2, backend="numba")
+    oracle = torch.nn.LSTM(3, 5, 2)
+    oracle.load_state_dict(ours.state_dict())
+    x = torch.randn(10, 5, 3)
+    state = None
+    want_state = None
+    with torch.no_grad():
+        for t in range(3):  # streaming: one step at a time, carrying the state
+            y, state = ours(x[t:t + 1], state)
+            want_y, want_state = oracle(x[t:t + 1], want_state)
+            assert_close(y, want_y)
+    assert_close(state[0], want_state[0])
+    assert_close(state[1], want_state[1])
+    assert len(calls) == 3
+
+
+# --- kernels, options, operators --------------------------------------------------------------
+
+def test_tanh_approximation_error():
+    x = np.linspace(-12, 12, 200_001).astype(np.float32)
+    y = np.empty_like(x)
+    _tanh_all(x, y)
+    assert float(np.abs(y.astype(np.float64) - np.tanh(x.astype(np.float64))).max()) < 3e-7
+    assert np.all(np.abs(y) <= 1)
+
+
+def _tanh_all(x, y):
+    from numba import njit
+
+    @njit
+    def run(x, y):
+        for i in range(x.shape[0]):
+            y[i] = K.act_tanh(x[i])
+
+    run(x, y)
+
+
+def test_unavailable():
+    assert nb.unavailable(torch.device("cpu"), torch.float32, None) is None
+    assert nb.unavailable(torch.device("cpu"), torch.float64, LayerOptions()) is None
+    assert "float16" in nb.unavailable(torch.device("cpu"), torch.float16, None)
+    assert "CPU" in nb.unavailable(torch.device("meta"), torch.float32, None)
+    assert nb.unavailable(torch.device("cpu"), torch.float32,
+                          LayerOptions(peephole=torch.zeros(3, 4))) is not None
+
+
+def test_custom_ops_opcheck():
+    case = _layer_case(torch.float64, 4, 3, 3, 2, True, seed=5)
+    bs = _batch_sizes([4, 2, 1], 4)
+    torch.library.opcheck(torch.ops.lstmkit.numba_layer_fwd.default, (*case, bs, True))
+    torch.library.opcheck(torch.ops.lstmkit.numba_layer_fwd.default, (*case, None, False))
+
+
+def test_custom_op_matches_eager_path():
+    """The custom operator (compile path) and the autograd.Function (eager path) agree exactly."""
+    case = _layer_case(torch.float32, 5, 3, 4, 4, False, seed=6)
+    bs = _batch_sizes([5, 3, 2], 5)
+    (o1, h1, c1), g1 = _run_layer(nb, case, bs, True)
+
+    class OpBackend:
+        @staticmethod
+        def layer(xg, w_hh, w_hr, h0, c0, batch_sizes, reverse, opts):
+            return torch.ops.lstmkit.numba_layer_fwd(xg, w_hh, w_hr, h0, c0, batch_sizes, reverse)[:3]
+
+    (o2, h2, c2), g2 = _run_layer(OpBackend, case, bs, True)
+    for a, b in zip((o1, h1, c1, *g1), (o2, h2, c2, *g2)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("compiler", [
+    "aot_eager",                                      # traces fwd + bwd graphs, no codegen
+    # C++ codegen: ~30 s on 2 cores; inductor itself uses the deprecated torch.jit.script_method
+    pytest.param("inductor", marks=[pytest.mark.slow,
+                                    pytest.mark.filterwarnings("ignore::DeprecationWarning")]),
+])
+def test_torch_compile_fullgraph_matches_eager(compiler):
+    torch.manual_seed(7)
+    m = lstmkit.LSTM(3, 4, 2, bidirectional=True, backend="numba")
+    x = torch.randn(5, 2, 3)
+    m(x)  # resolve the backend eagerly (the registry imports it lazily)
+    compiled = torch.compile(m, fullgraph=True, backend=compiler)
+
+    def run(fn):
+        xi = x.clone().requires_grad_()
+        m.zero_grad()
+        out, (h, c) = fn(xi)
+        (out.sum() + h.square().sum() + c.sum()).backward()
+        return [out, h, c, xi.grad] + [p.grad.clone() for p in m.parameters()]
+
+    for a, b in zip(run(m), run(compiled)):
+        assert_close(a, b)
