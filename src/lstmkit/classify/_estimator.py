@@ -1,0 +1,456 @@
+"""LSTMSequenceClassifier: a scikit-learn estimator for labelled sequences on lstmkit.LSTMClassifier."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.validation import check_is_fitted
+
+from . import _distributed as D
+from ._checkpoint import atomic_write, load_checkpoint, read_json, save_checkpoint, write_json
+from ._data import IMPUTE_OPTIONS, Standardizer, as_cases, check_finite, pad
+from ._defaults import DEFAULTS
+from ._train import Batches, TrainConfig, train
+
+FORMAT = "lstmkit.classify/1"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "model.json"
+
+
+def _unique_labels(y: np.ndarray) -> np.ndarray:
+    try:
+        return np.unique(y)
+    except TypeError:  # labels of mixed, unorderable types: keep first-appearance order
+        seen: dict = {}
+        for v in y:
+            seen.setdefault(v, None)
+        out = np.empty(len(seen), dtype=object)
+        out[:] = list(seen)
+        return out
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            index = int(os.environ.get("LOCAL_RANK", "0")) if D.is_active() else torch.cuda.current_device()
+            return torch.device("cuda", index)
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} requested but CUDA is not available")
+    if dev.type == "cuda" and dev.index is None and D.is_active():
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return dev
+
+
+class LSTMSequenceClassifier(ClassifierMixin, BaseEstimator):
+    """Sequence classifier: standardize, pad with lengths, train an :class:`lstmkit.LSTMClassifier`.
+
+    X is a list of ``(n_steps, n_features)`` arrays (lengths may differ), a 3-D array
+    ``(n_cases, n_steps, n_features)`` or a 2-D array ``(n_cases, n_steps)`` of univariate series.
+    With ``channels_first=True`` each case is ``(n_channels, n_timepoints)`` (the aeon/sktime layout).
+    y holds any hashable labels. Padding is never read: each case's last valid step feeds the head.
+
+    Args:
+        hidden_size, num_layers, bidirectional, dropout: the LSTM (dropout between layers).
+        lr, weight_decay: AdamW; the learning rate decays on a cosine to lr/100 over ``epochs``.
+        epochs: the most epochs; early stopping may end sooner.
+        batch_size: cases per optimizer step (the global batch under distributed training).
+        validation_fraction: share of the training cases held out (stratified) for early stopping;
+            0 trains on everything for ``epochs`` epochs.
+        patience: epochs without a better validation score before stopping; None never stops early.
+            The weights of the best validation score are restored at the end.
+        monitor: the validation score: ``"loss"`` (lowest loss) or ``"acc"`` (highest accuracy,
+            ties to the lowest loss).
+        grad_clip: gradient-norm clipping (None or 0: off).
+        class_weight: None, ``"balanced"`` or ``{label: weight}`` for the training loss.
+        standardize: scale each feature with the training set's mean and standard deviation.
+        impute: None (NaN/inf in X raises, naming the case), ``"zero"`` (missing values take the
+            feature's training mean) or ``"ffill"`` (last finite value of the case, else the mean).
+        channels_first: read cases as ``(n_channels, n_timepoints)``.
+        seed: seeds weights, the validation split and shuffling.
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+        backend: lstmkit LSTM backend (``"auto"`` picks the fastest for the device).
+        progress: show a tqdm progress bar on stderr while training.
+
+    Example::
+
+        >>> from lstmkit.classify import LSTMSequenceClassifier, load_dataset
+        >>> X, y = load_dataset("JapaneseVowels", "train")
+        >>> clf = LSTMSequenceClassifier().fit(X, y)
+        >>> Xt, yt = load_dataset("JapaneseVowels", "test")
+        >>> clf.score(Xt, yt)  # doctest: +SKIP
+        0.98...
+    """
+
+    def __init__(
+        self,
+        hidden_size: int = DEFAULTS["hidden_size"],
+        num_layers: int = DEFAULTS["num_layers"],
+        bidirectional: bool = DEFAULTS["bidirectional"],
+        dropout: float = DEFAULTS["dropout"],
+        lr: float = DEFAULTS["lr"],
+        weight_decay: float = DEFAULTS["weight_decay"],
+        epochs: int = DEFAULTS["epochs"],
+        batch_size: int = DEFAULTS["batch_size"],
+        validation_fraction: float = DEFAULTS["validation_fraction"],
+        patience: Optional[int] = DEFAULTS["patience"],
+        monitor: str = DEFAULTS["monitor"],
+        grad_clip: Optional[float] = DEFAULTS["grad_clip"],
+        class_weight=DEFAULTS["class_weight"],
+        standardize: bool = DEFAULTS["standardize"],
+        impute: Optional[str] = DEFAULTS["impute"],
+        channels_first: bool = DEFAULTS["channels_first"],
+        seed: int = DEFAULTS["seed"],
+        device: str = DEFAULTS["device"],
+        backend: str = DEFAULTS["backend"],
+        progress: bool = False,
+    ):
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bidirectional = bidirectional
+        self.dropout = dropout
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.validation_fraction = validation_fraction
+        self.patience = patience
+        self.monitor = monitor
+        self.grad_clip = grad_clip
+        self.class_weight = class_weight
+        self.standardize = standardize
+        self.impute = impute
+        self.channels_first = channels_first
+        self.seed = seed
+        self.device = device
+        self.backend = backend
+        self.progress = progress
+
+    # ------------------------------------------------------------------------------ checks
+
+    def _check_params(self) -> None:
+        def positive_int(name):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+
+        for name in ("hidden_size", "num_layers", "epochs", "batch_size"):
+            positive_int(name)
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"dropout: expected a float in [0, 1), got {self.dropout!r}")
+        if not float(self.lr) > 0:
+            raise ValueError(f"lr: expected a positive float, got {self.lr!r}")
+        if not 0.0 <= float(self.validation_fraction) < 1.0:
+            raise ValueError(f"validation_fraction: expected a float in [0, 1), got {self.validation_fraction!r}")
+        if self.patience is not None and (not isinstance(self.patience, (int, np.integer)) or self.patience < 1):
+            raise ValueError(f"patience: expected None or a positive integer, got {self.patience!r}")
+        if self.monitor not in ("loss", "acc"):
+            raise ValueError(f"monitor: expected 'loss' or 'acc', got {self.monitor!r}")
+        if self.impute not in IMPUTE_OPTIONS:
+            raise ValueError(f"impute: expected one of {list(IMPUTE_OPTIONS)}, got {self.impute!r}")
+        if not (self.class_weight is None or self.class_weight == "balanced" or isinstance(self.class_weight, dict)):
+            raise ValueError(f"class_weight: expected None, 'balanced' or a dict, got {self.class_weight!r}")
+
+    def _cases(self, X, name: str = "X") -> list[np.ndarray]:
+        cases = as_cases(X, channels_first=self.channels_first, name=name)
+        if hasattr(self, "n_features_in_") and cases[0].shape[1] != self.n_features_in_:
+            raise ValueError(
+                f"X has {cases[0].shape[1]} features, but {type(self).__name__} is expecting "
+                f"{self.n_features_in_} features as input (per time step)"
+            )
+        check_finite(cases, self.impute, name)
+        return cases
+
+    @staticmethod
+    def _labels(y, n_cases: int) -> np.ndarray:
+        y = np.asarray(y)
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = y.ravel()
+        if y.ndim != 1:
+            raise ValueError(f"y: expected a 1-D array of labels, got shape {y.shape}")
+        if len(y) != n_cases:
+            raise ValueError(f"y: expected {n_cases} labels (one per case of X), got {len(y)}")
+        if y.dtype.kind == "f" and not np.isfinite(y).all():
+            raise ValueError(f"y contains NaN or inf (first at index {int(np.flatnonzero(~np.isfinite(y))[0])})")
+        return y
+
+    # ------------------------------------------------------------------------------ model
+
+    def _build_model(self, n_features: int, n_classes: int) -> torch.nn.Module:
+        from lstmkit import LSTMClassifier
+
+        return LSTMClassifier(
+            n_features,
+            int(self.hidden_size),
+            int(self.num_layers),
+            n_classes,
+            bidirectional=bool(self.bidirectional),
+            dropout=float(self.dropout),
+            batch_first=True,
+            backend=self.backend,
+        )
+
+    def _class_weights(self, y_idx: np.ndarray) -> Optional[torch.Tensor]:
+        k = len(self.classes_)
+        if self.class_weight is None:
+            return None
+        if self.class_weight == "balanced":
+            counts = np.bincount(y_idx, minlength=k).astype(np.float64)
+            w = np.where(counts > 0, len(y_idx) / (k * np.maximum(counts, 1)), 0.0)
+            return torch.tensor(w, dtype=torch.float32)
+        w = np.ones(k)
+        lookup = {c: i for i, c in enumerate(self.classes_.tolist())}
+        for label, weight in self.class_weight.items():
+            if label not in lookup:
+                raise ValueError(f"class_weight: label {label!r} is not among the classes {self.classes_.tolist()}")
+            w[lookup[label]] = float(weight)
+        return torch.tensor(w, dtype=torch.float32)
+
+    def _split(self, y_idx: np.ndarray):
+        n = len(y_idx)
+        n_val = int(round(float(self.validation_fraction) * n))
+        if n_val < 1 or n - n_val < 1:
+            return np.arange(n), np.arange(0)
+        from sklearn.model_selection import train_test_split
+
+        counts = np.bincount(y_idx)
+        stratify = y_idx if counts[counts > 0].min() >= 2 and n_val >= (counts > 0).sum() else None
+        tr, va = train_test_split(np.arange(n), test_size=n_val, random_state=self.seed, stratify=stratify)
+        return np.sort(tr), np.sort(va)
+
+    # ------------------------------------------------------------------------------ fit
+
+    def fit(
+        self,
+        X,
+        y,
+        *,
+        checkpoint_path: Optional[str | os.PathLike] = None,
+        resume: bool = False,
+        on_epoch_end: Optional[Callable[[int, dict], None]] = None,
+    ) -> LSTMSequenceClassifier:
+        """Fit on X, y.
+
+        Args:
+            checkpoint_path: write a training checkpoint there after every epoch (atomically).
+            resume: continue from ``checkpoint_path`` (it must exist and match X, y and the parameters).
+            on_epoch_end: called as ``on_epoch_end(epoch, history)`` after each epoch's checkpoint.
+        """
+        self._check_params()
+        cases = as_cases(X, channels_first=self.channels_first)
+        check_finite(cases, self.impute)
+        y = self._labels(y, len(cases))
+        for attr in ("n_features_in_", "classes_", "model_", "standardizer_", "history_"):
+            self.__dict__.pop(attr, None)
+        self.classes_ = _unique_labels(y)
+        if len(self.classes_) < 2:
+            raise ValueError(f"y: expected at least 2 classes, got {len(self.classes_)} ({self.classes_.tolist()})")
+        lookup = {c: i for i, c in enumerate(self.classes_.tolist())}
+        y_idx = np.asarray([lookup[v] for v in y.tolist()], dtype=np.int64)
+        self.n_features_in_ = cases[0].shape[1]
+
+        state = None
+        if resume:
+            if checkpoint_path is None:
+                raise ValueError("resume=True needs checkpoint_path")
+            state = load_checkpoint(checkpoint_path)
+            if state.get("fingerprint") != self._fingerprint(cases, y_idx):
+                raise ValueError(
+                    f"checkpoint {str(checkpoint_path)!r} was written for other data or parameters; "
+                    "resume with the same data and options"
+                )
+        tr, va = self._split(y_idx)
+        self.standardizer_ = Standardizer.fit([cases[i] for i in tr], enabled=bool(self.standardize))
+        z = self.standardizer_.transform(cases, self.impute)
+        x_all, len_all = pad(z)
+        y_all = torch.from_numpy(y_idx)
+        train_data = Batches(x_all[tr], len_all[tr], y_all[tr])
+        val_data = Batches(x_all[va], len_all[va], y_all[va]) if len(va) else None
+
+        device = _resolve_device(self.device)
+        torch.manual_seed(self.seed)
+        model = self._build_model(self.n_features_in_, len(self.classes_)).to(device)
+        fingerprint = self._fingerprint(cases, y_idx)
+
+        def write(ckpt: dict) -> None:
+            ckpt["fingerprint"] = fingerprint
+            save_checkpoint(checkpoint_path, ckpt)
+
+        cfg = TrainConfig(
+            epochs=int(self.epochs),
+            batch_size=int(self.batch_size),
+            lr=float(self.lr),
+            weight_decay=float(self.weight_decay),
+            patience=None if self.patience is None else int(self.patience),
+            grad_clip=float(self.grad_clip) if self.grad_clip else None,
+            seed=int(self.seed),
+            monitor=self.monitor,
+        )
+        self.history_ = train(
+            model,
+            train_data,
+            val_data,
+            cfg,
+            device=device,
+            class_weights=self._class_weights(y_idx[tr]),
+            progress=bool(self.progress),
+            resume_state=state,
+            checkpoint=write if checkpoint_path is not None else None,
+            on_epoch_end=on_epoch_end,
+        )
+        self.model_ = model.eval()
+        return self
+
+    def _fingerprint(self, cases: list[np.ndarray], y_idx: np.ndarray) -> str:
+        """Identifies data and parameters, so that a resumed run continues the same training."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for c in cases:
+            h.update(np.ascontiguousarray(c).tobytes())
+            h.update(b"|")
+        h.update(y_idx.tobytes())
+        params = {k: v for k, v in self.get_params().items() if k not in ("progress", "device", "epochs")}
+        h.update(json.dumps(params, sort_keys=True, default=repr).encode())
+        return h.hexdigest()
+
+    # ------------------------------------------------------------------------------ predict
+
+    def _device_for_inference(self) -> torch.device:
+        return next(self.model_.parameters()).device
+
+    def predict_proba(self, X, batch_size: int = 512) -> np.ndarray:
+        """Class probabilities ``(n_cases, n_classes)``, columns in the order of ``classes_``."""
+        check_is_fitted(self, "model_")
+        cases = self._cases(X)
+        z = self.standardizer_.transform(cases, self.impute)
+        device = self._device_for_inference()
+        out = []
+        self.model_.eval()
+        with torch.no_grad():
+            for start in range(0, len(z), batch_size):
+                x, lengths = pad(z[start : start + batch_size])
+                logits = self.model_(x.to(device), lengths)
+                out.append(torch.softmax(logits.double(), dim=1).cpu().numpy())
+        return np.concatenate(out, axis=0)
+
+    def predict(self, X) -> np.ndarray:
+        """Predicted labels ``(n_cases,)`` taken from ``classes_``."""
+        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.non_deterministic = False
+        tags.input_tags.allow_nan = self.impute is not None
+        return tags
+
+    # ------------------------------------------------------------------------------ persistence
+
+    def _config(self) -> dict:
+        classes = self.classes_
+        values = classes.tolist()
+        for v in values:
+            if not isinstance(v, (str, int, float, bool)):
+                raise TypeError(
+                    f"save: labels must be str, int, float or bool to be stored in JSON, got {type(v).__name__} "
+                    f"({v!r}); pickle the estimator instead"
+                )
+        return {
+            "format": FORMAT,
+            "model": {
+                "input_size": int(self.n_features_in_),
+                "hidden_size": int(self.hidden_size),
+                "num_layers": int(self.num_layers),
+                "output_size": len(values),
+                "bidirectional": bool(self.bidirectional),
+                "dropout": float(self.dropout),
+            },
+            "classes": values,
+            "classes_dtype": classes.dtype.str if classes.dtype != object else "object",
+            "preprocessing": {
+                "standardize": bool(self.standardize),
+                "mean": self.standardizer_.mean.tolist(),
+                "scale": self.standardizer_.scale.tolist(),
+                "impute": self.impute,
+                "channels_first": bool(self.channels_first),
+            },
+            "params": {k: v for k, v in self.get_params().items() if k != "class_weight"}
+            | {"class_weight": self.class_weight if not isinstance(self.class_weight, dict) else None},
+            "history": getattr(self, "history_", None),
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``path/model.safetensors`` (weights) and ``path/model.json`` (classes, preprocessing,
+        hyper-parameters); the folder is created if needed. Returns the folder."""
+        check_is_fitted(self, "model_")
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        config = self._config()
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.model_.state_dict().items()}
+        atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+        write_json(path / CONFIG_FILE, config)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str = "cpu") -> LSTMSequenceClassifier:
+        """Load a model written by :meth:`save` (or a run folder of ``lstmkit train``)."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"model folder {str(path)!r} does not exist")
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"{str(path)!r} is not a saved model: {name} is missing")
+        config = read_json(path / CONFIG_FILE)
+        if config.get("format") != FORMAT:
+            raise ValueError(f"{path / CONFIG_FILE}: expected format {FORMAT!r}, got {config.get('format')!r}")
+        params = dict(config["params"])
+        valid = cls().get_params()
+        est = cls(**{k: v for k, v in params.items() if k in valid})
+        est.device = device
+        dtype = config["classes_dtype"]
+        if dtype == "object":
+            classes = np.empty(len(config["classes"]), dtype=object)
+            classes[:] = config["classes"]
+        else:
+            classes = np.asarray(config["classes"], dtype=np.dtype(dtype))
+        est.classes_ = classes
+        pre = config["preprocessing"]
+        est.standardizer_ = Standardizer(np.asarray(pre["mean"]), np.asarray(pre["scale"]))
+        m = config["model"]
+        est.n_features_in_ = int(m["input_size"])
+        model = est._build_model(est.n_features_in_, int(m["output_size"]))
+        model.load_state_dict(load_file(path / WEIGHTS_FILE))
+        est.model_ = model.to(_resolve_device(device)).eval()
+        if config.get("history") is not None:
+            est.history_ = config["history"]
+        return est
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        model = state.pop("model_", None)
+        if model is not None:
+            state["_model_state"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        return state
+
+    def __setstate__(self, state):
+        model_state = state.pop("_model_state", None)
+        self.__dict__.update(state)
+        if model_state is not None:
+            model = self._build_model(self.n_features_in_, len(self.classes_))
+            model.load_state_dict(model_state)
+            self.model_ = model.eval()

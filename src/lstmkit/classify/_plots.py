@@ -1,0 +1,68 @@
+"""PNG figures of a run: learning curve and confusion matrix (matplotlib's Agg canvas, no pyplot state)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from ._checkpoint import atomic_write
+
+
+def _save(fig, path: str | os.PathLike) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+
+
+def learning_curve(history: dict, path: str | os.PathLike, title: str = "") -> None:
+    """Training and validation loss and accuracy per epoch, the restored (best) epoch marked."""
+    from matplotlib.figure import Figure
+
+    epochs = history["epoch"]
+    fig = Figure(figsize=(9, 3.6))
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    for ax, key, label in ((ax_loss, "loss", "loss"), (ax_acc, "acc", "accuracy")):
+        ax.plot(epochs, history[key], label=f"train {label}")
+        val = [np.nan if v is None else v for v in history[f"val_{key}"]]
+        if not np.all(np.isnan(val)):
+            ax.plot(epochs, val, label=f"validation {label}")
+        best = history.get("best_epoch")
+        if best and best > 0:
+            ax.axvline(best, color="grey", linestyle=":", label=f"restored (epoch {best})")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    _save(fig, path)
+
+
+def confusion_matrix_plot(
+    cm: np.ndarray, labels: Sequence, path: str | os.PathLike, title: str = "confusion matrix"
+) -> None:
+    """Counts with true labels on rows and predicted labels on columns."""
+    from matplotlib.figure import Figure
+
+    k = len(labels)
+    size = max(3.5, 0.45 * k + 2)
+    fig = Figure(figsize=(size, size))
+    ax = fig.subplots()
+    im = ax.imshow(cm, cmap="Blues")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    ticks = np.arange(k)
+    names = [str(v) for v in labels]
+    ax.set_xticks(ticks, names, rotation=45 if max(map(len, names)) > 3 else 0, ha="right")
+    ax.set_yticks(ticks, names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    threshold = cm.max() / 2 if cm.size else 0
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=8,
+                    color="white" if cm[i, j] > threshold else "black")
+    _save(fig, path)
