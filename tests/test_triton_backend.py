@@ -114,7 +114,8 @@ def _compare(T, B, H, P, proj, variant, reverse, batch_sizes=None, dtype=torch.f
     assert len(ours_g) == len(ref_g) == len(names)
     for name, a, b in zip(names, ours_g, ref_g):
         assert a.dtype == b.dtype, f"grad of {name}: dtype {a.dtype}"
-        # gradients of parameters are sums over T * B terms: scale the absolute tolerance with them
+        # float32 rounding in a gradient grows with its magnitude (on these shapes the float32 reference
+        # itself is more than 1e-5 off a float64 run): compare relative to the largest entry
         scale = max(1.0, float(b.abs().max()))
         assert_close(a / scale, b / scale, dtype=dtype, msg=f"grad of {name}")
 

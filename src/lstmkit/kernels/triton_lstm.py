@@ -32,8 +32,11 @@ The equations are those of ``lstmkit/backends/_contract.py``; all arithmetic is 
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 
 @triton.jit
@@ -41,12 +44,21 @@ def _sigmoid(x):
     return 1.0 / (1.0 + tl.exp(-x))
 
 
+# Compiled kernels take tanh from libdevice (accurate to 2 ulp). The interpreter has no libdevice, so
+# there tanh is built from exp in a form with small *relative* error also near +-1, which the
+# gradient's 1 - tanh^2 needs. (That form, compiled for sm_90, made LLVM's SLP vectorizer abort with
+# Triton 3.9; 2 sigmoid(2x) - 1, which compiles, loses 3-4x accuracy in the gradients.)
+_LIBDEVICE_TANH = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
+
+
 @triton.jit
 def _tanh(x):
-    # 2 sigmoid(2x) - 1: absolute error ~1e-7 near 0, saturates cleanly (exp overflow gives -1).
-    # (The sign-split form |x| / where() made LLVM's SLP vectorizer abort when compiling the
-    # float32 persistent forward kernel for sm_90 with Triton 3.9.)
-    return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
+    if _LIBDEVICE_TANH:
+        return libdevice.tanh(x)
+    else:
+        e = tl.exp(-2.0 * tl.abs(x))
+        y = (1.0 - e) / (1.0 + e)
+        return tl.where(x >= 0, y, -y)
 
 
 @triton.jit
