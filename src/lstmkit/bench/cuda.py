@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-VARIANTS = ("layer_norm", "peephole", "recurrent_dropout", "zoneout", "lengths")
+VARIANTS = ("layer_norm", "peephole", "recurrent_dropout", "zoneout", "lengths", "all")
 _DEV = torch.device("cuda")
 
 
@@ -127,18 +127,19 @@ def _variant_case(variant: str, T: int, B: int, H: int, dtype: torch.dtype, mode
     w_hh = rnd(4 * H, H, scale=k, grad=True)
     h0, c0 = rnd(B, H), rnd(B, H)
     opts, bs = LayerOptions(), None
-    if variant == "layer_norm":
+    every = variant == "all"
+    if variant == "layer_norm" or every:
         opts.ln_hh = (1 + rnd(4 * H, scale=0.1)).detach().requires_grad_(mode == "training")
         opts.ln_cell_w = (1 + rnd(H, scale=0.1)).detach().requires_grad_(mode == "training")
         opts.ln_cell_b = rnd(H, scale=0.1, grad=True)
-    elif variant == "peephole":
+    if variant == "peephole" or every:
         opts.peephole = rnd(3, H, scale=0.1, grad=True)
-    elif variant == "recurrent_dropout":
+    if variant == "recurrent_dropout" or every:
         opts.rec_mask = ((torch.rand(B, H, generator=g) < 0.75).to(dev, dtype) / 0.75)
-    elif variant == "zoneout":
+    if variant == "zoneout" or every:
         opts.zoneout_c = (torch.rand(T, B, H, generator=g) < 0.1).to(dev, dtype)
         opts.zoneout_h = (torch.rand(T, B, H, generator=g) < 0.1).to(dev, dtype)
-    elif variant == "lengths":
+    if variant == "lengths" or every:
         lengths = torch.sort(torch.randint(1, T + 1, (B,), generator=g), descending=True).values
         lengths[0] = T
         bs = (lengths.unsqueeze(0) > torch.arange(T).unsqueeze(1)).sum(1)
@@ -169,9 +170,9 @@ def machine_info() -> dict:
         return {"gpu": "none (CPU smoke run under TRITON_INTERPRET=1; times are meaningless)", "sm_count": 0,
                 "torch": torch.__version__, "cuda": None, "cudnn": None, "triton": triton.__version__,
                 "python": platform.python_version(), "cudnn_allow_tf32": None}
-    p = torch.cuda.get_device_properties(0)
+    p = torch.cuda.get_device_properties(_DEV)
     return {
-        "gpu": torch.cuda.get_device_name(0),
+        "gpu": torch.cuda.get_device_name(_DEV),
         "gpu_memory_gib": round(p.total_memory / 2**30, 1),
         "sm_count": p.multi_processor_count,
         "torch": torch.__version__,
@@ -210,8 +211,8 @@ def _markdown(info: dict, rows: list[dict]) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="lstmkit bench --device cuda", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
-                    help="cuda; cpu only as a smoke run of this script under TRITON_INTERPRET=1")
+    ap.add_argument("--device", default="cuda",
+                    help="cuda or cuda:N; cpu only as a smoke run of this script under TRITON_INTERPRET=1")
     ap.add_argument("-T", "--seq-len", type=int, default=256)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64, 256])
     ap.add_argument("--hidden", type=int, nargs="+", default=[64, 256, 1024])
@@ -229,8 +230,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = ap.parse_args(argv)
 
     global _DEV
-    _DEV = torch.device(args.device)
-    if args.device == "cpu":
+    try:
+        _DEV = torch.device(args.device)
+    except RuntimeError:
+        _DEV = torch.device("meta")
+    if _DEV.type not in ("cuda", "cpu"):
+        print(f"lstmkit bench --device cuda: --device must be cuda, cuda:N or cpu, got {args.device!r}",
+              file=sys.stderr)
+        return 2
+    if _DEV.type == "cpu":
         if os.environ.get("TRITON_INTERPRET") != "1":
             print("lstmkit bench --device cuda: --device cpu is a smoke run and needs TRITON_INTERPRET=1",
                   file=sys.stderr)
@@ -243,6 +251,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ImportError:
         print("lstmkit bench --device cuda: triton is not installed (pip install lstmkit[gpu])", file=sys.stderr)
         return 2
+    if _DEV.type == "cuda":
+        torch.cuda.set_device(_DEV)
     torch.backends.cudnn.allow_tf32 = bool(args.tf32_baseline)
     torch.backends.cuda.matmul.allow_tf32 = False
     info = machine_info()
