@@ -81,3 +81,48 @@ def test_module_matches_torch(monkeypatch, path, form, num_layers, bidirectional
         monkeypatch.setattr(triton_gpu, knob, 1 << 30 if path == "registers" else 0)
     monkeypatch.setattr(triton_gpu, "STREAM_MAX_BLOCK", 1 << 30 if path == "stream" else 0)
     _check(form, num_layers, bidirectional, proj_size, bias)
+
+
+_VARIANT_KWARGS = {
+    "layer_norm": dict(layer_norm=True),
+    "peephole": dict(peephole=True),
+    "recurrent_dropout": dict(recurrent_dropout=0.3),
+    "zoneout": dict(zoneout=(0.2, 0.1)),
+    "all": dict(layer_norm=True, peephole=True, recurrent_dropout=0.3, zoneout=0.1),
+}
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("variant", list(_VARIANT_KWARGS))
+def test_module_variants_match_reference_backend(variant, training):
+    """lstmkit.LSTM with a variant: the triton backend against the reference backend, same weights and masks."""
+    import inspect
+
+    kw = _VARIANT_KWARGS[variant]
+    if not set(kw) <= set(inspect.signature(lstmkit.LSTM).parameters):
+        pytest.skip(f"lstmkit.LSTM has no {sorted(kw)} arguments here")
+    torch.manual_seed(0)
+    ours = lstmkit.LSTM(3, 6, bidirectional=True, backend="triton", **kw).to(DEVICE)
+    ref = lstmkit.LSTM(3, 6, bidirectional=True, backend="reference", **kw).to(DEVICE)
+    ref.load_state_dict(ours.state_dict())
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 3, generator=g)
+    lengths = torch.tensor([4, 2, 3])
+    up = [torch.randn(4, 3, 12, generator=g), torch.randn(2, 3, 6, generator=g), torch.randn(2, 3, 6, generator=g)]
+    results = []
+    for model in (ours, ref):
+        model.train(training)
+        xi = x.to(DEVICE).requires_grad_()
+        torch.manual_seed(2)  # the same dropout / zoneout masks for both
+        out, (hn, cn) = model(xi, lengths=lengths)
+        loss = sum((r * u.to(DEVICE)).sum() for r, u in zip((out, hn, cn), up))
+        loss.backward()
+        results.append(([out, hn, cn], [xi.grad] + [p.grad for p in model.parameters()]))
+    (r1, g1), (r2, g2) = results
+    for name, a, b in zip(["output", "h_n", "c_n"], r1, r2):
+        assert_close(a, b, msg=name)
+    names = ["input"] + [n for n, _ in ours.named_parameters()]
+    for name, a, b in zip(names, g1, g2):
+        assert a is not None and b is not None, f"no gradient for {name}"
+        scale = max(1.0, float(b.abs().max()))
+        assert_close(a / scale, b / scale, msg=f"grad of {name}")
