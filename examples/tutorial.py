@@ -32,8 +32,7 @@ def walkthrough() -> None:
     with torch.no_grad():
         dev = float((ref(input_data, (h0, c0))[0] - output).abs().max())
     print("max |lstmkit - torch.nn.LSTM| =", dev)
-    chosen = lstmkit.backends.resolve(lstm.backend, input_data.device, input_data.dtype).NAME
-    print(f"backend: {lstm.backend!r} -> {chosen!r}; available: {lstmkit.available_backends()}")
+    print(f"backend: {lstm.backend!r} -> {lstm.resolved_backend()!r}; available: {lstmkit.available_backends()}")
 
     print("\n== 2. the classifier ==")
     model = lstmkit.LSTMClassifier(input_size=3, hidden_size=5, num_layers=2, output_size=2)

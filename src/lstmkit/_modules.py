@@ -246,7 +246,9 @@ class LSTM(nn.Module):
 
     @property
     def _flat_weights(self) -> list[Tensor]:
-        return [getattr(self, n) for n in self._flat_weights_names]
+        # straight from the dict: nn.Module.__getattr__ costs ~1 us per name on the per-step path
+        p = self._parameters
+        return [p[n] for n in self._flat_weights_names]
 
     @property
     def all_weights(self) -> list[list[nn.Parameter]]:
@@ -273,6 +275,15 @@ class LSTM(nn.Module):
         if self.backend != "auto":
             s += f", backend={self.backend!r}"
         return s
+
+    def resolved_backend(self, device=None, dtype=None) -> str:
+        """The name of the backend that ``backend="auto"`` (or the explicit choice) runs for inputs of
+        ``device``/``dtype`` (default: the parameters'); raises if the explicit choice cannot serve them."""
+        w = self.weight_ih_l0
+        device = torch.device(device) if device is not None else w.device
+        opts = self.variants.layer_options(self, self._suffixes[0], 1, 1, self.hidden_size, self._real_hidden_size,
+                                           self.training, w.detach())
+        return backends.resolve(self.backend, device, dtype or w.dtype, opts).NAME
 
     # -- forward ---------------------------------------------------------------------------------
     @property
