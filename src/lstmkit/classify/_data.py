@@ -20,6 +20,22 @@ def as_cases(X, *, channels_first: bool = False, name: str = "X") -> list[np.nda
     """
     if isinstance(X, torch.Tensor):
         X = X.detach().cpu().numpy()
+    if hasattr(X, "toarray") or type(X).__module__.startswith("scipy.sparse"):
+        raise TypeError(f"{name}: sparse input is not supported; pass a dense array or a list of arrays")
+    if not isinstance(X, (list, tuple, np.ndarray)) and hasattr(X, "__array__"):
+        X = np.asarray(X)
+    if isinstance(X, np.ndarray) and X.dtype.kind == "c":
+        raise ValueError(f"{name}: Complex data not supported")
+    if isinstance(X, np.ndarray) and X.ndim == 2 and X.shape[1] == 0:
+        raise ValueError(
+            f"{name}: 0 time steps per case: found array with 0 feature(s) (shape={X.shape}) while a "
+            "minimum of 1 is required."
+        )
+    if isinstance(X, np.ndarray) and X.ndim == 1 and X.dtype != object:
+        raise ValueError(
+            f"{name}: expected a list of cases or a 2-D/3-D array, got a 1-D array of shape {X.shape}. "
+            "Reshape your data: one univariate case is X[None, :], one multivariate case is [case]"
+        )
     if isinstance(X, np.ndarray) and X.dtype != object:
         if X.ndim == 3:
             raw = list(X)
@@ -42,9 +58,13 @@ def as_cases(X, *, channels_first: bool = False, name: str = "X") -> list[np.nda
     for i, case in enumerate(raw):
         if isinstance(case, torch.Tensor):
             case = case.detach().cpu().numpy()
+        if np.iscomplexobj(case):
+            raise ValueError(f"{name}[{i}]: Complex data not supported")
         try:
             arr = np.asarray(case, dtype=np.float32)
-        except (TypeError, ValueError) as exc:
+        except TypeError as exc:
+            raise TypeError(f"{name}[{i}]: expected numeric values ({exc})") from None
+        except ValueError as exc:
             raise ValueError(f"{name}[{i}]: expected numeric values ({exc})") from None
         if arr.ndim == 1:
             arr = arr[:, None] if not channels_first else arr[None, :]

@@ -174,11 +174,19 @@ class LSTMSequenceClassifier(ClassifierMixin, BaseEstimator):
 
     @staticmethod
     def _labels(y, n_cases: int) -> np.ndarray:
+        if y is None:
+            raise ValueError(f"{LSTMSequenceClassifier.__name__} requires y to be passed, but the target y is None")
         y = np.asarray(y)
         if y.ndim == 2 and y.shape[1] == 1:
-            y = y.ravel()
+            from sklearn.utils.validation import column_or_1d
+
+            y = column_or_1d(y, warn=True)
         if y.ndim != 1:
             raise ValueError(f"y: expected a 1-D array of labels, got shape {y.shape}")
+        if y.dtype.kind in "fc" and len(y) and np.isfinite(y).all() and not np.all(np.mod(y, 1) == 0):
+            raise ValueError(
+                "Unknown label type: continuous (y holds non-integer floats; a classifier needs class labels)"
+            )
         if len(y) != n_cases:
             raise ValueError(f"y: expected {n_cases} labels (one per case of X), got {len(y)}")
         if y.dtype.kind == "f" and not np.isfinite(y).all():
@@ -255,7 +263,9 @@ class LSTMSequenceClassifier(ClassifierMixin, BaseEstimator):
             self.__dict__.pop(attr, None)
         self.classes_ = _unique_labels(y)
         if len(self.classes_) < 2:
-            raise ValueError(f"y: expected at least 2 classes, got {len(self.classes_)} ({self.classes_.tolist()})")
+            raise ValueError(
+                f"y: expected at least 2 classes, got {len(self.classes_)} class ({self.classes_.tolist()})"
+            )
         lookup = {c: i for i, c in enumerate(self.classes_.tolist())}
         y_idx = np.asarray([lookup[v] for v in y.tolist()], dtype=np.int64)
         self.n_features_in_ = cases[0].shape[1]
@@ -347,6 +357,7 @@ class LSTMSequenceClassifier(ClassifierMixin, BaseEstimator):
 
     def predict(self, X) -> np.ndarray:
         """Predicted labels ``(n_cases,)`` taken from ``classes_``."""
+        check_is_fitted(self, "model_")
         return self.classes_[self.predict_proba(X).argmax(axis=1)]
 
     def __sklearn_tags__(self):
