@@ -9,9 +9,9 @@ import pytest
 import torch
 from sklearn.base import clone
 from sklearn.utils.estimator_checks import parametrize_with_checks
-from test_classify_helpers import TINY, make_sequences
 
 from lstmkit.classify import LSTMSequenceClassifier
+from test_classify_helpers import TINY, make_sequences
 
 # scikit-learn's checks pass 2-D X (n_samples, n_features); this estimator reads that as
 # (n_cases, n_steps) univariate series, where another "feature count" at predict time is just
@@ -24,7 +24,9 @@ _NOT_APPLICABLE = {
 
 
 def _sk_estimators():
-    return [LSTMSequenceClassifier(hidden_size=4, epochs=3, batch_size=64, validation_fraction=0.0, backend="reference")]
+    return [
+        LSTMSequenceClassifier(hidden_size=4, epochs=3, batch_size=64, validation_fraction=0.0, backend="reference")
+    ]
 
 
 @parametrize_with_checks(_sk_estimators(), expected_failed_checks=lambda est: _NOT_APPLICABLE)
@@ -117,7 +119,8 @@ def test_any_hashable_labels_and_integer_labels(data):
     clf = LSTMSequenceClassifier(**{**TINY, "epochs": 4}).fit(X, yy)
     pred = clf.predict(Xt)
     assert set(pred.tolist()) <= set(mapping.values())
-    ints = LSTMSequenceClassifier(**{**TINY, "epochs": 4}).fit(X, np.array([["slow", "mid", "fast"].index(v) for v in y]))
+    y_int = np.array([["slow", "mid", "fast"].index(v) for v in y])
+    ints = LSTMSequenceClassifier(**{**TINY, "epochs": 4}).fit(X, y_int)
     assert ints.classes_.tolist() == [0, 1, 2] and ints.predict(Xt).dtype.kind == "i"
 
 

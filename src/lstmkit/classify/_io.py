@@ -121,6 +121,10 @@ def read_npz(
     ``lengths`` (n_cases,): case i is ``X[i, :lengths[i]]``. With ``channels_first`` X is
     ``(n_cases, n_channels, n_timepoints)``."""
     path = Path(path)
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        raise DataFileError(f"{path}: not a readable .npz file (not a zip archive as numpy.savez writes)")
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
