@@ -1,0 +1,176 @@
+"""The lstmkit command line end to end on a tiny dataset: train, evaluate, predict, datasets, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lstmkit.classify import LSTMSequenceClassifier, write_csv
+from lstmkit.cli import main
+from test_classify_helpers import make_sequences
+
+FAST = ["--hidden-size", "8", "--epochs", "15", "--batch-size", "16", "--lr", "0.02", "--backend", "reference",
+        "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    X, y = make_sequences(90, seed=0)
+    Xt, yt = make_sequences(45, seed=1)
+    write_csv(d / "train.csv", X, y)
+    write_csv(d / "test.csv", Xt, yt)
+    return d
+
+
+@pytest.fixture(scope="module")
+def run(files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "r"
+    rc = main(["train", "--data", str(files / "train.csv"), "--test-data", str(files / "test.csv"),
+               "--out", str(out), *FAST])
+    assert rc == 0
+    return out
+
+
+def test_train_writes_the_run_folder(run, capsys):
+    names = {p.name for p in run.iterdir()}
+    assert {"model.safetensors", "model.json", "metrics.json", "learning_curve.png", "confusion_matrix.png",
+            "run.json", "checkpoint.pt"} == names
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test_accuracy"] >= 0.8 and metrics["test"]["n_cases"] == 45
+    assert metrics["epochs_run"] == 15
+    cm = np.array(metrics["test"]["confusion_matrix"])
+    assert cm.shape == (3, 3) and cm.sum() == 45 and np.trace(cm) / 45 == pytest.approx(metrics["test_accuracy"])
+    config = json.loads((run / "model.json").read_text())
+    assert config["classes"] == ["fast", "mid", "slow"]
+    assert len(config["preprocessing"]["mean"]) == 2
+    for png in ("learning_curve.png", "confusion_matrix.png"):
+        assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(load_file(run / "model.safetensors")) == set(LSTMSequenceClassifier.load(run).model_.state_dict())
+
+
+def test_evaluate_and_predict(run, files, tmp_path, capsys):
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert main(["evaluate", str(run), "--data", str(files / "test.csv"), "--json", str(tmp_path / "m.json")]) == 0
+    out = capsys.readouterr().out
+    assert f"accuracy: {metrics['test_accuracy']:.4f} (45 cases" in out
+    assert json.loads((tmp_path / "m.json").read_text())["accuracy"] == metrics["test_accuracy"]
+
+    assert main(["predict", str(run), "--data", str(files / "test.csv"), "--out", str(tmp_path / "p.csv")]) == 0
+    with open(tmp_path / "p.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    clf = LSTMSequenceClassifier.load(run)
+    from lstmkit.classify import read_data
+
+    Xt, _ = read_data(files / "test.csv")
+    assert [r["prediction"] for r in rows] == clf.predict(Xt).tolist()
+    assert float(rows[0]["p_fast"]) == pytest.approx(clf.predict_proba(Xt[:1])[0, 0], abs=1e-6)
+
+
+def test_evaluate_refuses_unseen_labels(run, files, tmp_path, capsys):
+    X, _ = make_sequences(6, seed=5)
+    write_csv(tmp_path / "odd.csv", X, ["slow", "mid", "weird", "slow", "mid", "weird"])
+    assert main(["evaluate", str(run), "--data", str(tmp_path / "odd.csv")]) == 1
+    assert "labels ['weird'] were never seen in training" in capsys.readouterr().err
+
+
+def test_train_refuses_an_existing_run_folder(run, files, capsys):
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    assert main(["train", "--data", str(files / "train.csv"), "--out", str(run), *FAST]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert before == {p.name: p.stat().st_mtime_ns for p in run.iterdir()}  # nothing touched
+
+
+def test_malformed_data_file_reports_the_line(files, tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    lines = (files / "train.csv").read_text().splitlines()
+    lines[4] = "0,4,1.0"
+    bad.write_text("\n".join(lines) + "\n")
+    assert main(["train", "--data", str(bad), "--out", str(tmp_path / "r"), *FAST]) == 1
+    err = capsys.readouterr().err
+    assert "bad.csv:5: expected 4 columns (as the header), got 3" in err
+    assert not (tmp_path / "r" / "model.json").exists()
+
+
+def test_default_train_uses_bundled_japanese_vowels(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--epochs", "1", "--backend", "reference", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "JapaneseVowels (bundled); 270 train / 370 test cases, 12 features" in out
+    assert "test accuracy: " in out
+    (run,) = list((tmp_path / "runs").iterdir())
+    assert run.name.startswith("JapaneseVowels-")
+    assert json.loads((run / "metrics.json").read_text())["test"]["n_cases"] == 370
+
+
+def test_datasets_lists_bundled_sets(capsys):
+    assert main(["datasets"]) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("JapaneseVowels"))
+    assert line.split()[1:6] == ["270", "370", "12", "7-29", "9"]
+
+
+def test_python_dash_m_and_console_script():
+    r = subprocess.run([sys.executable, "-m", "lstmkit", "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "train" in r.stdout and "datasets" in r.stdout
+
+
+def test_bench_delegates_to_lstmkit_bench(monkeypatch, capsys):
+    seen = {}
+    fake = types.ModuleType("lstmkit.bench")
+    fake.main = lambda argv: seen.setdefault("argv", argv) and 0
+    monkeypatch.setitem(sys.modules, "lstmkit.bench", fake)
+    import lstmkit
+
+    monkeypatch.setattr(lstmkit, "bench", fake, raising=False)
+    assert main(["bench", "cpu", "--quick"]) == 0
+    assert seen["argv"] == ["cpu", "--quick"]
+    monkeypatch.setitem(sys.modules, "lstmkit.bench", None)
+    monkeypatch.delattr(lstmkit, "bench")
+    assert main(["bench"]) == 2
+    assert "needs the benchmark suite lstmkit.bench" in capsys.readouterr().err
+
+
+def _interrupt_after(epoch: int, monkeypatch):
+    real_fit = LSTMSequenceClassifier.fit
+
+    def fit(self, X, y, **kw):
+        def stop(e, history):
+            if e == epoch:
+                raise KeyboardInterrupt
+
+        return real_fit(self, X, y, **{**kw, "on_epoch_end": stop})
+
+    monkeypatch.setattr(LSTMSequenceClassifier, "fit", fit)
+
+
+def test_resume_continues_an_interrupted_run_exactly(files, tmp_path, monkeypatch, capsys):
+    args = ["--data", str(files / "train.csv"), "--test-data", str(files / "test.csv"), *FAST,
+            "--validation-fraction", "0.2", "--patience", "50", "--dropout", "0.2", "--epochs", "8"]
+    assert main(["train", "--out", str(tmp_path / "full"), *args]) == 0
+
+    with monkeypatch.context() as m:
+        _interrupt_after(3, m)
+        assert main(["train", "--out", str(tmp_path / "cut"), *args]) == 130
+    assert "lstmkit train --resume" in capsys.readouterr().err
+    ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 3 and not (tmp_path / "cut" / "model.json").exists()
+    assert not [p for p in (tmp_path / "cut").iterdir() if p.name.endswith(".tmp")]
+
+    assert main(["train", "--resume", str(tmp_path / "cut"), "--lr", "0.5"]) == 2  # options come from run.json
+    assert main(["train", "--resume", str(tmp_path / "cut"), "--no-progress"]) == 0
+    full = json.loads((tmp_path / "full" / "model.json").read_text())["history"]
+    cut = json.loads((tmp_path / "cut" / "model.json").read_text())["history"]
+    for k in ("loss", "acc", "val_loss", "val_acc", "lr", "best_epoch"):
+        assert cut[k] == full[k], k
+    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0)
