@@ -1,0 +1,221 @@
+"""The Numba backend's LSTM variants: one layer-direction with peepholes, layer norm, recurrent
+dropout and zoneout (any combination, with projection, reverse and variable lengths).
+
+``numba_cpu.layer`` hands every non-plain ``LayerOptions`` here. Forward is one compiled call over
+all steps (``kernels.numba_variants.layer_fwd``); backward is one compiled call for the gradient
+of every step's pre-activations, of the initial state and of the small variant parameters
+(peepholes, layer-norm gains and bias), then one large GEMM each for dW_hh and dW_hr over all
+T*B rows, as in the plain backend.
+
+Eager autograd only (a ``torch.autograd.Function``); under ``torch.compile`` :func:`layer` is
+excluded from the graph (``torch.compiler.disable``) and runs eagerly.
+
+Dimension legend: T steps, B batch rows, H hidden size, G = 4H, P = proj_size or H.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..kernels import numba_variants as KV
+from ..kernels.numba_blas import HAVE_MKL, SGEMM, pack_b
+from . import numba_cpu as _plain  # attributes looked up at call time: numba_cpu imports this module
+from ._contract import LayerOptions
+
+_Zone = Union[Tensor, float, None]
+
+
+def _zone_np(d: _Zone, T: int, B: int, n: int, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(mask (T, B, n) or (0, B, n), fill (n,)) for the kernels from a zoneout option."""
+    npd = _plain._NP_DTYPE[dtype]
+    if isinstance(d, Tensor):
+        if d.dim() == 0:
+            return np.zeros((0, B, n), npd), np.full(n, float(d), npd)
+        if tuple(d.shape) != (T, B, n):
+            raise ValueError(f"zoneout mask: expected shape {(T, B, n)}, got {tuple(d.shape)}")
+        return _plain._np(d.to(dtype)), np.zeros(n, npd)
+    return np.zeros((0, B, n), npd), np.full(n, 0.0 if d is None else float(d), npd)
+
+
+class _Opts:
+    """The options of one call as the kernels take them (NumPy views, absent ones as empty arrays)."""
+
+    def __init__(self, o: LayerOptions, T: int, B: int, H: int, P: int, dtype: torch.dtype):
+        npd = _plain._NP_DTYPE[dtype]
+        G = 4 * H
+        for name in ("peephole", "ln_hh", "ln_cell_w", "ln_cell_b", "rec_mask"):
+            t = getattr(o, name)
+            if t is not None and t.dtype != dtype:
+                raise TypeError(f"opts.{name}: expected dtype {dtype}, got {t.dtype}")
+        if o.rec_mask is not None and tuple(o.rec_mask.shape) != (B, P):
+            raise ValueError(f"opts.rec_mask: expected shape {(B, P)}, got {tuple(o.rec_mask.shape)}")
+        self.mask = _plain._np(o.rec_mask) if o.rec_mask is not None else np.zeros((0, P), npd)
+        self.pe = _plain._np(o.peephole) if o.peephole is not None else np.zeros((3, H), npd)
+        self.ln_g = _plain._np(o.ln_hh) if o.ln_hh is not None else np.zeros(0, npd)
+        if o.ln_cell_w is not None:
+            self.lnc_w = _plain._np(o.ln_cell_w)
+            self.lnc_b = _plain._np(o.ln_cell_b) if o.ln_cell_b is not None else np.zeros(H, npd)
+        else:
+            self.lnc_w = self.lnc_b = np.zeros(0, npd)
+        self.zc, self.zc_fill = _zone_np(o.zoneout_c, T, B, H, dtype)
+        self.zh, self.zh_fill = _zone_np(o.zoneout_h, T, B, P, dtype)
+        # c~ differs from the kept c_t only with cell zoneout
+        self.cell_zone = self.zc.shape[0] > 0 or bool(self.zc_fill.any())
+        assert self.ln_g.shape[0] in (0, G)
+
+    def args(self) -> tuple:
+        return (self.mask, self.pe, self.ln_g, self.lnc_w, self.lnc_b, self.zc, self.zc_fill, self.zh,
+                self.zh_fill)
+
+
+def _forward(xg: Tensor, w_hh: Tensor, w_hr: Optional[Tensor], h0: Tensor, c0: Tensor,
+             batch_sizes: Optional[Tensor], reverse: bool, ko: _Opts, save: bool):
+    """(out (T,B,P), h_n (B,P), c_n (B,H), saved): saved = (gates, cs, cts, lnr, lns), each
+    (0, ...) when not needed."""
+    _plain._check(xg, w_hh, w_hr, h0, c0)
+    _plain.sync_threads()
+    T, B, G = xg.shape
+    H = G // 4
+    P = w_hh.shape[1]
+    out = xg.new_empty((T, B, P))
+    h_n = h0.detach().clone(memory_format=torch.contiguous_format)
+    c_n = c0.detach().clone(memory_format=torch.contiguous_format)
+    n = T if save else 0
+    gates = xg.new_empty((n, B, G))
+    cs = xg.new_empty((n, B, H))
+    cts = xg.new_empty((n if ko.cell_zone else 0, B, H))
+    lnr = xg.new_empty((n if ko.ln_g.shape[0] else 0, B, G))
+    lns = xg.new_empty((lnr.shape[0], B))
+    w_hh_np = _plain._np(w_hh)
+    w_hr_np = _plain._np(w_hr) if w_hr is not None else np.zeros((0, H), _plain._NP_DTYPE[xg.dtype])
+    mkl = HAVE_MKL and xg.dtype == torch.float32
+    n_pack = B if T > 1 else 0
+    KV.layer_fwd(SGEMM, mkl, _plain._np(xg), w_hh_np, pack_b(w_hh_np, n_pack, True), w_hr_np,
+                 pack_b(w_hr_np, n_pack, True), h_n.numpy(), c_n.numpy(), _plain._bs_np(batch_sizes),
+                 bool(reverse), out.numpy(), *ko.args(), gates.numpy(), cs.numpy(), cts.numpy(),
+                 lnr.numpy(), lns.numpy())
+    return out, h_n, c_n, (gates, cs, cts, lnr, lns)
+
+
+def _prev_h_product(dr: Tensor, out: Tensor, h0: Tensor, mask: Optional[Tensor],
+                    batch_sizes: Optional[Tensor], reverse: bool) -> Tensor:
+    """sum over steps and rows of dr_t^T (h_{t-1} * mask): (G, P).
+
+    dr (T, B, G) is zero at inactive rows, out (T, B, P) is zero there too; h_{t-1} is the output
+    of the step before in processing order, or h0 at a row's first step.
+    """
+    T, B, G = dr.shape
+    P = out.shape[2]
+    dw = dr.new_zeros((G, P))
+    if T == 0:
+        return dw
+    out = out.detach()
+    h0 = h0.detach()
+    if mask is not None:
+        out = out * mask
+        h0 = h0 * mask
+    if reverse:
+        main_g, main_h = dr[:-1], out[1:]
+        if batch_sizes is None:
+            first = dr[T - 1]
+        else:
+            lengths = (batch_sizes.to(torch.int64).unsqueeze(0)
+                       > torch.arange(B, dtype=torch.int64).unsqueeze(1)).sum(1)  # (B,)
+            first = dr[(lengths - 1).clamp(min=0), torch.arange(B)]
+            first = first * (lengths > 0).unsqueeze(1).to(first.dtype)
+    else:
+        main_g, main_h = dr[1:], out[:-1]
+        first = dr[0]
+    torch.mm(first.t(), h0, out=dw)
+    if T > 1:
+        dw.addmm_(main_g.reshape(-1, G).t(), main_h.reshape(-1, P))
+    return dw
+
+
+def _backward(saved, out: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Optional[Tensor],
+              batch_sizes: Optional[Tensor], reverse: bool, ko: _Opts, mask: Optional[Tensor],
+              grad_out: Tensor, grad_h: Tensor, grad_c: Tensor):
+    """(d xg, d w_hh, d w_hr or None, d h0, d c0, d peephole (3,H), d ln_hh (G,) or (0,),
+    d ln_cell_w (H,) or (0,), d ln_cell_b (H,) or (0,))."""
+    _plain.sync_threads()
+    gates, cs, cts, lnr, lns = saved
+    T, B, G = gates.shape
+    H = G // 4
+    P = w_hh.shape[1]
+    proj = w_hr is not None
+    lnh = ko.ln_g.shape[0] > 0
+    dgates = gates.new_empty((T, B, G))
+    drs = gates.new_empty((T if lnh else 0, B, G))
+    dh = grad_h.detach().clone(memory_format=torch.contiguous_format)
+    dc = grad_c.detach().clone(memory_format=torch.contiguous_format)
+    dhs = gates.new_empty((T if proj else 0, B, P))
+    hps = gates.new_empty((T if proj else 0, B, H))
+    dpe = gates.new_zeros((3, H))
+    dln_g = gates.new_zeros(ko.ln_g.shape)
+    dlnc_w = gates.new_zeros(ko.lnc_w.shape)
+    dlnc_b = gates.new_zeros(ko.lnc_b.shape)
+    w_hh_np = _plain._np(w_hh)
+    w_hr_np = _plain._np(w_hr) if proj else np.zeros((0, H), _plain._NP_DTYPE[gates.dtype])
+    mkl = HAVE_MKL and gates.dtype == torch.float32
+    n_pack = B if T > 1 else 0
+    KV.layer_bwd(SGEMM, mkl, gates.numpy(), cs.numpy(), cts.numpy(), lnr.numpy(), lns.numpy(),
+                 _plain._np(c0), w_hh_np, pack_b(w_hh_np, n_pack, False), w_hr_np,
+                 pack_b(w_hr_np, n_pack, False), *ko.args(), _plain._np(grad_out), dh.numpy(),
+                 dc.numpy(), _plain._bs_np(batch_sizes), bool(reverse), dgates.numpy(), drs.numpy(),
+                 dhs.numpy(), hps.numpy(), dpe.numpy(), dln_g.numpy(), dlnc_w.numpy(), dlnc_b.numpy())
+    dw_hh = _prev_h_product(drs if lnh else dgates, out, h0, mask, batch_sizes, reverse)
+    dw_hr = torch.mm(dhs.reshape(-1, P).t(), hps.reshape(-1, H)) if proj else None
+    return dgates, dw_hh, dw_hr, dh, dc, dpe, dln_g, dlnc_w, dlnc_b
+
+
+class _LayerFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xg, w_hh, w_hr, h0, c0, peephole, ln_hh, ln_cell_w, ln_cell_b,
+                batch_sizes, reverse, opts):
+        T, B, G = xg.shape
+        ko = _Opts(opts, T, B, G // 4, w_hh.shape[1], xg.dtype)
+        out, h_n, c_n, saved = _forward(xg, w_hh, w_hr, h0, c0, batch_sizes, reverse, ko, True)
+        ctx.save_for_backward(out, h0, c0, w_hh, w_hr, batch_sizes, *saved)
+        ctx.reverse = reverse
+        ctx.ko = ko
+        ctx.mask = opts.rec_mask
+        return out, h_n, c_n
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_h, grad_c):
+        out, h0, c0, w_hh, w_hr, batch_sizes, *saved = ctx.saved_tensors
+        dxg, dw_hh, dw_hr, dh0, dc0, dpe, dln_g, dlnc_w, dlnc_b = _backward(
+            saved, out, h0, c0, w_hh, w_hr, batch_sizes, ctx.reverse, ctx.ko, ctx.mask,
+            grad_out, grad_h, grad_c)
+        ng = ctx.needs_input_grad
+        return (dxg, dw_hh, dw_hr, dh0, dc0,
+                dpe if ng[5] else None, dln_g if ng[6] else None,
+                dlnc_w if ng[7] else None, dlnc_b if ng[8] else None,
+                None, None, None)
+
+
+@torch.compiler.disable
+def layer(
+    xg: Tensor,                      # (T, B, 4H)
+    w_hh: Tensor,                    # (4H, P)
+    w_hr: Optional[Tensor],          # (P, H) or None
+    h0: Tensor,                      # (B, P)
+    c0: Tensor,                      # (B, H)
+    batch_sizes: Optional[Tensor],   # (T,) int64, non-increasing, or None
+    reverse: bool,
+    opts: LayerOptions,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One layer-direction with the variants in ``opts`` (the contract of ``_contract.py``)."""
+    params = (opts.peephole, opts.ln_hh, opts.ln_cell_w, opts.ln_cell_b)
+    if torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (xg, w_hh, w_hr, h0, c0, *params)
+    ):
+        return _LayerFn.apply(xg, w_hh, w_hr, h0, c0, *params, batch_sizes, bool(reverse), opts)
+    T, B, G = xg.shape
+    ko = _Opts(opts, T, B, G // 4, w_hh.shape[1], xg.dtype)
+    out, h_n, c_n, _ = _forward(xg, w_hh, w_hr, h0, c0, batch_sizes, reverse, ko, False)
+    return out, h_n, c_n
