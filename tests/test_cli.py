@@ -96,7 +96,7 @@ def test_malformed_data_file_reports_the_line(files, tmp_path, capsys):
     bad.write_text("\n".join(lines) + "\n")
     assert main(["train", "--data", str(bad), "--out", str(tmp_path / "r"), *FAST]) == 1
     err = capsys.readouterr().err
-    assert "bad.csv:5: expected 4 columns (as the header), got 3" in err
+    assert "bad.csv:5: expected 5 columns (as the header), got 3" in err
     assert not (tmp_path / "r" / "model.json").exists()
 
 
