@@ -26,18 +26,24 @@ DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
 if not ON_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA device and TRITON_INTERPRET is not 1", allow_module_level=True)
 
-PATHS = ["registers", "stream", "per_step"]
+PATHS = ["registers", "stream", "per_step", "split"]
 VARIANTS = ["plain", "peephole", "layer_norm", "ln_hh", "ln_cell", "rec_dropout", "zoneout",
             "zoneout_eval", "all"]
 
 
 @pytest.fixture(params=PATHS)
 def path(request, monkeypatch):
-    """Force one kernel shape: W_hh in registers, W_hh streamed by a persistent kernel, or per step."""
-    for knob in ("PERSISTENT_MAX_ELEMS", "PERSISTENT_MAX_ELEMS_16"):
-        monkeypatch.setattr(triton_gpu, knob, 1 << 30 if request.param == "registers" else 0)
-    monkeypatch.setattr(triton_gpu, "STREAM_MAX_BLOCK", 1 << 30 if request.param == "stream" else 0)
+    """Force one kernel shape: W_hh in registers, W_hh streamed by a persistent kernel, per step, or
+    split over programs (which serves neither projection nor layer norm: those cases run per step)."""
+    _force(monkeypatch, request.param)
     return request.param
+
+
+def _force(monkeypatch, path):
+    for knob in ("PERSISTENT_MAX_ELEMS", "PERSISTENT_MAX_ELEMS_16"):
+        monkeypatch.setattr(triton_gpu, knob, 1 << 30 if path == "registers" else 0)
+    monkeypatch.setattr(triton_gpu, "STREAM_MAX_BLOCK", 1 << 30 if path == "stream" else 0)
+    monkeypatch.setattr(triton_gpu, "SPLIT", "force" if path == "split" else "off")
 
 
 def _opts(variant: str, T: int, B: int, H: int, P: int, g: torch.Generator) -> LayerOptions:
@@ -156,6 +162,15 @@ def test_variant_proj_reverse(path, variant):
     _compare(4, 3, 6, 4, True, variant, True, [3, 3, 2, 1])
 
 
+@pytest.mark.parametrize("variant", ["plain", "peephole", "rec_dropout", "zoneout", "zoneout_eval"])
+def test_split_over_several_programs(monkeypatch, variant):
+    """H = 40 over three programs of 16 units, B = 17 over two row blocks: siblings exchange h / dz."""
+    _force(monkeypatch, "split")
+    cfg = triton_gpu._Cfg(3, 17, 40, 40, True, None, LayerOptions(), DEVICE)
+    assert cfg.split and cfg.grid == (3, 2)
+    _compare(3, 17, 40, 40, False, variant, True, [17, 10, 3])
+
+
 # -- half precision (float32 accumulation), against the float32 spec ---------------------------
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -236,8 +251,20 @@ def test_missing_triton_is_a_clear_error_only_when_asked_for():
     (128, 128, torch.bfloat16, "registers"), (256, 128, torch.float16, "stream"),
     (256, 128, torch.float32, "stream"), (1024, 1024, torch.float32, "per_step"), (512, 64, torch.bfloat16, "per_step"),
 ])
-def test_kernel_shape_choice(H, P, dtype, mode):
+def test_kernel_shape_choice(monkeypatch, H, P, dtype, mode):
     """The default thresholds: W_hh on chip up to H = 64 (16-bit: 128), streamed up to 256, per-step above."""
+    monkeypatch.setattr(triton_gpu, "SPLIT", "auto")   # CPU tensors: never split under "auto"
     cfg = triton_gpu._Cfg(2, 3, H, P, False, None, LayerOptions(), torch.device("cpu"), dtype)
     got = "per_step" if not cfg.persistent else ("stream" if cfg.w_stream else "registers")
-    assert got == mode
+    assert got == mode and not cfg.split
+
+
+@pytest.mark.parametrize("proj,variant,split", [(False, "plain", True), (False, "zoneout", True),
+                                                (True, "plain", False), (False, "ln_hh", False),
+                                                (False, "ln_cell", False)])
+def test_split_serves_no_projection_nor_layer_norm(monkeypatch, proj, variant, split):
+    monkeypatch.setattr(triton_gpu, "SPLIT", "force")
+    g = torch.Generator().manual_seed(0)
+    cfg = triton_gpu._Cfg(2, 3, 128, 64 if proj else 128, False, None, _opts(variant, 2, 3, 128, 128, g),
+                          torch.device("cpu"), torch.float32, has_proj=proj)
+    assert cfg.split == split

@@ -38,7 +38,7 @@ _SCRIPT = textwrap.dedent(
         for n in fn.arg_names:
             if n in consts:
                 sig[n] = "constexpr"
-            elif n == "bs_ptr":
+            elif n in ("bs_ptr", "sync_ptr"):
                 sig[n] = "*i32"
             elif n.endswith("_ptr"):
                 sig[n] = "*fp32" if n in F32_PTRS else "*" + TY[dtype]
@@ -50,9 +50,23 @@ _SCRIPT = textwrap.dedent(
                             options={"num_warps": num_warps, "enable_fp_fusion": True})
         assert ck.asm["cubin"], "no cubin"
 
-    def case(H, P, dtype, variants, proj):
+    def case(H, P, dtype, variants, proj, split=False):
         o = LayerOptions()
         T, B = 4, 3
+        if split:
+            o.peephole, o.rec_mask = torch.ones(3, H), torch.ones(B, P)
+            o.zoneout_c, o.zoneout_h = 0.1, torch.ones(T, B, H)
+            tg.SPLIT = "force"
+            cfg = tg._Cfg(T, B, H, P, True, torch.tensor([3, 2, 2, 1]), o, torch.device("cpu"), dtype)
+            assert cfg.split
+            flags = tg._sync_flags(cfg, tg._f32_dot(dtype), o.peephole)
+            nw = flags.pop("num_warps")
+            flags.pop("enable_fp_fusion")
+            for fn, c in ((K.lstm_fwd_split_kernel, dict(flags, STORE=True, SYNC=True)),
+                          (K.lstm_bwd_split_kernel, dict(flags, SYNC=True, PHASE_A=True, PHASE_B=True))):
+                compile_kernel(fn, dtype, c, nw)
+                print("compiled", fn.__name__, H, TY[dtype], flush=True)
+            return
         if variants:
             o.peephole, o.ln_hh, o.ln_cell_w, o.ln_cell_b = (torch.ones(3, H), torch.ones(4 * H),
                                                              torch.ones(H), torch.zeros(H))
@@ -78,6 +92,9 @@ _SCRIPT = textwrap.dedent(
         case(128, 64, torch.bfloat16, True, True)
     elif which == "stream":
         case(256, 256, torch.float32, True, False)
+    elif which == "split":
+        case(256, 256, torch.float32, True, False, split=True)
+        case(1024, 1024, torch.bfloat16, True, False, split=True)
     else:
         case(1024, 512, torch.float16, True, True)
     print("ok")
@@ -95,7 +112,7 @@ def _nvidia_toolchain() -> bool:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _nvidia_toolchain(), reason="Triton's NVIDIA backend (ptxas) is not installed")
-@pytest.mark.parametrize("shape", ["registers", "stream", "per_step"])
+@pytest.mark.parametrize("shape", ["registers", "stream", "per_step", "split"])
 def test_kernels_compile_for_sm90(shape):
     src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))

@@ -66,7 +66,7 @@ def _check(form, num_layers, bidirectional, proj_size, bias, T=5, B=3, I=3, H=4,
         assert_close(a.double().cpu(), b, dtype=torch.float32, msg=f"grad of {name}")
 
 
-@pytest.mark.parametrize("path", ["registers", "stream", "per_step"])
+@pytest.mark.parametrize("path", ["registers", "stream", "per_step", "split"])
 @pytest.mark.parametrize(
     "form,num_layers,bidirectional,proj_size,bias",
     [
@@ -80,6 +80,7 @@ def test_module_matches_torch(monkeypatch, path, form, num_layers, bidirectional
     for knob in ("PERSISTENT_MAX_ELEMS", "PERSISTENT_MAX_ELEMS_16"):
         monkeypatch.setattr(triton_gpu, knob, 1 << 30 if path == "registers" else 0)
     monkeypatch.setattr(triton_gpu, "STREAM_MAX_BLOCK", 1 << 30 if path == "stream" else 0)
+    monkeypatch.setattr(triton_gpu, "SPLIT", "force" if path == "split" else "off")
     _check(form, num_layers, bidirectional, proj_size, bias)
 
 

@@ -37,6 +37,8 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Which kernel shape runs, by the padded sizes BLOCK_H, BLOCK_P (next powers of two >= 16):
 # * 4 * BLOCK_H * BLOCK_P <= PERSISTENT_MAX_ELEMS (float32) or PERSISTENT_MAX_ELEMS_16 (16-bit):
 #   persistent, W_hh (and W_hr) held in registers;
+# * else, without projection and layer norm, on a GPU whose SMs can hold the grid (SPLIT "auto"):
+#   the split kernels, a step's hidden units spread over several programs that meet at a barrier;
 # * else max(BLOCK_H, BLOCK_P) <= STREAM_MAX_BLOCK: persistent, W_hh streamed from L2 every step
 #   (one launch; the program's 4 x BLOCK_B x BLOCK_H gate accumulators still fit in registers);
 # * else one cuBLAS GEMM plus one fused pointwise kernel per step.
@@ -46,6 +48,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 PERSISTENT_MAX_ELEMS = int(os.environ.get("LSTMKIT_TRITON_PERSISTENT_MAX", 4 * 64 * 64))
 PERSISTENT_MAX_ELEMS_16 = int(os.environ.get("LSTMKIT_TRITON_PERSISTENT_MAX_16", 4 * 128 * 128))
 STREAM_MAX_BLOCK = int(os.environ.get("LSTMKIT_TRITON_STREAM_MAX", 256))
+SPLIT = os.environ.get("LSTMKIT_TRITON_SPLIT", "auto")    # "auto", "off" or "force" (tests)
 
 _kernels = None
 _import_error: Optional[str] = None
@@ -95,7 +98,7 @@ def _zone_mode(z: Union[Tensor, float, None]) -> tuple[int, Optional[Tensor], fl
 class _Cfg:
     """Everything about one call that is not a differentiable tensor."""
 
-    def __init__(self, T, B, H, P, reverse, batch_sizes, opts, device, dtype=torch.float32):
+    def __init__(self, T, B, H, P, reverse, batch_sizes, opts, device, dtype=torch.float32, has_proj=False):
         self.T, self.B, self.H, self.P = T, B, H, P
         self.reverse = bool(reverse)
         self.bs = None
@@ -109,6 +112,11 @@ class _Cfg:
         self.block_h, self.block_p = bh, bp
         w_elems = 4 * bh * bp
         on_chip = w_elems <= (PERSISTENT_MAX_ELEMS if dtype == torch.float32 else PERSISTENT_MAX_ELEMS_16)
+        self.split = False
+        if not on_chip and SPLIT != "off" and not has_proj and opts.ln_hh is None and opts.ln_cell_w is None:
+            self._plan_split(B, H, torch.device(device))
+        if self.split:
+            return
         self.w_stream = not on_chip and max(bh, bp) <= STREAM_MAX_BLOCK
         self.persistent = on_chip or self.w_stream
         self.block_k = 16 if min(bh, bp) <= 16 else 32
@@ -119,6 +127,25 @@ class _Cfg:
             self.block_b = max(1, min(16, 4096 // (4 * bh)))
             self.num_warps = 4 if bh <= 256 else 8
         self.grid = (triton_cdiv(B, self.block_b),)
+
+    def _plan_split(self, B: int, H: int, device: torch.device) -> None:
+        # Fewest units per program (most SMs busy) such that every program is resident at once, which
+        # the barrier needs. Under "force" (the interpreter's tests) any grid does.
+        n_rows = triton_cdiv(B, 16)
+        if SPLIT == "force":
+            sms = 1 << 30
+        elif device.type == "cuda":
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+        else:
+            return
+        for bhc in (16, 32, 64):
+            n_j = triton_cdiv(H, bhc)
+            if n_j * n_rows <= sms:
+                self.split, self.persistent, self.w_stream = True, True, False
+                self.block_b, self.block_hc, self.num_warps = 16, bhc, 4
+                self.block_k = 32 if H > 16 else 16
+                self.grid = (n_j, n_rows)
+                return
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -176,10 +203,44 @@ def _forward(xg, w_hh, w_hr, h0, c0, peephole, ln_hh, ln_cell_w, ln_cell_b, cfg:
             _or(peephole, dummy), _or(ln_hh, dummy), _or(ln_cell_w, dummy), _or(ln_cell_b, dummy),
             _or(cfg.rm, dummy), _or(cfg.zc, dummy), _or(cfg.zh, dummy), cfg.zc_p, cfg.zh_p,
             T, B, H, P]
+    if cfg.split:
+        _forward_split(K, xg, w_hh, hs, cs, out, gates, peephole, cfg, dummy, store)
+    else:
+        _forward_one(K, args, xg, w_hh, w_hr, hs, hh, out, peephole, ln_hh, ln_cell_w, proj_on_host, store,
+                     store_hh, cfg)
+    fin = 0 if cfg.reverse else T
+    h_n = hs[fin].to(xg.dtype, copy=True)
+    c_n = cs[fin].to(xg.dtype, copy=True)
+    saved = dict(hs=hs, cs=cs, gates=gates, hh=hh, r=r, lnh_st=lnh_st, lnc_st=lnc_st)
+    return out, h_n, c_n, saved
+
+
+def _sync_flags(cfg: _Cfg, f32: bool, peephole) -> dict:
+    return dict(REVERSE=cfg.reverse, F32_DOT=f32, HAS_BS=cfg.bs is not None, HAS_PEEP=peephole is not None,
+                HAS_RM=cfg.rm is not None, ZC=cfg.zc_mode, ZH=cfg.zh_mode, BLOCK_K=cfg.block_k,
+                BLOCK_B=cfg.block_b, BLOCK_HC=cfg.block_hc, num_warps=cfg.num_warps, enable_fp_fusion=True)
+
+
+def _forward_split(K, xg, w_hh, hs, cs, out, gates, peephole, cfg: _Cfg, dummy, store: bool):
+    T, B, H = cfg.T, cfg.B, cfg.H
+    sync = torch.zeros(cfg.grid[1], device=xg.device, dtype=torch.int32)
+    args = [xg, w_hh, hs, cs, out, _or(gates, dummy), _or(cfg.bs, dummy), _or(peephole, dummy), _or(cfg.rm, dummy),
+            _or(cfg.zc, dummy), _or(cfg.zh, dummy), cfg.zc_p, cfg.zh_p, sync, T, B, H, H]
+    flags = _sync_flags(cfg, _f32_dot(xg.dtype), peephole)
+    if xg.device.type == "cuda":   # one launch, siblings meet at a barrier every step
+        K.lstm_fwd_split_kernel[cfg.grid](*args, 0, T, STORE=store, SYNC=True, **flags)
+    else:                          # the interpreter runs programs one by one: one launch per step
+        for k in range(T):
+            K.lstm_fwd_split_kernel[cfg.grid](*args, k, 1, STORE=store, SYNC=False, **flags)
+
+
+def _forward_one(K, args, xg, w_hh, w_hr, hs, hh, out, peephole, ln_hh, ln_cell_w, proj_on_host, store, store_hh,
+                 cfg: _Cfg):
+    T = cfg.T
     flags = _flags(cfg, _f32_dot(xg.dtype), peephole, ln_hh, ln_cell_w, w_hr)
     flags.update(H_IN_KERNEL=not proj_on_host, STORE=store, STORE_HH=store_hh)
     if cfg.persistent:
-        args[1] = dummy
+        args[1] = args[3]  # rec_ptr is unused: any tensor
         K.lstm_fwd_kernel[cfg.grid](*args, 0, T, LN_EPS, **flags)
     else:
         w_t = w_hh.t()
@@ -204,11 +265,6 @@ def _forward(xg, w_hh, w_hr, h0, c0, peephole, ln_hh, ln_cell_w, ln_cell_b, cfg:
                 else:
                     hs[new] = ht
                     out[t] = ht
-    fin = 0 if cfg.reverse else T
-    h_n = hs[fin].to(xg.dtype)
-    c_n = cs[fin].to(xg.dtype)
-    saved = dict(hs=hs, cs=cs, gates=gates, hh=hh, r=r, lnh_st=lnh_st, lnc_st=lnc_st)
-    return out, h_n, c_n, saved
 
 
 def _backward(g_out, g_hn, g_cn, xg_dtype, w_hh, w_hr, peephole, ln_hh, ln_cell_w, ln_cell_b,
@@ -226,7 +282,7 @@ def _backward(g_out, g_hn, g_cn, xg_dtype, w_hh, w_hr, peephole, ln_hh, ln_cell_
     dr = torch.empty_like(dxg) if ln_hh is not None else dxg
     dht = torch.empty((T, B, P), device=dev, dtype=f32) if w_hr is not None else None
     has_par = peephole is not None or ln_hh is not None or ln_cell_w is not None
-    dpar = torch.zeros((cfg.grid[0], 9 * H), device=dev, dtype=f32) if has_par else dummy
+    dpar = torch.zeros((cfg.grid[-1], 9 * H), device=dev, dtype=f32) if has_par else dummy
     proj_on_host = w_hr is not None and not cfg.persistent
     ghh = torch.empty((B, H), device=dev, dtype=f32) if proj_on_host else dummy
     args = [g_out, gh, gc, ghh, w_hh, _or(w_hr, dummy), sv["hs"], sv["cs"], sv["gates"],
@@ -234,11 +290,23 @@ def _backward(g_out, g_hn, g_cn, xg_dtype, w_hh, w_hr, peephole, ln_hh, ln_cell_
             _or(peephole, dummy), _or(ln_hh, dummy), _or(ln_cell_w, dummy), _or(ln_cell_b, dummy),
             _or(cfg.rm, dummy), _or(cfg.zc, dummy), _or(cfg.zh, dummy), cfg.zc_p, cfg.zh_p,
             dxg, dr, _or(dht, dummy), dpar, T, B, H, P]
-    flags = _flags(cfg, _f32_dot(w_hh.dtype), peephole, ln_hh, ln_cell_w, w_hr)
-    flags.update(H_PART=not proj_on_host)
-    if cfg.persistent:
+    if cfg.split:
+        sync = torch.zeros(cfg.grid[1], device=dev, dtype=torch.int32)
+        sargs = [g_out, gh, gc, w_hh, sv["hs"], sv["cs"], sv["gates"], _or(cfg.bs, dummy), _or(peephole, dummy),
+                 _or(cfg.rm, dummy), _or(cfg.zc, dummy), _or(cfg.zh, dummy), cfg.zc_p, cfg.zh_p, dxg, dpar, sync,
+                 T, B, H, P]
+        sflags = _sync_flags(cfg, _f32_dot(w_hh.dtype), peephole)
+        if dev.type == "cuda":
+            K.lstm_bwd_split_kernel[cfg.grid](*sargs, 0, T, SYNC=True, PHASE_A=True, PHASE_B=True, **sflags)
+        else:  # the interpreter: the two halves of each step as separate launches
+            for k in range(T):
+                for a, b in ((True, False), (False, True)):
+                    K.lstm_bwd_split_kernel[cfg.grid](*sargs, k, 1, SYNC=False, PHASE_A=a, PHASE_B=b, **sflags)
+    elif cfg.persistent:
+        flags = dict(_flags(cfg, _f32_dot(w_hh.dtype), peephole, ln_hh, ln_cell_w, w_hr), H_PART=True)
         K.lstm_bwd_kernel[cfg.grid](*args, 0, T, **flags)
     else:
+        flags = dict(_flags(cfg, _f32_dot(w_hh.dtype), peephole, ln_hh, ln_cell_w, w_hr), H_PART=not proj_on_host)
         w_hh32 = w_hh.float()
         w_hr32 = w_hr.float() if w_hr is not None else None
         for k in range(T):
@@ -328,7 +396,7 @@ def layer(
         return xg.new_zeros((T, B, P)), h0, c0
     if (o.ln_cell_w is None) != (o.ln_cell_b is None):
         raise ValueError("ln_cell_w and ln_cell_b go together")
-    cfg = _Cfg(T, B, H, P, reverse, batch_sizes, o, xg.device, xg.dtype)
+    cfg = _Cfg(T, B, H, P, reverse, batch_sizes, o, xg.device, xg.dtype, has_proj=w_hr is not None)
     params = (o.peephole, o.ln_hh, o.ln_cell_w, o.ln_cell_b)
     params = tuple(p.contiguous() if p is not None else None for p in params)
     tensors = (xg, w_hh, w_hr, h0, c0) + params

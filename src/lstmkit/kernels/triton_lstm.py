@@ -651,4 +651,277 @@ def lstm_bwd_kernel(
             tl.store(pb + 8 * H, tl.load(pb + 8 * H, mask=hmask, other=0.0) + acc_lb, mask=hmask)
 
 
-__all__ = ["lstm_fwd_kernel", "lstm_bwd_kernel", "triton"]
+
+
+
+# ---------------------------------------------------------------------------------------------------
+# Split kernels: the hidden units of a step spread over several programs (FlashRNN's idea), so a
+# small batch uses many SMs. Program (j, b) owns units [j*BLOCK_HC, (j+1)*BLOCK_HC) of all four gates
+# for batch rows block b; every step it needs the whole previous h (forward) or the whole gate
+# gradient of the step (backward), written by its sibling programs. On a GPU one launch runs all
+# steps with a barrier among the siblings (SYNC; an atomic counter per row block, all programs
+# resident: the host keeps the grid within the SM count). Under the interpreter, which runs programs
+# one after another, the host launches one step (forward) or one phase of a step (backward) at a time
+# instead, so the barrier is the launch boundary. No projection, no layer norm (their row-wide
+# reductions would need more barriers): those run in the other kernels.
+# ---------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _sibling_barrier(sync_ptr, n_arrived):
+    """Wait until `n_arrived` arrivals (this one included) are counted at sync_ptr (an int32).
+
+    The pattern of cooperative groups' grid sync: CTA barrier, one release add per program (Triton
+    issues scalar atomics from one thread), acquire polling, then a gpu-scope fence in every thread
+    (so no load after it is served from a stale L1 line) and a CTA barrier.
+    """
+    tl.debug_barrier()                                   # every thread of this program has stored
+    tl.atomic_add(sync_ptr, 1, sem="release", scope="gpu")
+    seen = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
+    while seen < n_arrived:
+        seen = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
+    tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.u32 $0, 0;", "=r", [], dtype=tl.int32,
+                              is_pure=False, pack=1)
+    tl.debug_barrier()
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
+def lstm_fwd_split_kernel(
+    xg_ptr,         # (T, B, 4H) input projections with biases, dtype of the layer
+    w_hh_ptr,       # (4H, H) recurrent weights (P == H: no projection)
+    hs_ptr,         # (T+1, B, H) float32 h states, time-slotted
+    cs_ptr,         # (T+1, B, H) float32 c states, time-slotted
+    out_ptr,        # (T, B, H) outputs, dtype of the layer
+    gates_ptr,      # (T, B, 4H) float32 gate activations (STORE)
+    bs_ptr,         # (T,) int32 active rows per time (HAS_BS)
+    peep_ptr,       # (3, H) peephole weights (HAS_PEEP)
+    rm_ptr,         # (B, H) recurrent-dropout mask (HAS_RM)
+    zc_ptr,         # (T, B, H) zoneout mask of c (ZC == 1)
+    zh_ptr,         # (T, B, H) zoneout mask of h (ZH == 1)
+    zc_p, zh_p,     # zoneout probabilities (ZC == 2, ZH == 2)
+    sync_ptr,       # (n_row_blocks,) int32 zeros: arrival counters (SYNC)
+    T, B, H, P, k0, n_steps,
+    REVERSE: tl.constexpr, F32_DOT: tl.constexpr, HAS_BS: tl.constexpr, HAS_PEEP: tl.constexpr,
+    HAS_RM: tl.constexpr, ZC: tl.constexpr, ZH: tl.constexpr, STORE: tl.constexpr, SYNC: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_HC: tl.constexpr,
+):
+    pj = tl.program_id(0)
+    pb = tl.program_id(1)
+    n_j = tl.num_programs(0)
+    rb = pb * BLOCK_B + tl.arange(0, BLOCK_B)           # (BB,) rows
+    cj = pj * BLOCK_HC + tl.arange(0, BLOCK_HC)         # (BHC,) this program's units
+    rmask = rb < B
+    jmask = cj < H
+    m = rmask[:, None] & jmask[None, :]
+    off = rb[:, None] * H + cj[None, :]
+    off_g = rb[:, None] * (4 * H) + cj[None, :]
+    G = 4 * H
+    p_i = 0.0
+    p_f = 0.0
+    p_o = 0.0
+    if HAS_PEEP:
+        p_i = tl.load(peep_ptr + cj, mask=jmask, other=0.0).to(tl.float32)[None, :]
+        p_f = tl.load(peep_ptr + H + cj, mask=jmask, other=0.0).to(tl.float32)[None, :]
+        p_o = tl.load(peep_ptr + 2 * H + cj, mask=jmask, other=0.0).to(tl.float32)[None, :]
+    if REVERSE:
+        slot0 = T - k0
+    else:
+        slot0 = k0
+    h = tl.load(hs_ptr + slot0 * B * H + off, mask=m, other=0.0)
+    c = tl.load(cs_ptr + slot0 * B * H + off, mask=m, other=0.0)
+    for k in range(k0, k0 + n_steps):
+        if REVERSE:
+            t = T - 1 - k
+            prev = t + 1
+            new = t
+        else:
+            t = k
+            prev = t
+            new = t + 1
+        ri = tl.zeros((BLOCK_B, BLOCK_HC), dtype=tl.float32)
+        rf = tl.zeros((BLOCK_B, BLOCK_HC), dtype=tl.float32)
+        rg = tl.zeros((BLOCK_B, BLOCK_HC), dtype=tl.float32)
+        ro = tl.zeros((BLOCK_B, BLOCK_HC), dtype=tl.float32)
+        for kk in range(0, H, BLOCK_K):
+            ck = kk + tl.arange(0, BLOCK_K)
+            kmask = ck < H
+            am = rmask[:, None] & kmask[None, :]
+            # written by the siblings in the previous step (ordered by the barrier); .cg: prefer L2
+            hc = tl.load(hs_ptr + prev * B * H + rb[:, None] * H + ck[None, :], mask=am, other=0.0,
+                         cache_modifier=".cg")
+            if HAS_RM:
+                hc = hc * tl.load(rm_ptr + rb[:, None] * H + ck[None, :], mask=am, other=0.0).to(tl.float32)
+            wm = kmask[:, None] & jmask[None, :]
+            wb = w_hh_ptr + cj[None, :] * H + ck[:, None]     # (BK, BHC) chunk of W_hh^T, gate i
+            ri += _dot(hc, _ld(wb, wm, F32_DOT), F32_DOT)
+            rf += _dot(hc, _ld(wb + H * H, wm, F32_DOT), F32_DOT)
+            rg += _dot(hc, _ld(wb + 2 * H * H, wm, F32_DOT), F32_DOT)
+            ro += _dot(hc, _ld(wb + 3 * H * H, wm, F32_DOT), F32_DOT)
+        xb = xg_ptr + t * B * G + off_g
+        zi = tl.load(xb, mask=m, other=0.0).to(tl.float32) + ri
+        zf = tl.load(xb + H, mask=m, other=0.0).to(tl.float32) + rf
+        zg = tl.load(xb + 2 * H, mask=m, other=0.0).to(tl.float32) + rg
+        zo = tl.load(xb + 3 * H, mask=m, other=0.0).to(tl.float32) + ro
+        i, f, g, o, cn, tc, lmu, lrs = _cell_fwd(zi, zf, zg, zo, c, p_i, p_f, p_o, 0.0, 0.0, 0.0, H, 0.0,
+                                                 HAS_PEEP, False)
+        if HAS_BS:
+            act = (rb < tl.load(bs_ptr + t))[:, None]
+        else:
+            act = rmask[:, None]
+        if ZC == 1:
+            dcm = tl.load(zc_ptr + t * B * H + off, mask=m, other=0.0).to(tl.float32)
+            c_new = dcm * c + (1.0 - dcm) * cn
+        elif ZC == 2:
+            c_new = zc_p * c + (1.0 - zc_p) * cn
+        else:
+            c_new = cn
+        ht = o * tc
+        if ZH == 1:
+            dhm = tl.load(zh_ptr + t * B * H + off, mask=m, other=0.0).to(tl.float32)
+            h_new = dhm * h + (1.0 - dhm) * ht
+        elif ZH == 2:
+            h_new = zh_p * h + (1.0 - zh_p) * ht
+        else:
+            h_new = ht
+        c = tl.where(act, c_new, c)
+        h = tl.where(act, h_new, h)
+        tl.store(cs_ptr + new * B * H + off, c, mask=m)
+        tl.store(hs_ptr + new * B * H + off, h, mask=m)
+        tl.store(out_ptr + t * B * H + off, tl.where(act, h_new, 0.0).to(out_ptr.dtype.element_ty), mask=m)
+        if STORE:
+            gb = gates_ptr + t * B * G + off_g
+            tl.store(gb, i, mask=m)
+            tl.store(gb + H, f, mask=m)
+            tl.store(gb + 2 * H, g, mask=m)
+            tl.store(gb + 3 * H, o, mask=m)
+        if SYNC:
+            _sibling_barrier(sync_ptr + pb, (k - k0 + 1) * n_j)
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
+def lstm_bwd_split_kernel(
+    gout_ptr,       # (T, B, H) grad of out
+    gh_ptr,         # (B, H) float32 in/out: grad of the h state
+    gc_ptr,         # (B, H) float32 in/out: grad of the c state
+    w_hh_ptr,       # (4H, H) recurrent weights
+    hs_ptr,         # (T+1, B, H) float32 h states from the forward (unused; kept for symmetry)
+    cs_ptr,         # (T+1, B, H) float32 c states from the forward, time-slotted
+    gates_ptr,      # (T, B, 4H) float32 gate activations from the forward
+    bs_ptr,         # (T,) int32 (HAS_BS)
+    peep_ptr,       # (3, H) (HAS_PEEP)
+    rm_ptr,         # (B, H) (HAS_RM)
+    zc_ptr,         # (T, B, H) (ZC == 1)
+    zh_ptr,         # (T, B, H) (ZH == 1)
+    zc_p, zh_p,
+    dxg_ptr,        # (T, B, 4H) float32 out: grad of xg (= grad of h_in W_hh^T: no layer norm here)
+    dpar_ptr,       # (n_row_blocks, 9H) float32 in/out: partial parameter grads (peephole at [4H, 7H))
+    sync_ptr,       # (n_row_blocks,) int32 zeros (SYNC)
+    T, B, H, P, k0, n_steps,
+    REVERSE: tl.constexpr, F32_DOT: tl.constexpr, HAS_BS: tl.constexpr, HAS_PEEP: tl.constexpr,
+    HAS_RM: tl.constexpr, ZC: tl.constexpr, ZH: tl.constexpr, SYNC: tl.constexpr,
+    PHASE_A: tl.constexpr, PHASE_B: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_HC: tl.constexpr,
+):
+    # PHASE_A: the cell's backward for this program's units (stores dxg, updates gc, keeps the
+    # h-state part of gh); PHASE_B: gh += (dxg[t] W_hh)[:, own units] * mask, which reads every
+    # sibling's dxg. Both with SYNC on a GPU; one at a time per launch under the interpreter.
+    pj = tl.program_id(0)
+    pb = tl.program_id(1)
+    n_j = tl.num_programs(0)
+    rb = pb * BLOCK_B + tl.arange(0, BLOCK_B)
+    cj = pj * BLOCK_HC + tl.arange(0, BLOCK_HC)
+    rmask = rb < B
+    jmask = cj < H
+    m = rmask[:, None] & jmask[None, :]
+    off = rb[:, None] * H + cj[None, :]
+    off_g = rb[:, None] * (4 * H) + cj[None, :]
+    G = 4 * H
+    p_i = 0.0
+    p_f = 0.0
+    p_o = 0.0
+    if HAS_PEEP:
+        p_i = tl.load(peep_ptr + cj, mask=jmask, other=0.0).to(tl.float32)[None, :]
+        p_f = tl.load(peep_ptr + H + cj, mask=jmask, other=0.0).to(tl.float32)[None, :]
+        p_o = tl.load(peep_ptr + 2 * H + cj, mask=jmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_RM:
+        rmk = tl.load(rm_ptr + off, mask=m, other=0.0).to(tl.float32)
+    gh = tl.load(gh_ptr + off, mask=m, other=0.0)
+    gc = tl.load(gc_ptr + off, mask=m, other=0.0)
+    zero_c = tl.sum(gc, axis=0) * 0.0
+    acc_pi = zero_c
+    acc_pf = zero_c
+    acc_po = zero_c
+    for k in range(k0, k0 + n_steps):
+        if REVERSE:
+            t = k
+            prev = t + 1
+        else:
+            t = T - 1 - k
+            prev = t
+        if PHASE_A:
+            if HAS_BS:
+                act = (rb < tl.load(bs_ptr + t))[:, None]
+            else:
+                act = rmask[:, None]
+            actf = act.to(tl.float32)
+            gh = gh + tl.load(gout_ptr + t * B * H + off, mask=m & act, other=0.0).to(tl.float32)
+            if ZH == 1:
+                dhm = tl.load(zh_ptr + t * B * H + off, mask=m, other=0.0).to(tl.float32)
+                ghh = (1.0 - dhm) * gh * actf
+                gh_keep = dhm * gh
+            elif ZH == 2:
+                ghh = (1.0 - zh_p) * gh * actf
+                gh_keep = zh_p * gh
+            else:
+                ghh = gh * actf
+                gh_keep = gh * 0.0
+            if ZC == 1:
+                dcm = tl.load(zc_ptr + t * B * H + off, mask=m, other=0.0).to(tl.float32)
+                gcn = (1.0 - dcm) * gc * actf
+                gc_keep = dcm * gc
+            elif ZC == 2:
+                gcn = (1.0 - zc_p) * gc * actf
+                gc_keep = zc_p * gc
+            else:
+                gcn = gc * actf
+                gc_keep = gc * 0.0
+            gb = gates_ptr + t * B * G + off_g
+            i = tl.load(gb, mask=m, other=0.0)
+            f = tl.load(gb + H, mask=m, other=0.0)
+            g = tl.load(gb + 2 * H, mask=m, other=0.0)
+            o = tl.load(gb + 3 * H, mask=m, other=0.0)
+            c = tl.load(cs_ptr + prev * B * H + off, mask=m, other=0.0)
+            g_ai, g_af, g_zg, g_ao, gc_prev, g_ca, n, cn = _cell_bwd(
+                ghh, gcn, i, f, g, o, c, p_i, p_f, p_o, 0.0, 0.0, zero_c, zero_c, 0.0, H, HAS_PEEP, False)
+            if HAS_PEEP:
+                acc_pi += tl.sum(g_ai * c, axis=0)
+                acc_pf += tl.sum(g_af * c, axis=0)
+                acc_po += tl.sum(g_ao * cn, axis=0)
+            db = dxg_ptr + t * B * G + off_g
+            tl.store(db, g_ai, mask=m)
+            tl.store(db + H, g_af, mask=m)
+            tl.store(db + 2 * H, g_zg, mask=m)
+            tl.store(db + 3 * H, g_ao, mask=m)
+            gc = tl.where(act, gc_keep + gc_prev, gc)
+            gh = tl.where(act, gh_keep, gh)
+        if SYNC:
+            _sibling_barrier(sync_ptr + pb, (k - k0 + 1) * n_j)
+        if PHASE_B:
+            ghin = tl.zeros((BLOCK_B, BLOCK_HC), dtype=tl.float32)
+            for kk in range(0, G, BLOCK_K):
+                ck = kk + tl.arange(0, BLOCK_K)
+                kmask = ck < G
+                a = tl.load(dxg_ptr + t * B * G + rb[:, None] * G + ck[None, :],
+                            mask=rmask[:, None] & kmask[None, :], other=0.0, cache_modifier=".cg")
+                w = _ld(w_hh_ptr + ck[:, None] * H + cj[None, :], kmask[:, None] & jmask[None, :], F32_DOT)
+                ghin += _dot(a, w, F32_DOT)
+            if HAS_RM:
+                ghin = ghin * rmk
+            gh = gh + ghin          # dxg rows of inactive rows are zero
+    tl.store(gh_ptr + off, gh, mask=m)
+    tl.store(gc_ptr + off, gc, mask=m)
+    if HAS_PEEP and PHASE_A:
+        pb_ptr = dpar_ptr + pb * 9 * H + 4 * H + cj
+        tl.store(pb_ptr, tl.load(pb_ptr, mask=jmask, other=0.0) + acc_pi, mask=jmask)
+        tl.store(pb_ptr + H, tl.load(pb_ptr + H, mask=jmask, other=0.0) + acc_pf, mask=jmask)
+        tl.store(pb_ptr + 2 * H, tl.load(pb_ptr + 2 * H, mask=jmask, other=0.0) + acc_po, mask=jmask)
+__all__ = ["lstm_fwd_kernel", "lstm_bwd_kernel", "lstm_fwd_split_kernel", "lstm_bwd_split_kernel"]
