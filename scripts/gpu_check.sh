@@ -36,18 +36,18 @@ if ! "$PY" -c "import torch, triton, sys; sys.exit(not torch.cuda.is_available()
 fi
 
 status=0
-# 1. tests on CUDA, in 4 parallel shards: the ~170 kernel configurations the tests launch each compile
+# 1. tests on CUDA, in 5 parallel shards: the ~200 kernel configurations the tests launch each compile
 #    once (about 1-3 s apiece), which is most of their time; the shards share Triton's disk cache.
 if "$PY" -c "import pytest" 2>/dev/null; then
   SECONDS=0
-  shards=("registers" "stream" "per_step" "not registers and not stream and not per_step")
+  shards=("registers" "stream" "per_step" "split" "not (registers or stream or per_step or split)")
   pids=()
-  for i in 0 1 2 3; do
+  for i in 0 1 2 3 4; do
     timeout 270 "$PY" -m pytest tests/test_triton_backend.py tests/test_triton_module.py -q -rfE \
         -p no:cacheprovider -k "${shards[$i]}" --junitxml="$OUT/tests_$i.xml" > "$OUT/tests_$i.txt" 2>&1 &
     pids+=($!)
   done
-  for i in 0 1 2 3; do
+  for i in 0 1 2 3 4; do
     wait "${pids[$i]}"
     rc=$?
     echo "shard $i (-k '${shards[$i]}'): pytest exit $rc" | tee -a "$OUT/tests.txt"
