@@ -1,13 +1,19 @@
 """The Triton backend: fused forward and backward kernels for CUDA tensors.
 
-One layer-direction (see ``_contract.py``) runs as
+One layer-direction (see ``_contract.py``) runs in one of four kernel shapes (``_Cfg`` picks; the
+thresholds are below):
 
-* forward: a persistent kernel over all T steps with W_hh (and W_hr) in registers when
-  ``4H x P`` fits (:data:`PERSISTENT_MAX_ELEMS`), else per step one cuBLAS GEMM ``h W_hh^T``
-  (plus the projection GEMM) and one fused Triton pointwise kernel;
-* backward: the same two shapes, run backwards over T, producing the gate gradients of every
-  step; the weight gradients ``dW_hh`` and ``dW_hr`` are single GEMMs over all steps after the
-  sequential loop, and the variant parameters' gradients are per-program partial sums.
+* registers: one persistent launch over all T steps, each program owning 16 batch rows and all
+  hidden units, W_hh (and W_hr) loaded once into registers; the recurrent GEMM is on chip;
+* split: one persistent launch whose programs each own a slice of the hidden units (so a small
+  batch still fills many SMs), meeting at a barrier every step (no projection, no layer norm);
+* stream: like registers, but W_hh is streamed from L2 in chunks every step (mid-size H);
+* per step: one cuBLAS GEMM ``h W_hh^T`` (plus the projection GEMM) and one fused Triton
+  pointwise kernel per step, for sizes nothing above fits.
+
+The backward has the same shapes, run backwards over T, producing the gate gradients of every step;
+the weight gradients ``dW_hh`` and ``dW_hr`` are single GEMMs over all steps after the sequential
+loop, and the variant parameters' gradients are per-program partial sums.
 
 The input projections of all steps (one GEMM) are the functional layer's: ``xg`` arrives with
 them. Arithmetic is float32 for every dtype; float32 GEMMs use IEEE precision (never TF32).

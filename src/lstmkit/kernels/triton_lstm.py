@@ -13,9 +13,10 @@ Layouts (all contiguous, row-major)
                                          (h0, c0) into the initial slot (0 forward, T reverse).
     out                     (T, B, P)    h of every time, zero where a row is inactive
 
-Each program owns BB batch rows and *all* hidden units, so the sequential dependency of a step
-on the previous one stays inside one program (no cross-program synchronisation, which also keeps
-the kernels runnable under TRITON_INTERPRET=1).
+In lstm_fwd_kernel / lstm_bwd_kernel each program owns BB batch rows and *all* hidden units, so
+the sequential dependency of a step on the previous one stays inside one program (no cross-program
+synchronisation, which also keeps the kernels runnable under TRITON_INTERPRET=1). The split kernels
+at the end spread the hidden units over programs instead (see the comment there).
 
 Two modes, chosen by the constexpr PERSISTENT:
     PERSISTENT=True   one launch loops over all T steps with W_hh (and W_hr) held in registers;
