@@ -29,11 +29,14 @@ Conventions (as in ``numba_lstm.py``)
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 from numba import njit
 
+from ..backends import _contract
 from ..backends._contract import LN_EPS
+from . import numba_blas, numba_lstm
 from .numba_lstm import act_sigmoid, act_tanh, mm
 
 _JIT = dict(cache=True, fastmath=True, error_model="numpy", nogil=True)
@@ -47,7 +50,8 @@ def _ln_rec(zr, gain, nr):
 
     zr    (G,)  (h * m) W_hh^T in, gain * normalized out
     gain  (G,)
-    nr    (G,)  the normalized values, written (saved for backward), or (0,) to skip
+    nr    (G,)  the normalized values, written (saved for backward, or scratch: one code path
+                keeps the results of saving and non-saving calls identical)
     """
     G = zr.shape[0]
     s = zr.dtype.type(0.0)
@@ -59,14 +63,10 @@ def _ln_rec(zr, gain, nr):
         dv = zr[j] - mu
         v += dv * dv
     rstd = zr.dtype.type(1.0) / math.sqrt(v / G + zr.dtype.type(LN_EPS))
-    if nr.shape[0] > 0:
-        for j in range(G):
-            n = (zr[j] - mu) * rstd
-            nr[j] = n
-            zr[j] = n * gain[j]
-    else:
-        for j in range(G):
-            zr[j] = (zr[j] - mu) * rstd * gain[j]
+    for j in range(G):
+        n = (zr[j] - mu) * rstd
+        nr[j] = n
+        zr[j] = n * gain[j]
     return rstd
 
 
@@ -288,7 +288,7 @@ def layer_fwd(sgemm, mkl, xg, w_hh, w_hh_p, w_hr, w_hr_p, h, c, bs, reverse, out
     hp = np.empty((B, H), xg.dtype)       # o * tanh(LN_c(c~)) before the projection
     hr = np.empty((B, P), xg.dtype)       # projected h~
     hin = np.empty((B, P), xg.dtype)      # h_{t-1} * mask
-    no_nr = np.empty(0, xg.dtype)
+    nr = np.empty(G if lnh else 0, xg.dtype)  # scratch for _ln_rec when not saving
     for s in range(T):
         t = T - 1 - s if reverse else s
         nb = B if bs.shape[0] == 0 else bs[t]
@@ -312,7 +312,7 @@ def layer_fwd(sgemm, mkl, xg, w_hh, w_hh_p, w_hr, w_hr_p, h, c, bs, reverse, out
                     if save_ln:
                         lns[t, b] = _ln_rec(z[b], ln_g, lnr[t, b])
                     else:
-                        _ln_rec(z[b], ln_g, no_nr)
+                        _ln_rec(z[b], ln_g, nr)
                 cb = c[b]
                 cw = ct[b]
                 _row_fwd(xt[b], z[b], cb, cw, hp[b], pe, lnc_w, lnc_b)
@@ -450,3 +450,22 @@ def layer_bwd(sgemm, mkl, gates, cs, cts, lnr, lns, c0, w_hh, w_hh_p, w_hr, w_hr
                 ib = dhin[b]
                 for j in range(P):
                     db[j] = kb[j] + ib[j]
+
+
+# --- cache freshness --------------------------------------------------------------------------
+# Numba's on-disk cache checks only the source file of the function it compiled, but the kernels
+# above have ``numba_lstm``'s GEMM and activations (and constants of ``numba_blas`` and
+# ``_contract``) compiled into them: after an edit there, a cached kernel would run the old code
+# against new conventions (seen: garbage from a changed packed-weight format). Adding those files'
+# stamps to the index stamp makes such an entry stale, so it is recompiled.
+
+def _tie_cache_to_dependencies(*dispatchers) -> None:
+    deps = tuple((os.stat(m.__file__).st_mtime, os.stat(m.__file__).st_size)
+                 for m in (numba_lstm, numba_blas, _contract))
+    for d in dispatchers:
+        cache_file = getattr(getattr(d, "_cache", None), "_cache_file", None)
+        if cache_file is not None and hasattr(cache_file, "_source_stamp"):
+            cache_file._source_stamp = (cache_file._source_stamp, deps)
+
+
+_tie_cache_to_dependencies(layer_fwd, layer_bwd)
