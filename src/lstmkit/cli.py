@@ -28,6 +28,7 @@ _HYPER = [
     ("--patience", "patience", int, "epochs without improvement before stopping"),
     ("--monitor", "monitor", str, "validation score to keep the best weights of: loss or acc"),
     ("--grad-clip", "grad_clip", float, "gradient-norm clip (0: off)"),
+    ("--noise", "noise", float, "std of Gaussian noise on standardized training inputs (0: off)"),
     ("--impute", "impute", str, "replace NaN/inf: zero (training mean) or ffill (else they are an error)"),
     ("--seed", "seed", int, "seed for weights, splits and shuffling"),
     ("--device", "device", str, "auto, cpu, cuda or cuda:N"),
@@ -124,7 +125,7 @@ def _cmd_train(args) -> int:
     overrides = {dest: getattr(args, dest) for _, dest, _, _ in _HYPER}
     overrides.update(bidirectional=args.bidirectional, class_weight=args.class_weight, standardize=args.standardize)
     if args.resume is not None:
-        given = [k for k, v in overrides.items() if v is not None and k != "device"]
+        given = ["--" + k.replace("_", "-") for k, v in overrides.items() if v is not None and k != "device"]
         given += [f for f, v in (("--data", args.data), ("--dataset", args.dataset), ("--out", args.out),
                                  ("--test-data", args.test_data)) if v is not None]
         if given:

@@ -19,6 +19,7 @@ DEFAULTS: dict[str, object] = {
     "patience": 20,
     "monitor": "loss",
     "grad_clip": 1.0,
+    "noise": 0.0,
     "class_weight": None,
     "standardize": True,
     "impute": None,

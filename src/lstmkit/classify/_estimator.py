@@ -73,6 +73,8 @@ class LSTMSequenceClassifier(ClassifierMixin, BaseEstimator):
         monitor: the validation score: ``"loss"`` (lowest loss) or ``"acc"`` (highest accuracy,
             ties to the lowest loss).
         grad_clip: gradient-norm clipping (None or 0: off).
+        noise: standard deviation of Gaussian noise added to the standardized training inputs
+            (augmentation; 0: off).
         class_weight: None, ``"balanced"`` or ``{label: weight}`` for the training loss.
         standardize: scale each feature with the training set's mean and standard deviation.
         impute: None (NaN/inf in X raises, naming the case), ``"zero"`` (missing values take the
@@ -107,6 +109,7 @@ class LSTMSequenceClassifier(ClassifierMixin, BaseEstimator):
         patience: Optional[int] = DEFAULTS["patience"],
         monitor: str = DEFAULTS["monitor"],
         grad_clip: Optional[float] = DEFAULTS["grad_clip"],
+        noise: float = DEFAULTS["noise"],
         class_weight=DEFAULTS["class_weight"],
         standardize: bool = DEFAULTS["standardize"],
         impute: Optional[str] = DEFAULTS["impute"],
@@ -128,6 +131,7 @@ class LSTMSequenceClassifier(ClassifierMixin, BaseEstimator):
         self.patience = patience
         self.monitor = monitor
         self.grad_clip = grad_clip
+        self.noise = noise
         self.class_weight = class_weight
         self.standardize = standardize
         self.impute = impute
@@ -149,6 +153,8 @@ class LSTMSequenceClassifier(ClassifierMixin, BaseEstimator):
             positive_int(name)
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"dropout: expected a float in [0, 1), got {self.dropout!r}")
+        if not float(self.noise) >= 0:
+            raise ValueError(f"noise: expected a float >= 0, got {self.noise!r}")
         if not float(self.lr) > 0:
             raise ValueError(f"lr: expected a positive float, got {self.lr!r}")
         if not 0.0 <= float(self.validation_fraction) < 1.0:
@@ -306,6 +312,7 @@ class LSTMSequenceClassifier(ClassifierMixin, BaseEstimator):
             grad_clip=float(self.grad_clip) if self.grad_clip else None,
             seed=int(self.seed),
             monitor=self.monitor,
+            noise=float(self.noise),
         )
         self.history_ = train(
             model,

@@ -20,6 +20,7 @@ def _save(fig, path: str | os.PathLike) -> None:
 def learning_curve(history: dict, path: str | os.PathLike, title: str = "") -> None:
     """Training and validation loss and accuracy per epoch, the restored (best) epoch marked."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     epochs = history["epoch"]
     fig = Figure(figsize=(9, 3.6))
@@ -33,6 +34,7 @@ def learning_curve(history: dict, path: str | os.PathLike, title: str = "") -> N
         if best and best > 0:
             ax.axvline(best, color="grey", linestyle=":", label=f"restored (epoch {best})")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -148,9 +148,8 @@ def train_run(
             raise RunError(f"--resume {str(run)!r}: not a run folder ({RUN_FILE} is missing)")
         saved = read_json(run / RUN_FILE)
         spec = DataSpec(**saved["data"])
-        params = saved["params"]
-        if params.get("device") != (saved.get("params") or {}).get("device"):
-            pass
+        # the data and training options are the run's; only where it runs may change
+        params = {**saved["params"], **{k: v for k, v in (params or {}).items() if k == "device" and v is not None}}
     else:
         params = _params_from(params or {})
         run = Path(run_dir) if run_dir is not None else default_run_dir(spec)

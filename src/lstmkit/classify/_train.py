@@ -47,6 +47,8 @@ class TrainConfig:
     patience: Optional[int]
     grad_clip: Optional[float]
     seed: int
+    #: standard deviation of Gaussian noise added to the (standardized) training inputs each step
+    noise: float = 0.0
     #: "loss": keep the weights of the lowest validation loss; "acc": the highest validation
     #: accuracy, ties to the lower validation loss
     monitor: str = "loss"
@@ -170,6 +172,8 @@ def train(
             loss_sum, correct, seen = 0.0, 0, 0
             for start in range(0, len(order), local_batch):
                 x, lengths, y = train_data.take(order[start : start + local_batch], device)
+                if cfg.noise > 0:
+                    x = x + cfg.noise * torch.randn(x.shape, generator=gen).to(device)
                 logits = net(x, lengths)
                 loss = loss_fn(logits, y)
                 optimizer.zero_grad(set_to_none=True)
