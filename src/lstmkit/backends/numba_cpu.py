@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ..kernels import numba_lstm as K
+from ..kernels.numba_blas import HAVE_MKL, SGEMM, pack_b
 from ._contract import LayerOptions
 
 NAME = "numba"
@@ -78,7 +79,15 @@ def sync_threads() -> None:
 # --- helpers ----------------------------------------------------------------------------------
 
 def _np(t: Tensor) -> np.ndarray:
+    if not t.requires_grad and t.is_contiguous():
+        return t.numpy()
     return t.detach().contiguous().numpy()
+
+
+def _new(shape: tuple, dtype: torch.dtype) -> tuple[Tensor, np.ndarray]:
+    """An uninitialized tensor and its NumPy view (cheaper than Tensor.new_empty + .numpy())."""
+    a = np.empty(shape, _NP_DTYPE[dtype])
+    return torch.from_numpy(a), a
 
 
 def _bs_np(batch_sizes: Optional[Tensor]) -> np.ndarray:
@@ -113,8 +122,13 @@ def _forward(xg: Tensor, w_hh: Tensor, w_hr: Optional[Tensor], h0: Tensor, c0: T
     n_save = T if save else 0
     gates = xg.new_empty((n_save, B, G))
     cs = xg.new_empty((n_save, B, H))
+    w_hh_np = _np(w_hh)
     w_hr_np = _np(w_hr) if w_hr is not None else np.zeros((0, H), _NP_DTYPE[xg.dtype])
-    K.layer_fwd(_np(xg), _np(w_hh), w_hr_np, h_n.numpy(), c_n.numpy(), _bs_np(batch_sizes),
+    mkl = HAVE_MKL and xg.dtype == torch.float32
+    # packing the weights costs about one step's product: worth it from two steps on
+    n_pack = B if T > 1 else 0
+    K.layer_fwd(SGEMM, mkl, _np(xg), w_hh_np, pack_b(w_hh_np, n_pack, True), w_hr_np,
+                pack_b(w_hr_np, n_pack, True), h_n.numpy(), c_n.numpy(), _bs_np(batch_sizes),
                 bool(reverse), out.numpy(), 0, gates.numpy(), cs.numpy())
     return out, h_n, c_n, gates, cs
 
@@ -133,10 +147,13 @@ def _backward(gates: Tensor, cs: Tensor, out: Tensor, h0: Tensor, c0: Tensor, w_
     dc = grad_c.detach().clone(memory_format=torch.contiguous_format)
     dhs = gates.new_empty((T if proj else 0, B, P))
     hps = gates.new_empty((T if proj else 0, B, H))
+    w_hh_np = _np(w_hh)
     w_hr_np = _np(w_hr) if proj else np.zeros((0, H), _NP_DTYPE[gates.dtype])
-    K.layer_bwd(gates.numpy(), cs.numpy(), _np(c0), _np(w_hh), w_hr_np, _np(grad_out),
-                dh.numpy(), dc.numpy(), _bs_np(batch_sizes), bool(reverse),
-                dgates.numpy(), dhs.numpy(), hps.numpy())
+    mkl = HAVE_MKL and gates.dtype == torch.float32
+    n_pack = B if T > 1 else 0
+    K.layer_bwd(SGEMM, mkl, gates.numpy(), cs.numpy(), _np(c0), w_hh_np, pack_b(w_hh_np, n_pack, False),
+                w_hr_np, pack_b(w_hr_np, n_pack, False), _np(grad_out), dh.numpy(), dc.numpy(),
+                _bs_np(batch_sizes), bool(reverse), dgates.numpy(), dhs.numpy(), hps.numpy())
     # dW_hh = sum over steps of dgates_t^T h_{t-1}: the previous h is the output of the step
     # before in processing order, or h0 at a row's first step.
     dw_hh = gates.new_zeros((G, P))
@@ -265,21 +282,23 @@ def layer(
 
 # --- inference hooks --------------------------------------------------------------------------
 
-# Weights as NumPy views, keyed by the identity of the weight tensors. The views share memory
-# with the parameters, so in-place updates (optimizer steps) are seen; a parameter whose storage
-# was replaced changes its data_ptr and the entry is rebuilt. Non-contiguous weights are copied
-# on every call, never cached. The entries hold the tensors, so their ids stay unique.
+# Weights as NumPy views plus their packed forms, keyed by the identity of the weight tensors. The
+# views share memory with the parameters; an entry is rebuilt when a tensor's version counter (an
+# in-place update such as an optimizer step) or storage (a replaced ``.data``) changed, so the
+# packed copies never go stale. Non-contiguous weights are converted on every call, never cached.
+# The entries hold the tensors, so their ids stay unique.
 _WCACHE: OrderedDict = OrderedDict()
 _WCACHE_SIZE = 16
 
 
-def _weight_views(weights: Sequence[Tensor], dtype: torch.dtype) -> tuple:
+def _prepared(weights: Sequence[Tensor], dtype: torch.dtype, pack_rows: Sequence[int]) -> tuple:
+    """(views, packed): 2-D NumPy views (biases as (1, G)) and each 2-D weight packed for
+    ``a @ w.T`` with ``pack_rows[i]`` rows of ``a`` (0: do not pack)."""
     key = tuple(map(id, weights))
+    state = tuple((w.data_ptr(), w._version) for w in weights)
     hit = _WCACHE.get(key)
-    if hit is not None:
-        ptrs, views, _ = hit
-        if all(w.data_ptr() == p for w, p in zip(weights, ptrs)):
-            return views
+    if hit is not None and hit[0] == state:
+        return hit[1], hit[2]
     views = []
     cacheable = True
     for w in weights:
@@ -291,11 +310,12 @@ def _weight_views(weights: Sequence[Tensor], dtype: torch.dtype) -> tuple:
         a = _np(w)
         views.append(a.reshape(1, -1) if a.ndim == 1 else a)
     views = tuple(views)
+    packed = tuple(pack_b(v, n if v.shape[0] > 1 else 0, True) for v, n in zip(views, pack_rows))
     if cacheable:
-        _WCACHE[key] = (tuple(w.data_ptr() for w in weights), views, tuple(weights))
+        _WCACHE[key] = (state, views, packed, tuple(weights))
         if len(_WCACHE) > _WCACHE_SIZE:
             _WCACHE.popitem(last=False)
-    return views
+    return views, packed
 
 
 def lstm_stack(
@@ -311,19 +331,21 @@ def lstm_stack(
     batch_sizes: Optional[Tensor],    # (T,) int64 or None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """A stacked LSTM forward without gradients, in one compiled call: (out (T,B,D*P), h_n, c_n)."""
-    why = unavailable(x.device, x.dtype)
-    if why is not None:
-        raise RuntimeError(why)
+    if x.device.type != "cpu" or x.dtype not in _DTYPES:
+        raise RuntimeError(unavailable(x.device, x.dtype))
     sync_threads()
     T, B = x.shape[0], x.shape[1]
     D = 2 if bidirectional else 1
     P = h0.shape[2]
-    ws = _weight_views(weights, x.dtype)
-    out = x.new_empty((T, B, D * P))
-    h_n = h0.new_empty(h0.shape)
-    c_n = c0.new_empty(c0.shape)
-    K.stack_fwd(_np(x), _np(h0), _np(c0), ws, num_layers, D, bool(has_biases), proj_size > 0,
-                _bs_np(batch_sizes), out.numpy(), h_n.numpy(), c_n.numpy())
+    per = 2 + (2 if has_biases else 0) + (1 if proj_size > 0 else 0)
+    # pack w_ih for the (T*B)-row input product, w_hh and w_hr for the B-row step products
+    rows = [T * B, B] + [0, 0] * bool(has_biases) + [B] * (proj_size > 0)
+    views, packed = _prepared(weights, x.dtype, rows * (len(weights) // per))
+    out, out_np = _new((T, B, D * P), x.dtype)
+    h_n, h_np = _new(tuple(h0.shape), x.dtype)
+    c_n, c_np = _new(tuple(c0.shape), x.dtype)
+    K.stack_fwd(SGEMM, HAVE_MKL and x.dtype == torch.float32, _np(x), _np(h0), _np(c0), views, packed,
+                num_layers, D, bool(has_biases), proj_size > 0, _bs_np(batch_sizes), out_np, h_np, c_np)
     return out, h_n, c_n
 
 
@@ -337,16 +359,17 @@ def lstm_cell_step(
     b_hh: Optional[Tensor],    # (4H,)
 ) -> tuple[Tensor, Tensor]:
     """One LSTMCell step without gradients: (h1 (B,H), c1 (B,H))."""
-    why = unavailable(x.device, x.dtype)
-    if why is not None:
-        raise RuntimeError(why)
+    if x.device.type != "cpu" or x.dtype not in _DTYPES:
+        raise RuntimeError(unavailable(x.device, x.dtype))
     sync_threads()
+    B = x.shape[0]
     ws = [w_ih, w_hh] + ([b_ih, b_hh] if b_ih is not None else [])
-    views = _weight_views(ws, x.dtype)
+    views, packed = _prepared(ws, x.dtype, [B, B, 0, 0][:len(ws)])
     if b_ih is None:
         nob = np.zeros((0, w_ih.shape[0]), _NP_DTYPE[x.dtype])
         views = views + (nob, nob)
-    h1 = h.new_empty(h.shape)
-    c1 = c.new_empty(c.shape)
-    K.cell_step(_np(x), _np(h), _np(c), views[0], views[1], views[2], views[3], h1.numpy(), c1.numpy())
+    h1, h1_np = _new(tuple(h.shape), x.dtype)
+    c1, c1_np = _new(tuple(c.shape), x.dtype)
+    K.cell_step(SGEMM, HAVE_MKL and x.dtype == torch.float32, _np(x), _np(h), _np(c), views[0], packed[0],
+                views[1], packed[1], views[2], views[3], h1_np, c1_np)
     return h1, c1

@@ -26,10 +26,18 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-_JIT = dict(cache=True, fastmath=True, error_model="numpy", nogil=True)
+from .numba_blas import NO_TRANS, PACK_MIN_SIZE, PACKED, ROW_MAJOR, TRANS
 
-# multiply-adds below which a hand-written loop beats a BLAS call
+_JIT = dict(cache=True, fastmath=True, error_model="numpy", nogil=True)
+# The activations are inlined at Numba's level: calls into separately cached functions cannot be
+# inlined by LLVM, and a call per element keeps the loops scalar (5.5 ns against 1.8 ns a cell).
+
+# multiply-adds below which a hand-written loop beats a call to SciPy's BLAS / to MKL
 SMALL_FLOPS = 24 * 1024
+SMALL_FLOPS_MKL = 2 * 1024
+# ... and below which a loop over a transposed copy of the weights does (it vectorizes)
+SMALL_FLOPS_WT = 32 * 1024
+_ZERO32 = np.float32(0.0)
 
 # Eigen's rational approximation of tanh (float32): odd numerator of degree 13, even denominator
 # of degree 6, exact to a few ulp on the clamped range; beyond it tanh rounds to +-1 in float32.
@@ -57,7 +65,7 @@ def act_sigmoid(x):
     return 1.0 / (1.0 + math.exp(-x))
 
 
-@njit(**_JIT)
+@njit(inline="always", **_JIT)
 def _tanh32(x):
     x = min(max(x, -_CLAMP), _CLAMP)
     x2 = x * x
@@ -74,7 +82,7 @@ def _tanh32(x):
     return p / q
 
 
-@overload(act_tanh, jit_options=dict(fastmath=True, error_model="numpy"))
+@overload(act_tanh, inline="always", jit_options=dict(fastmath=True, error_model="numpy"))
 def _ov_tanh(x):
     if isinstance(x, types.Float) and x.bitwidth == 32:
         def tanh32(x):
@@ -83,7 +91,7 @@ def _ov_tanh(x):
     return lambda x: math.tanh(x)
 
 
-@overload(act_sigmoid, jit_options=dict(fastmath=True, error_model="numpy"))
+@overload(act_sigmoid, inline="always", jit_options=dict(fastmath=True, error_model="numpy"))
 def _ov_sigmoid(x):
     if isinstance(x, types.Float) and x.bitwidth == 32:
         def sig32(x):
@@ -93,55 +101,137 @@ def _ov_sigmoid(x):
 
 
 @njit(**_JIT)
-def matmul_nt(a, w, out):
-    """out = a @ w.T.
+def mm(sgemm, mkl, a, w, wp, trans, out):
+    """out = a @ w.T if trans else a @ w.
 
-    a    (n, K)
-    w    (N, K)
-    out  (n, N)   written
+    sgemm      MKL's cblas_sgemm_compute (``numba_blas.SGEMM``), called only when ``mkl``
+    mkl        float32 with MKL present: use sgemm, else np.dot (SciPy's BLAS)
+    a   (n, K) C-contiguous rows
+    w   (N, K) if trans else (K, N), C-contiguous
+    wp  (S,)   ``numba_blas.pack_b(w, ..)``: w.T as a (K, N) copy (S = K*N < PACK_MIN_SIZE),
+               w packed by MKL (S >= ~2M), or nothing (S = 0)
+    out (n, N) written, C-contiguous rows
     """
     n, K = a.shape
-    N = w.shape[0]
-    if n * N * K <= SMALL_FLOPS:
+    N = out.shape[1]
+    if n == 0 or N == 0:
+        return
+    flops = n * N * K
+    wt_copy = trans and wp.shape[0] == K * N and K * N < PACK_MIN_SIZE
+    if wt_copy and flops <= SMALL_FLOPS_WT:
+        # rows of w.T are contiguous: the inner loop over N vectorizes
+        wt = wp.reshape(K, N)
         for r in range(n):
+            orow = out[r]
             for j in range(N):
-                acc = out.dtype.type(0.0)
-                for k in range(K):
-                    acc += a[r, k] * w[j, k]
-                out[r, j] = acc
-    else:
-        np.dot(a, w.T, out)
-
-
-@njit(**_JIT)
-def matmul_nn(a, w, out):
-    """out = a @ w.
-
-    a    (n, K)
-    w    (K, N)
-    out  (n, N)   written
-    """
-    n, K = a.shape
-    N = w.shape[1]
-    if n * N * K <= SMALL_FLOPS:
-        for r in range(n):
-            for j in range(N):
-                out[r, j] = 0
+                orow[j] = 0
             for k in range(K):
                 av = a[r, k]
+                wrow = wt[k]
                 for j in range(N):
-                    out[r, j] += av * w[k, j]
+                    orow[j] += av * wrow[j]
+    elif flops <= (SMALL_FLOPS_MKL if mkl else SMALL_FLOPS):
+        if trans:
+            for r in range(n):
+                for j in range(N):
+                    acc = out.dtype.type(0.0)
+                    for k in range(K):
+                        acc += a[r, k] * w[j, k]
+                    out[r, j] = acc
+        else:
+            for r in range(n):
+                orow = out[r]
+                for j in range(N):
+                    orow[j] = 0
+                for k in range(K):
+                    av = a[r, k]
+                    wrow = w[k]
+                    for j in range(N):
+                        orow[j] += av * wrow[j]
+    elif mkl:
+        if wp.shape[0] > 0 and not wt_copy:
+            sgemm(ROW_MAJOR, NO_TRANS, PACKED, n, N, K, a.ctypes.data, K, wp.ctypes.data, N,
+                  _ZERO32, out.ctypes.data, N)
+        else:
+            sgemm(ROW_MAJOR, NO_TRANS, TRANS if trans else NO_TRANS, n, N, K, a.ctypes.data, K,
+                  w.ctypes.data, w.shape[1], _ZERO32, out.ctypes.data, N)
+    elif trans:
+        np.dot(a, w.T, out)
     else:
         np.dot(a, w, out)
 
 
 @njit(**_JIT)
-def layer_fwd(xg, w_hh, w_hr, h, c, bs, reverse, out, col0, gates, cs):
+def act_coefficients(B, H, dtype_like):
+    """Per-element coefficients that make every gate activation one tanh: act = a * tanh(s * x) + b.
+
+    sigmoid(x) = 0.5 tanh(0.5 x) + 0.5 (gates i, f, o), tanh(x) = 1 tanh(1 x) + 0 (gate g).
+    dtype_like  any array of the kernel's dtype
+    returns     (3, B * G): s, a, b tiled over B rows of G = 4H columns
+    """
+    G = 4 * H
+    co = np.empty((3, B * G), dtype_like.dtype)
+    for b in range(B):
+        for j in range(G):
+            half = not (2 * H <= j < 3 * H)
+            co[0, b * G + j] = 0.5 if half else 1.0
+            co[1, b * G + j] = 0.5 if half else 1.0
+            co[2, b * G + j] = 0.5 if half else 0.0
+    return co
+
+
+@njit(inline="always", **_JIT)
+def _step_fwd(xt, z, c, hp, tc, co, nb):
+    """The elementwise part of one step for the first nb rows.
+
+    xt  (B, G)      input projections of the step
+    z   (B, G)      recurrent pre-activations in, gate activations (i, f, g, o) out
+    c   (B, H)      c in, c~ out
+    hp  (B, H)      o * tanh(c~) out
+    tc  (B * H,)    scratch
+    co  (3, B * G)  :func:`act_coefficients`
+    """
+    G = z.shape[1]
+    H = c.shape[1]
+    # Flat loops over all rows at once vectorize even when H is tiny; a loop that reads and writes
+    # z at offsets H apart, or starts at a non-zero index (Numba's negative-index wraparound then
+    # hides the affine access), stays scalar.
+    xf = xt.reshape(xt.size)
+    zf = z.reshape(z.size)
+    s = co[0]
+    a = co[1]
+    o = co[2]
+    for i in range(nb * G):
+        zf[i] = a[i] * act_tanh(s[i] * (xf[i] + zf[i])) + o[i]
+    for b in range(nb):
+        zr = z[b]
+        zi = zr[:H]
+        zfg = zr[H:2 * H]
+        zg = zr[2 * H:3 * H]
+        cr = c[b]
+        for j in range(H):
+            cr[j] = zfg[j] * cr[j] + zi[j] * zg[j]
+    cf = c.reshape(c.size)
+    for i in range(nb * H):
+        tc[i] = act_tanh(cf[i])
+    for b in range(nb):
+        zo = z[b, 3 * H:]
+        hr = hp[b]
+        tr = tc[b * H:(b + 1) * H]
+        for j in range(H):
+            hr[j] = zo[j] * tr[j]
+
+
+@njit(**_JIT)
+def layer_fwd(sgemm, mkl, xg, w_hh, w_hh_p, w_hr, w_hr_p, h, c, bs, reverse, out, col0, gates, cs):
     """One layer-direction over all steps; the state (h, c) is updated in place.
 
+    sgemm, mkl         the GEMM (see :func:`mm`)
     xg     (T, B, G)   input projections with biases, C-contiguous
     w_hh   (G, P)      recurrent weights
+    w_hh_p (S,)        w_hh packed for ``h @ w_hh.T``, or (0,)
     w_hr   (P, H)      projection weights, or (0, H) for none
+    w_hr_p (S,)        w_hr packed for ``hp @ w_hr.T``, or (0,)
     h      (B, P)      initial hidden state in, final (h_n) out
     c      (B, H)      initial cell state in, final (c_n) out
     bs     (T,)        active rows per step, or (0,) for all
@@ -159,38 +249,30 @@ def layer_fwd(xg, w_hh, w_hr, h, c, bs, reverse, out, col0, gates, cs):
     z = np.empty((B, G), xg.dtype)        # recurrent pre-activations, then gate activations
     hp = np.empty((B, H), xg.dtype)       # o * tanh(c) before the projection
     hr = np.empty((B, P), xg.dtype)       # projected h
+    tc = np.empty(B * H, xg.dtype)
+    co = act_coefficients(B, H, xg)
     for s in range(T):
         t = T - 1 - s if reverse else s
         nb = B if bs.shape[0] == 0 else bs[t]
         for b in range(nb, B):
-            for j in range(P):
-                out[t, b, col0 + j] = 0
+            out[t, b, col0:col0 + P] = 0
         if nb > 0:
             zt = z[:nb]
-            matmul_nt(h[:nb], w_hh, zt)
-            xt = xg[t]
-            for b in range(nb):
-                for j in range(H):
-                    ig = act_sigmoid(xt[b, j] + zt[b, j])
-                    fg = act_sigmoid(xt[b, H + j] + zt[b, H + j])
-                    gg = act_tanh(xt[b, 2 * H + j] + zt[b, 2 * H + j])
-                    og = act_sigmoid(xt[b, 3 * H + j] + zt[b, 3 * H + j])
-                    cv = fg * c[b, j] + ig * gg
-                    c[b, j] = cv
-                    hp[b, j] = og * act_tanh(cv)
-                    zt[b, j] = ig
-                    zt[b, H + j] = fg
-                    zt[b, 2 * H + j] = gg
-                    zt[b, 3 * H + j] = og
+            mm(sgemm, mkl, h[:nb], w_hh, w_hh_p, True, zt)
+            _step_fwd(xg[t], z, c, hp, tc, co, nb)
             if proj:
-                matmul_nt(hp[:nb], w_hr, hr[:nb])
+                mm(sgemm, mkl, hp[:nb], w_hr, w_hr_p, True, hr[:nb])
                 src = hr
             else:
                 src = hp
             for b in range(nb):
+                orow = out[t, b, col0:col0 + P]
+                hrow = h[b]
+                srow = src[b]
                 for j in range(P):
-                    h[b, j] = src[b, j]
-                    out[t, b, col0 + j] = src[b, j]
+                    v = srow[j]
+                    hrow[j] = v
+                    orow[j] = v
             if save:
                 gates[t, :nb] = zt
         if save:
@@ -201,14 +283,17 @@ def layer_fwd(xg, w_hh, w_hr, h, c, bs, reverse, out, col0, gates, cs):
 
 
 @njit(**_JIT)
-def layer_bwd(gates, cs, c0, w_hh, w_hr, grad_out, dh, dc, bs, reverse, dgates, dhs, hps):
+def layer_bwd(sgemm, mkl, gates, cs, c0, w_hh, w_hh_p, w_hr, w_hr_p, grad_out, dh, dc, bs, reverse,
+              dgates, dhs, hps):
     """Backward of :func:`layer_fwd` through all steps (the recurrent part).
 
     gates    (T, B, G)   saved activations
     cs       (T, B, H)   saved c after every step
     c0       (B, H)      initial cell state
     w_hh     (G, P)      recurrent weights
+    w_hh_p   (S,)        w_hh packed for ``dgates @ w_hh``, or (0,)
     w_hr     (P, H)      projection weights, or (0, H)
+    w_hr_p   (S,)        w_hr packed for ``dh @ w_hr``, or (0,)
     grad_out (T, B, P)   gradient of the outputs
     dh       (B, P)      gradient of h_n in, of h0 out
     dc       (B, H)      gradient of c_n in, of c0 out
@@ -244,7 +329,7 @@ def layer_bwd(gates, cs, c0, w_hh, w_hr, grad_out, dh, dc, bs, reverse, dgates, 
                 dht[b, j] = dh[b, j] + grad_out[t, b, j]
         if proj:
             dhs[t, :nb] = dht[:nb]
-            matmul_nn(dht[:nb], w_hr, dhp[:nb])
+            mm(sgemm, mkl, dht[:nb], w_hr, w_hr_p, False, dhp[:nb])
             src = dhp
         else:
             src = dht
@@ -271,11 +356,11 @@ def layer_bwd(gates, cs, c0, w_hh, w_hr, grad_out, dh, dc, bs, reverse, dgates, 
                 dc[b, j] = dcv * fg
                 if proj:
                     hps[t, b, j] = og * tc
-        matmul_nn(dg[:nb], w_hh, dh[:nb])
+        mm(sgemm, mkl, dg[:nb], w_hh, w_hh_p, False, dh[:nb])
 
 
 @njit(**_JIT)
-def stack_fwd(x, h0, c0, ws, num_layers, num_dirs, has_bias, has_proj, bs, out, h_n, c_n):
+def stack_fwd(sgemm, mkl, x, h0, c0, ws, wps, num_layers, num_dirs, has_bias, has_proj, bs, out, h_n, c_n):
     """A whole stacked (bidirectional) LSTM forward without saving anything, in one call.
 
     x      (T, B, I)        input, C-contiguous
@@ -283,6 +368,7 @@ def stack_fwd(x, h0, c0, ws, num_layers, num_dirs, has_bias, has_proj, bs, out, 
     c0     (L*D, B, H)      initial cell states
     ws     tuple of 2-D C-contiguous arrays in torch.nn.LSTM's _flat_weights order, biases as
            (1, G): per layer and direction w_ih (G, I or Q), w_hh (G, P), [b_ih, b_hh], [w_hr (P, H)]
+    wps    tuple of 1-D arrays, one per entry of ws: that matrix packed for ``a @ w.T``, or (0,)
     bs     (T,)             active rows per step, or (0,)
     out    (T, B, Q)        written: the last layer's outputs
     h_n    (L*D, B, P)      written
@@ -306,7 +392,7 @@ def stack_fwd(x, h0, c0, ws, num_layers, num_dirs, has_bias, has_proj, bs, out, 
             w_ih = ws[k]
             w_hh = ws[k + 1]
             xg2 = xg.reshape(T * B, G)
-            matmul_nt(inp, w_ih, xg2)
+            mm(sgemm, mkl, inp, w_ih, wps[k], True, xg2)
             if has_bias:
                 b_ih = ws[k + 2]
                 b_hh = ws[k + 3]
@@ -314,23 +400,26 @@ def stack_fwd(x, h0, c0, ws, num_layers, num_dirs, has_bias, has_proj, bs, out, 
                     for j in range(G):
                         xg2[r, j] += b_ih[0, j] + b_hh[0, j]
             w_hr = ws[k + per - 1] if has_proj else no_proj
+            w_hr_p = wps[k + per - 1] if has_proj else wps[k + 1]
             idx = layer * num_dirs + d
             h_n[idx] = h0[idx]
             c_n[idx] = c0[idx]
-            layer_fwd(xg, w_hh, w_hr, h_n[idx], c_n[idx], bs, d == 1, dst, d * P,
-                      no_save_g, no_save_c)
+            layer_fwd(sgemm, mkl, xg, w_hh, wps[k + 1], w_hr, w_hr_p, h_n[idx], c_n[idx], bs, d == 1,
+                      dst, d * P, no_save_g, no_save_c)
         inp = dst.reshape(T * B, Q)
 
 
 @njit(**_JIT)
-def cell_step(x, h, c, w_ih, w_hh, b_ih, b_hh, h1, c1):
+def cell_step(sgemm, mkl, x, h, c, w_ih, w_ih_p, w_hh, w_hh_p, b_ih, b_hh, h1, c1):
     """One LSTMCell step.
 
     x     (B, I)
     h     (B, H)
     c     (B, H)
     w_ih  (G, I)
+    w_ih_p (S,)    w_ih packed for ``x @ w_ih.T``, or (0,)
     w_hh  (G, H)
+    w_hh_p (S,)    w_hh packed for ``h @ w_hh.T``, or (0,)
     b_ih  (1, G) or (0, G) for no biases
     b_hh  (1, G) or (0, G)
     h1    (B, H)   written
@@ -341,8 +430,8 @@ def cell_step(x, h, c, w_ih, w_hh, b_ih, b_hh, h1, c1):
     G = 4 * H
     z = np.empty((B, G), x.dtype)
     zh = np.empty((B, G), x.dtype)
-    matmul_nt(x, w_ih, z)
-    matmul_nt(h, w_hh, zh)
+    mm(sgemm, mkl, x, w_ih, w_ih_p, True, z)
+    mm(sgemm, mkl, h, w_hh, w_hh_p, True, zh)
     bias = b_ih.shape[0] > 0
     for b in range(B):
         for j in range(G):

@@ -1,0 +1,41 @@
+"""``lstmkit bench``: lstmkit against torch.nn.LSTM, measured side by side in one process.
+
+``main(argv)`` runs the CPU suite (the Numba backend, :mod:`lstmkit.bench._cpu`); with
+``--device cuda`` it hands the arguments to the GPU suite, :mod:`lstmkit.bench.cuda`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+__all__ = ["main"]
+
+
+def _device_of(argv: list[str]) -> str:
+    for i, a in enumerate(argv):
+        if a == "--device" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--device="):
+            return a.split("=", 1)[1]
+    return "cpu"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if _device_of(argv).startswith("cuda"):
+        try:
+            from . import cuda
+        except ImportError as exc:
+            print(f"lstmkit bench --device cuda: the GPU suite is not available ({exc})", file=sys.stderr)
+            return 2
+        import torch
+
+        if not torch.cuda.is_available():
+            print("lstmkit bench --device cuda: no CUDA device is available", file=sys.stderr)
+            return 2
+        return int(cuda.main(argv) or 0)
+    from . import _cpu
+
+    return _cpu.main(argv)

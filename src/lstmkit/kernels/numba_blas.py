@@ -1,0 +1,94 @@
+"""The float32 GEMM the Numba kernels call: MKL's ``cblas_sgemm_compute`` from torch's own library.
+
+torch's x86 CPU builds link MKL and export its packed-GEMM entry points. Calling them from the
+kernels (as a ctypes function passed in as an argument, so the compiled kernels stay cacheable)
+gives three things SciPy's OpenBLAS does not: the recurrent weights packed once per sequence
+instead of once per step (a 16x128 @ 128x512 step: ~11 us packed against ~40 us), the same
+OpenMP thread pool and thread count as torch (no oversubscription), and AVX-512 kernels.
+
+Where the symbols are missing (other torch builds), ``SGEMM`` is a stand-in that is never
+called and the kernels use ``np.dot`` (SciPy's BLAS) instead; ``HAVE_MKL`` tells which.
+
+Dimension legend: n rows of the left operand, K inner dimension, N columns of the result.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import numpy as np
+
+ROW_MAJOR = 101
+NO_TRANS = 111
+TRANS = 112
+PACKED = 151
+B_MATRIX = 162
+
+_I = ctypes.c_int
+_P = ctypes.c_void_p
+# cblas_sgemm_compute(layout, transa, transb, m, n, k, a, lda, b, ldb, beta, c, ldc)
+_COMPUTE_ARGS = [_I, _I, _I, _I, _I, _I, _P, _I, _P, _I, ctypes.c_float, _P, _I]
+# cblas_sgemm_pack(layout, identifier, trans, m, n, k, alpha, src, ld, dest)
+_PACK_ARGS = [_I, _I, _I, _I, _I, _I, ctypes.c_float, _P, _I, _P]
+
+
+def _load():
+    try:
+        import torch
+
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        compute = lib.cblas_sgemm_compute
+        pack = lib.cblas_sgemm_pack
+        size = lib.cblas_sgemm_pack_get_size
+    except (OSError, AttributeError):
+        return None
+    compute.restype = None
+    compute.argtypes = _COMPUTE_ARGS
+    pack.restype = None
+    pack.argtypes = _PACK_ARGS
+    size.restype = ctypes.c_size_t
+    size.argtypes = [_I, _I, _I, _I]
+    return compute, pack, size
+
+
+_SYMS = _load()
+HAVE_MKL = _SYMS is not None
+
+if HAVE_MKL:
+    SGEMM = _SYMS[0]
+else:  # same signature, so the kernels have one type; never called when HAVE_MKL is False
+    _STUB_T = ctypes.CFUNCTYPE(None, *_COMPUTE_ARGS)
+    SGEMM = _STUB_T(lambda *args: None)
+
+# MKL's packed buffers are at least ~8 MB whatever the matrix; below this many elements packing
+# saves nothing worth that (a 512x128 matrix: ~10 us a step saved, 20 MB touched)
+PACK_MIN_SIZE = 16 * 1024
+
+
+def pack_b(w: np.ndarray, n: int, transpose: bool) -> np.ndarray:
+    """``w`` prepared as the right operand of ``(n, K) @ op(w)``, for ``numba_lstm.mm``.
+
+    w          (N, K) when transpose (the product is a @ w.T), (K, N) otherwise; C-contiguous
+    n          rows of the left operand (MKL tunes the packing for it); 0: prepare nothing
+    returns    (S,) with S = K*N: w.T as a C-contiguous (K, N) copy, for small transposed
+               products (``w.size < PACK_MIN_SIZE``), any dtype;
+               (S,) float32 with S >= ~2M: MKL's opaque packed form (float32, MKL present);
+               (0,) otherwise
+    """
+    if n == 0:
+        return np.zeros(0, w.dtype)
+    if w.size < PACK_MIN_SIZE:
+        return np.ascontiguousarray(w.T).reshape(-1) if transpose else np.zeros(0, w.dtype)
+    if not HAVE_MKL or w.dtype != np.float32:
+        return np.zeros(0, w.dtype)
+    if transpose:
+        N, K = w.shape
+    else:
+        K, N = w.shape
+    _, pack, size = _SYMS
+    nbytes = size(B_MATRIX, n, N, K)
+    buf = np.empty(nbytes // 4 + 16, np.float32)
+    pack(ROW_MAJOR, B_MATRIX, TRANS if transpose else NO_TRANS, n, N, K, 1.0,
+         w.ctypes.data, w.shape[1], buf.ctypes.data)
+    return buf
