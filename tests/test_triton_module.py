@@ -127,3 +127,20 @@ def test_module_variants_match_reference_backend(variant, training):
         assert a is not None and b is not None, f"no gradient for {name}"
         scale = max(1.0, float(b.abs().max()))
         assert_close(a / scale, b / scale, msg=f"grad of {name}")
+
+
+def test_lstm_cell_matches_torch():
+    torch.manual_seed(0)
+    ours = lstmkit.LSTMCell(3, 5, backend="triton").to(DEVICE)
+    oracle = torch.nn.LSTMCell(3, 5, dtype=torch.float64)
+    oracle.load_state_dict({k: v.double().cpu() for k, v in ours.state_dict().items()})
+    g = torch.Generator().manual_seed(1)
+    x, h, c = (torch.randn(4, n, generator=g) for n in (3, 5, 5))
+    res = []
+    for model, dtype, dev in ((ours, torch.float32, DEVICE), (oracle, torch.float64, torch.device("cpu"))):
+        xi, hi, ci = (t.to(dev, dtype).detach().clone().requires_grad_() for t in (x, h, c))
+        h1, c1 = model(xi, (hi, ci))
+        (h1.sum() * 0.7 + (c1 * c1).sum()).backward()
+        res.append([h1, c1, xi.grad, hi.grad, ci.grad] + [p.grad for p in model.parameters()])
+    for a, b in zip(*res):
+        assert_close(a.detach().double().cpu(), b.detach(), dtype=torch.float32)
