@@ -652,9 +652,6 @@ def lstm_bwd_kernel(
             tl.store(pb + 8 * H, tl.load(pb + 8 * H, mask=hmask, other=0.0) + acc_lb, mask=hmask)
 
 
-
-
-
 # ---------------------------------------------------------------------------------------------------
 # Split kernels: the hidden units of a step spread over several programs (FlashRNN's idea), so a
 # small batch uses many SMs. Program (j, b) owns units [j*BLOCK_HC, (j+1)*BLOCK_HC) of all four gates
