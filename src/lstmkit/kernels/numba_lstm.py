@@ -282,6 +282,54 @@ def layer_fwd(sgemm, mkl, xg, w_hh, w_hh_p, w_hr, w_hr_p, h, c, bs, reverse, out
             cs[t] = c
 
 
+@njit(inline="always", **_JIT)
+def _step_bwd(gt, ct, cprev, dhs, dc, dg, tc, nb):
+    """The elementwise backward of one step for the first nb rows.
+
+    gt     (B, G)   saved gate activations i, f, g, o
+    ct     (B, H)   saved c~ of the step
+    cprev  (B, H)   c before the step
+    dhs    (B, H)   gradient of o * tanh(c~)
+    dc     (B, H)   gradient of c~ from the later steps in, gradient of c before the step out
+    dg     (B, G)   written: gradient of the pre-activations
+    tc     (B * H,) written: tanh(c~)
+    """
+    H = ct.shape[1]
+    one = gt.dtype.type(1.0)
+    cf = ct.reshape(ct.size)
+    for i in range(nb * H):
+        tc[i] = act_tanh(cf[i])
+    # one short loop per result: each reads few arrays, so the compiler's overlap checks stay
+    # within its limit and the loop vectorizes (one fused loop stays scalar)
+    for b in range(nb):
+        g = gt[b]
+        gi = g[:H]
+        gf = g[H:2 * H]
+        gg = g[2 * H:3 * H]
+        go = g[3 * H:]
+        d = dg[b]
+        di = d[:H]
+        df = d[H:2 * H]
+        dgg = d[2 * H:3 * H]
+        do = d[3 * H:]
+        tr = tc[b * H:(b + 1) * H]
+        dhr = dhs[b]
+        dcr = dc[b]
+        cp = cprev[b]
+        for j in range(H):
+            do[j] = dhr[j] * tr[j] * go[j] * (one - go[j])
+        for j in range(H):
+            dcr[j] += dhr[j] * go[j] * (one - tr[j] * tr[j])
+        for j in range(H):
+            di[j] = dcr[j] * gg[j] * gi[j] * (one - gi[j])
+        for j in range(H):
+            df[j] = dcr[j] * cp[j] * gf[j] * (one - gf[j])
+        for j in range(H):
+            dgg[j] = dcr[j] * gi[j] * (one - gg[j] * gg[j])
+        for j in range(H):
+            dcr[j] *= gf[j]
+
+
 @njit(**_JIT)
 def layer_bwd(sgemm, mkl, gates, cs, c0, w_hh, w_hh_p, w_hr, w_hr_p, grad_out, dh, dc, bs, reverse,
               dgates, dhs, hps):
@@ -309,7 +357,7 @@ def layer_bwd(sgemm, mkl, gates, cs, c0, w_hh, w_hh_p, w_hr, w_hr_p, grad_out, d
     proj = w_hr.shape[0] > 0
     dht = np.empty((B, P), gates.dtype)
     dhp = np.empty((B, H), gates.dtype)
-    one = gates.dtype.type(1.0)
+    tcb = np.empty(B * H, gates.dtype)
     for s in range(T):
         t = s if reverse else T - 1 - s
         nb = B if bs.shape[0] == 0 else bs[t]
@@ -337,26 +385,15 @@ def layer_bwd(sgemm, mkl, gates, cs, c0, w_hh, w_hh_p, w_hr, w_hr_p, grad_out, d
             cprev = c0 if t == T - 1 else cs[t + 1]
         else:
             cprev = c0 if t == 0 else cs[t - 1]
-        gt = gates[t]
-        dg = dgates[t]
-        ct = cs[t]
-        for b in range(nb):
-            for j in range(H):
-                ig = gt[b, j]
-                fg = gt[b, H + j]
-                gg = gt[b, 2 * H + j]
-                og = gt[b, 3 * H + j]
-                tc = act_tanh(ct[b, j])
-                dhv = src[b, j]
-                dcv = dc[b, j] + dhv * og * (one - tc * tc)
-                dg[b, j] = dcv * gg * ig * (one - ig)
-                dg[b, H + j] = dcv * cprev[b, j] * fg * (one - fg)
-                dg[b, 2 * H + j] = dcv * ig * (one - gg * gg)
-                dg[b, 3 * H + j] = dhv * tc * og * (one - og)
-                dc[b, j] = dcv * fg
-                if proj:
-                    hps[t, b, j] = og * tc
-        mm(sgemm, mkl, dg[:nb], w_hh, w_hh_p, False, dh[:nb])
+        _step_bwd(gates[t], cs[t], cprev, src, dc, dgates[t], tcb, nb)
+        if proj:
+            for b in range(nb):
+                go = gates[t, b, 3 * H:]
+                tr = tcb[b * H:(b + 1) * H]
+                hr = hps[t, b]
+                for j in range(H):
+                    hr[j] = go[j] * tr[j]
+        mm(sgemm, mkl, dgates[t, :nb], w_hh, w_hh_p, False, dh[:nb])
 
 
 @njit(**_JIT)
