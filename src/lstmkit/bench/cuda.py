@@ -258,32 +258,46 @@ def main(argv: Optional[list[str]] = None) -> int:
     info = machine_info()
     print(json.dumps(info))
     rows: list[dict] = []
+    failed: list[dict] = []
     t_start = time.time()
+
+    def record(fn, *a, **where):
+        # one failing cell (an error in a kernel, out of memory) must not lose the others
+        try:
+            r = fn(*a)
+        except Exception as exc:  # noqa: BLE001 - reported, not swallowed
+            r = dict(where, error=f"{type(exc).__name__}: {exc}")
+            failed.append(r)
+            if _DEV.type == "cuda":
+                torch.cuda.empty_cache()
+        else:
+            rows.append(r)
+        print(json.dumps(r), flush=True)
+
     for dname in args.dtype:
         dtype = DTYPES[dname]
         for H in args.hidden:
             for B in args.batch:
                 for mode in args.modes:
-                    r = _plain_case(args.seq_len, B, H, dtype, mode, args.warmup, args.repeats)
-                    rows.append(r)
-                    print(json.dumps(r), flush=True)
+                    record(_plain_case, args.seq_len, B, H, dtype, mode, args.warmup, args.repeats,
+                           table="plain", B=B, H=H, dtype=dname, mode=mode)
         for variant in args.variants:
             for H in args.variant_hidden:
                 for mode in args.modes:
-                    r = _variant_case(variant, args.seq_len, args.variant_batch, H, dtype, mode,
-                                      args.warmup, args.repeats)
-                    rows.append(r)
-                    print(json.dumps(r), flush=True)
+                    record(_variant_case, variant, args.seq_len, args.variant_batch, H, dtype, mode,
+                           args.warmup, args.repeats, table="variants", variant=variant, H=H, dtype=dname, mode=mode)
     md = _markdown(info, rows)
+    if failed:
+        md += "\nFailed cells:\n\n" + "\n".join(f"- {json.dumps(r)}" for r in failed) + "\n"
     print(md)
     print(f"total {time.time() - t_start:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": info, "results": rows}, f, indent=1)
+            json.dump({"machine": info, "results": rows, "failed": failed}, f, indent=1)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(md)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
