@@ -5,7 +5,7 @@
 #   2. `lstmkit bench --device cuda` (python -m lstmkit.bench.cuda): T=256, B in {1, 8, 64, 256},
 #      H in {64, 256, 1024}, inference and training, against torch.nn.LSTM (cuDNN), plus every
 #      variant against the straightforward torch loop.
-# Everything lands under $OUT (default ./gpu_check_out). Budget: about 8 minutes.
+# Everything lands under $OUT (default ./gpu_check_out). Budget: at most 8 minutes (60 + 200 + 220 s).
 #   usage: OUT=/some/dir [PYTHON=python3] bash scripts/gpu_check.sh
 set -u
 cd "$(dirname "$0")/.."
@@ -84,7 +84,7 @@ if "$PY" -c "import pytest" 2>/dev/null; then
   n=${#shards[@]}
   pids=()
   for i in $(seq 0 $((n - 1))); do
-    timeout 270 "$PY" -m pytest tests/test_triton_backend.py tests/test_triton_module.py -q -rfE \
+    timeout 200 "$PY" -m pytest tests/test_triton_backend.py tests/test_triton_module.py -q -rfE \
         -p no:cacheprovider -k "${shards[$i]}" --junitxml="$OUT/tests_$i.xml" > "$OUT/tests_$i.txt" 2>&1 &
     pids+=($!)
   done
@@ -103,7 +103,7 @@ fi
 
 # 2. the benchmark (rows stream to bench.log as they finish, so a timeout keeps what was measured)
 SECONDS=0
-timeout 270 "$PY" -m lstmkit.bench.cuda --device cuda --json "$OUT/bench.json" --markdown "$OUT/bench.md" \
+timeout 220 "$PY" -m lstmkit.bench.cuda --device cuda --json "$OUT/bench.json" --markdown "$OUT/bench.md" \
     > "$OUT/bench.log" 2>&1
 rc=$?
 echo "bench exit $rc after ${SECONDS}s" >> "$OUT/bench.log"

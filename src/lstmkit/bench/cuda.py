@@ -273,6 +273,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             rows.append(r)
         print(json.dumps(r), flush=True)
+        save()   # after every cell: a run cut short keeps what it measured
+
+    def save():
+        md = _markdown(info, rows)
+        if failed:
+            md += "\nFailed cells:\n\n" + "\n".join(f"- {json.dumps(r)}" for r in failed) + "\n"
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"machine": info, "results": rows, "failed": failed}, f, indent=1)
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(md)
+        return md
 
     for dname in args.dtype:
         dtype = DTYPES[dname]
@@ -286,17 +299,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 for mode in args.modes:
                     record(_variant_case, variant, args.seq_len, args.variant_batch, H, dtype, mode,
                            args.warmup, args.repeats, table="variants", variant=variant, H=H, dtype=dname, mode=mode)
-    md = _markdown(info, rows)
-    if failed:
-        md += "\nFailed cells:\n\n" + "\n".join(f"- {json.dumps(r)}" for r in failed) + "\n"
-    print(md)
+    print(save())
     print(f"total {time.time() - t_start:.0f} s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": info, "results": rows, "failed": failed}, f, indent=1)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(md)
     return 1 if failed else 0
 
 
