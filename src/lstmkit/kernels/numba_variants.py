@@ -50,19 +50,19 @@ def _ln_rec(zr, gain, nr):
 
     zr    (G,)  (h * m) W_hh^T in, gain * normalized out
     gain  (G,)
-    nr    (G,)  the normalized values, written (saved for backward, or scratch: one code path
-                keeps the results of saving and non-saving calls identical)
+    nr    (G,)  the normalized values, written (forward saves them for backward)
     """
     G = zr.shape[0]
     s = zr.dtype.type(0.0)
     for j in range(G):
         s += zr[j]
-    mu = s / G
+    inv = zr.dtype.type(1.0) / zr.dtype.type(G)  # stays float32: an int divisor would promote
+    mu = s * inv
     v = zr.dtype.type(0.0)
     for j in range(G):
         dv = zr[j] - mu
         v += dv * dv
-    rstd = zr.dtype.type(1.0) / math.sqrt(v / G + zr.dtype.type(LN_EPS))
+    rstd = zr.dtype.type(1.0) / math.sqrt(v * inv + zr.dtype.type(LN_EPS))
     for j in range(G):
         n = (zr[j] - mu) * rstd
         nr[j] = n
@@ -77,12 +77,13 @@ def _mean_rstd(ct):
     s = ct.dtype.type(0.0)
     for j in range(H):
         s += ct[j]
-    mu = s / H
+    inv = ct.dtype.type(1.0) / ct.dtype.type(H)
+    mu = s * inv
     v = ct.dtype.type(0.0)
     for j in range(H):
         dv = ct[j] - mu
         v += dv * dv
-    return mu, ct.dtype.type(1.0) / math.sqrt(v / H + ct.dtype.type(LN_EPS))
+    return mu, ct.dtype.type(1.0) / math.sqrt(v * inv + ct.dtype.type(LN_EPS))
 
 
 @njit(inline="always", **_JIT)
@@ -181,8 +182,9 @@ def _row_bwd(gr, cp, ct, dhp, dcr, dz, pe, lnc_w, lnc_b, dgr, hpr, tmp, dpe, dln
             tmp[j] = dx
             s1 += dx
             s2 += dx * xh
-        m1 = s1 / H
-        m2 = s2 / H
+        inv = one / gr.dtype.type(H)
+        m1 = s1 * inv
+        m2 = s2 * inv
         for j in range(H):
             tmp[j] = rstd * (tmp[j] - m1 - (ct[j] - mu) * rstd * m2)
     else:
@@ -233,8 +235,9 @@ def _ln_rec_bwd(dzr, nr, rstd, gain, drr, dgain):
         dgain[j] += dzr[j] * nr[j]
         s1 += dy
         s2 += dy * nr[j]
-    m1 = s1 / G
-    m2 = s2 / G
+    inv = dzr.dtype.type(1.0) / dzr.dtype.type(G)
+    m1 = s1 * inv
+    m2 = s2 * inv
     for j in range(G):
         drr[j] = rstd * (dzr[j] * gain[j] - m1 - nr[j] * m2)
 
@@ -288,7 +291,7 @@ def layer_fwd(sgemm, mkl, xg, w_hh, w_hh_p, w_hr, w_hr_p, h, c, bs, reverse, out
     hp = np.empty((B, H), xg.dtype)       # o * tanh(LN_c(c~)) before the projection
     hr = np.empty((B, P), xg.dtype)       # projected h~
     hin = np.empty((B, P), xg.dtype)      # h_{t-1} * mask
-    nr = np.empty(G if lnh else 0, xg.dtype)  # scratch for _ln_rec when not saving
+    nr = np.empty(G if lnh else 0, xg.dtype)  # normalized recurrent pre-activations of a row
     for s in range(T):
         t = T - 1 - s if reverse else s
         nb = B if bs.shape[0] == 0 else bs[t]
@@ -309,10 +312,11 @@ def layer_fwd(sgemm, mkl, xg, w_hh, w_hh_p, w_hr, w_hr_p, h, c, bs, reverse, out
             xt = xg[t]
             for b in range(nb):
                 if lnh:
+                    # one call site, saving or not: the same code, so the same rounding
+                    rstd = _ln_rec(z[b], ln_g, nr)
                     if save_ln:
-                        lns[t, b] = _ln_rec(z[b], ln_g, lnr[t, b])
-                    else:
-                        _ln_rec(z[b], ln_g, nr)
+                        lnr[t, b] = nr
+                        lns[t, b] = rstd
                 cb = c[b]
                 cw = ct[b]
                 _row_fwd(xt[b], z[b], cb, cw, hp[b], pe, lnc_w, lnc_b)
