@@ -26,20 +26,24 @@ DATASETS: dict[str, DatasetInfo] = {
     for info in [
         DatasetInfo(
             "JapaneseVowels",
-            "9 speakers, 12 LPC cepstrum channels, variable length 7-29; 270 train / 370 test",
+            "speaker recognition: 9 men uttering /ae/, 12 LPC cepstrum coefficients per frame",
             {"MLSTM-FCN": 1.00, "LSTM-FCN": 0.99, "FCN": 0.993, "MLP": 0.976, "DTW": 0.959},
         ),
         DatasetInfo(
             "BasicMotions",
-            "4 activities, 6 accelerometer/gyroscope channels, length 100; 40 train / 40 test",
+            "activity (standing, walking, running, badminton) from a wrist accelerometer and gyroscope",
             {"MLSTM-FCN": 1.00},
         ),
-        DatasetInfo("GunPoint", "2 classes, univariate, length 150; 50 train / 150 test", {"LSTM-FCN": 1.00}),
-        DatasetInfo("ArrowHead", "3 classes, univariate, length 251; 36 train / 175 test", {"LSTM-FCN": 0.897}),
         DatasetInfo(
-            "ItalyPowerDemand", "2 classes, univariate, length 24; 67 train / 1029 test", {"LSTM-FCN": 0.962}
+            "GunPoint", "hand motion: drawing a gun or pointing a finger (hand x-coordinate)", {"LSTM-FCN": 1.00}
         ),
-        DatasetInfo("OSULeaf", "6 classes, univariate, length 427; 200 train / 242 test", {"LSTM-FCN": 0.996}),
+        DatasetInfo("ArrowHead", "arrowhead outlines as 1-D series, 3 types", {"LSTM-FCN": 0.897}),
+        DatasetInfo(
+            "ItalyPowerDemand",
+            "daily electricity demand of Italy: October-March or April-September",
+            {"LSTM-FCN": 0.962},
+        ),
+        DatasetInfo("OSULeaf", "leaf outlines of 6 tree species as 1-D series", {"LSTM-FCN": 0.996}),
     ]
 }
 
