@@ -246,6 +246,30 @@ def test_tanh_approximation_error():
     assert float(np.abs(y[np.abs(x) > 9] - np.sign(x[np.abs(x) > 9])).max()) < 3e-7  # saturates
 
 
+@pytest.mark.parametrize("use_mkl", [True, False])
+def test_gemm_paths(use_mkl, monkeypatch):
+    """float32 through MKL (packed and unpacked) and through SciPy's BLAS (builds without MKL),
+    on products large enough to leave the hand-written loops."""
+    monkeypatch.setattr(nb, "HAVE_MKL", use_mkl and nb.HAVE_MKL)
+    case = _layer_case(torch.float32, 5, 70, 48, 40, True, seed=8)
+    bs = _batch_sizes([5] * 30 + [4] * 20 + [1] * 20, 5)
+    for reverse in (False, True):
+        (o1, h1, c1), g1 = _run_layer(nb, case, bs, reverse)
+        (o2, h2, c2), g2 = _run_layer(ref, case, bs, reverse)
+        for a, b in zip((o1, h1, c1, *g1), (o2, h2, c2, *g2)):
+            assert_close(a, b)
+    torch.manual_seed(9)
+    m = torch.nn.LSTM(150, 48, 2)
+    x = torch.randn(3, 70, 150)
+    z = torch.zeros(2, 70, 48)
+    with torch.no_grad():
+        want = m(x, (z, z))  # oracle
+        got = nb.lstm_stack(x, z, z, m._flat_weights, num_layers=2, bidirectional=False, has_biases=True,
+                            proj_size=0, batch_sizes=None)
+    for a, b in zip(got, (want[0], *want[1])):
+        assert_close(a, b)
+
+
 def test_unavailable():
     assert nb.unavailable(torch.device("cpu"), torch.float32, None) is None
     assert nb.unavailable(torch.device("cpu"), torch.float64, LayerOptions()) is None

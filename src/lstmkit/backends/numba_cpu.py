@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..kernels import numba_lstm as K
-from ..kernels.numba_blas import HAVE_MKL, SGEMM, pack_b
+from ..kernels.numba_blas import HAVE_MKL, SERIAL_MACS, SGEMM, pack_b, serial_blas
 from ._contract import LayerOptions
 
 NAME = "numba"
@@ -97,6 +97,7 @@ def _bs_np(batch_sizes: Optional[Tensor]) -> np.ndarray:
 
 
 _NO_BS = np.zeros(0, np.int64)
+_NO_BIAS = {torch.float32: np.zeros(0, np.float32), torch.float64: np.zeros(0, np.float64)}
 
 
 def _check(xg: Tensor, w_hh: Tensor, w_hr: Optional[Tensor], h0: Tensor, c0: Tensor) -> None:
@@ -127,9 +128,10 @@ def _forward(xg: Tensor, w_hh: Tensor, w_hr: Optional[Tensor], h0: Tensor, c0: T
     mkl = HAVE_MKL and xg.dtype == torch.float32
     # packing the weights costs about one step's product: worth it from two steps on
     n_pack = B if T > 1 else 0
-    K.layer_fwd(SGEMM, mkl, _np(xg), w_hh_np, pack_b(w_hh_np, n_pack, True), w_hr_np,
-                pack_b(w_hr_np, n_pack, True), h_n.numpy(), c_n.numpy(), _bs_np(batch_sizes),
-                bool(reverse), out.numpy(), 0, gates.numpy(), cs.numpy())
+    with serial_blas(B * G * P < SERIAL_MACS):
+        K.layer_fwd(SGEMM, mkl, _np(xg), _NO_BIAS[xg.dtype], w_hh_np, pack_b(w_hh_np, n_pack, True), w_hr_np,
+                    pack_b(w_hr_np, n_pack, True), h_n.numpy(), c_n.numpy(), _bs_np(batch_sizes),
+                    bool(reverse), out.numpy(), 0, gates.numpy(), cs.numpy())
     return out, h_n, c_n, gates, cs
 
 
@@ -151,9 +153,11 @@ def _backward(gates: Tensor, cs: Tensor, out: Tensor, h0: Tensor, c0: Tensor, w_
     w_hr_np = _np(w_hr) if proj else np.zeros((0, H), _NP_DTYPE[gates.dtype])
     mkl = HAVE_MKL and gates.dtype == torch.float32
     n_pack = B if T > 1 else 0
-    K.layer_bwd(SGEMM, mkl, gates.numpy(), cs.numpy(), _np(c0), w_hh_np, pack_b(w_hh_np, n_pack, False),
-                w_hr_np, pack_b(w_hr_np, n_pack, False), _np(grad_out), dh.numpy(), dc.numpy(),
-                _bs_np(batch_sizes), bool(reverse), dgates.numpy(), dhs.numpy(), hps.numpy())
+    with serial_blas(B * G * P < SERIAL_MACS):
+        K.layer_bwd(SGEMM, mkl, gates.numpy(), cs.numpy(), _np(c0), w_hh_np,
+                    pack_b(w_hh_np, n_pack, False), w_hr_np, pack_b(w_hr_np, n_pack, False),
+                    _np(grad_out), dh.numpy(), dc.numpy(), _bs_np(batch_sizes), bool(reverse),
+                    dgates.numpy(), dhs.numpy(), hps.numpy())
     # dW_hh = sum over steps of dgates_t^T h_{t-1}: the previous h is the output of the step
     # before in processing order, or h0 at a row's first step.
     dw_hh = gates.new_zeros((G, P))
@@ -344,8 +348,11 @@ def lstm_stack(
     out, out_np = _new((T, B, D * P), x.dtype)
     h_n, h_np = _new(tuple(h0.shape), x.dtype)
     c_n, c_np = _new(tuple(c0.shape), x.dtype)
-    K.stack_fwd(SGEMM, HAVE_MKL and x.dtype == torch.float32, _np(x), _np(h0), _np(c0), views, packed,
-                num_layers, D, bool(has_biases), proj_size > 0, _bs_np(batch_sizes), out_np, h_np, c_np)
+    H = c0.shape[2]
+    with serial_blas(B * 4 * H * max(P, x.shape[2]) < SERIAL_MACS):
+        K.stack_fwd(SGEMM, HAVE_MKL and x.dtype == torch.float32, _np(x), _np(h0), _np(c0), views,
+                    packed, num_layers, D, bool(has_biases), proj_size > 0, _bs_np(batch_sizes),
+                    out_np, h_np, c_np)
     return out, h_n, c_n
 
 
@@ -370,6 +377,7 @@ def lstm_cell_step(
         views = views + (nob, nob)
     h1, h1_np = _new(tuple(h.shape), x.dtype)
     c1, c1_np = _new(tuple(c.shape), x.dtype)
-    K.cell_step(SGEMM, HAVE_MKL and x.dtype == torch.float32, _np(x), _np(h), _np(c), views[0], packed[0],
-                views[1], packed[1], views[2], views[3], h1_np, c1_np)
+    with serial_blas(B * w_ih.shape[0] * max(w_ih.shape[1], w_hh.shape[1]) < SERIAL_MACS):
+        K.cell_step(SGEMM, HAVE_MKL and x.dtype == torch.float32, _np(x), _np(h), _np(c), views[0],
+                    packed[0], views[1], packed[1], views[2], views[3], h1_np, c1_np)
     return h1, c1

@@ -41,6 +41,7 @@ def _load():
         compute = lib.cblas_sgemm_compute
         pack = lib.cblas_sgemm_pack
         size = lib.cblas_sgemm_pack_get_size
+        local = lib.MKL_Set_Num_Threads_Local  # the C binding (the lowercase one takes int*)
     except (OSError, AttributeError):
         return None
     compute.restype = None
@@ -49,7 +50,9 @@ def _load():
     pack.argtypes = _PACK_ARGS
     size.restype = ctypes.c_size_t
     size.argtypes = [_I, _I, _I, _I]
-    return compute, pack, size
+    local.restype = _I
+    local.argtypes = [_I]
+    return compute, pack, size, local
 
 
 _SYMS = _load()
@@ -64,6 +67,32 @@ else:  # same signature, so the kernels have one type; never called when HAVE_MK
 # MKL's packed buffers are at least ~8 MB whatever the matrix; below this many elements packing
 # saves nothing worth that (a 512x128 matrix: ~10 us a step saved, 20 MB touched)
 PACK_MIN_SIZE = 16 * 1024
+
+
+# Per-step products below this many multiply-adds run on the calling thread: splitting a ~10 us
+# product over OpenMP threads saves a few microseconds on an idle machine but adds a barrier per
+# step, and on a busy one each barrier waits for a descheduled thread (milliseconds a step).
+SERIAL_MACS = 4 * 1024 * 1024
+
+
+class serial_blas:
+    """Context manager: MKL calls from this thread run on it alone
+    when ``serial``; otherwise, and without MKL, nothing changes (``MKL_Set_Num_Threads_Local``)."""
+
+    __slots__ = ("serial", "prev")
+
+    def __init__(self, serial: bool):
+        self.serial = serial and HAVE_MKL
+
+    def __enter__(self):
+        if self.serial:
+            self.prev = _SYMS[3](1)
+        return self
+
+    def __exit__(self, *exc):
+        if self.serial:
+            _SYMS[3](self.prev)
+        return False
 
 
 def pack_b(w: np.ndarray, n: int, transpose: bool) -> np.ndarray:
@@ -86,7 +115,7 @@ def pack_b(w: np.ndarray, n: int, transpose: bool) -> np.ndarray:
         N, K = w.shape
     else:
         K, N = w.shape
-    _, pack, size = _SYMS
+    _, pack, size, _ = _SYMS
     nbytes = size(B_MATRIX, n, N, K)
     buf = np.empty(nbytes // 4 + 16, np.float32)
     pack(ROW_MAJOR, B_MATRIX, TRANS if transpose else NO_TRANS, n, N, K, 1.0,

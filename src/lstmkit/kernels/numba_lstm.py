@@ -37,6 +37,8 @@ SMALL_FLOPS = 24 * 1024
 SMALL_FLOPS_MKL = 2 * 1024
 # ... and below which a loop over a transposed copy of the weights does (it vectorizes)
 SMALL_FLOPS_WT = 32 * 1024
+# hidden sizes from which the elementwise step goes row by row (L1-resident rows)
+ROW_MIN_H = 64
 _ZERO32 = np.float32(0.0)
 
 # Eigen's rational approximation of tanh (float32): odd numerator of degree 13, even denominator
@@ -162,22 +164,42 @@ def mm(sgemm, mkl, a, w, wp, trans, out):
 
 
 @njit(**_JIT)
-def act_coefficients(B, H, dtype_like):
-    """Per-element coefficients that make every gate activation one tanh: act = a * tanh(s * x) + b.
+def act_coefficients(B, H, bias):
+    """Per-element coefficients that make every gate activation one tanh, bias included:
+    act = a * tanh(s * (x + bias)) + o.
 
     sigmoid(x) = 0.5 tanh(0.5 x) + 0.5 (gates i, f, o), tanh(x) = 1 tanh(1 x) + 0 (gate g).
-    dtype_like  any array of the kernel's dtype
-    returns     (3, B * G): s, a, b tiled over B rows of G = 4H columns
+    bias     (G,) added to the pre-activations, or (0,) for none
+    returns  (4, B * G): s, a, o, bias tiled over B rows of G = 4H columns
     """
     G = 4 * H
-    co = np.empty((3, B * G), dtype_like.dtype)
+    co = np.empty((4, B * G), bias.dtype)
     for b in range(B):
         for j in range(G):
             half = not (2 * H <= j < 3 * H)
             co[0, b * G + j] = 0.5 if half else 1.0
             co[1, b * G + j] = 0.5 if half else 1.0
             co[2, b * G + j] = 0.5 if half else 0.0
+            co[3, b * G + j] = bias[j] if bias.shape[0] > 0 else 0.0
     return co
+
+
+@njit(inline="always", **_JIT)
+def _cell_row(zr, cr, hr, tr, H):
+    """c~ = f c + i g, then o * tanh(c~), for one row.
+
+    zr  (G,)  gate activations; cr (H,) c in, c~ out; hr (H,) o * tanh(c~) out; tr (H,) scratch
+    """
+    zi = zr[:H]
+    zfg = zr[H:2 * H]
+    zg = zr[2 * H:3 * H]
+    zo = zr[3 * H:]
+    for j in range(H):
+        cr[j] = zfg[j] * cr[j] + zi[j] * zg[j]
+    for j in range(H):
+        tr[j] = act_tanh(cr[j])
+    for j in range(H):
+        hr[j] = zo[j] * tr[j]
 
 
 @njit(inline="always", **_JIT)
@@ -189,20 +211,34 @@ def _step_fwd(xt, z, c, hp, tc, co, nb):
     c   (B, H)      c in, c~ out
     hp  (B, H)      o * tanh(c~) out
     tc  (B * H,)    scratch
-    co  (3, B * G)  :func:`act_coefficients`
+    co  (4, B * G)  :func:`act_coefficients`
     """
     G = z.shape[1]
     H = c.shape[1]
-    # Flat loops over all rows at once vectorize even when H is tiny; a loop that reads and writes
-    # z at offsets H apart, or starts at a non-zero index (Numba's negative-index wraparound then
-    # hides the affine access), stays scalar.
+    # Short loops over 0-based slices vectorize; a loop that reads and writes z at offsets H apart,
+    # or starts at a non-zero index (Numba's negative-index wraparound then hides the affine
+    # access), stays scalar. Wide rows are finished one at a time while they sit in L1; narrow
+    # ones go through flat loops over all rows, which vectorize even when H is tiny.
+    if H >= ROW_MIN_H:
+        s = co[0, :G]
+        a = co[1, :G]
+        o = co[2, :G]
+        bb = co[3, :G]
+        for b in range(nb):
+            xr = xt[b]
+            zr = z[b]
+            for j in range(G):
+                zr[j] = a[j] * act_tanh(s[j] * (xr[j] + zr[j] + bb[j])) + o[j]
+            _cell_row(zr, c[b], hp[b], tc[:H], H)
+        return
     xf = xt.reshape(xt.size)
     zf = z.reshape(z.size)
     s = co[0]
     a = co[1]
     o = co[2]
+    bb = co[3]
     for i in range(nb * G):
-        zf[i] = a[i] * act_tanh(s[i] * (xf[i] + zf[i])) + o[i]
+        zf[i] = a[i] * act_tanh(s[i] * (xf[i] + zf[i] + bb[i])) + o[i]
     for b in range(nb):
         zr = z[b]
         zi = zr[:H]
@@ -223,11 +259,12 @@ def _step_fwd(xt, z, c, hp, tc, co, nb):
 
 
 @njit(**_JIT)
-def layer_fwd(sgemm, mkl, xg, w_hh, w_hh_p, w_hr, w_hr_p, h, c, bs, reverse, out, col0, gates, cs):
+def layer_fwd(sgemm, mkl, xg, bias, w_hh, w_hh_p, w_hr, w_hr_p, h, c, bs, reverse, out, col0, gates, cs):
     """One layer-direction over all steps; the state (h, c) is updated in place.
 
     sgemm, mkl         the GEMM (see :func:`mm`)
-    xg     (T, B, G)   input projections with biases, C-contiguous
+    xg     (T, B, G)   input projections, C-contiguous
+    bias   (G,)        added to xg (b_ih + b_hh), or (0,) when xg includes the biases
     w_hh   (G, P)      recurrent weights
     w_hh_p (S,)        w_hh packed for ``h @ w_hh.T``, or (0,)
     w_hr   (P, H)      projection weights, or (0, H) for none
@@ -250,7 +287,7 @@ def layer_fwd(sgemm, mkl, xg, w_hh, w_hh_p, w_hr, w_hr_p, h, c, bs, reverse, out
     hp = np.empty((B, H), xg.dtype)       # o * tanh(c) before the projection
     hr = np.empty((B, P), xg.dtype)       # projected h
     tc = np.empty(B * H, xg.dtype)
-    co = act_coefficients(B, H, xg)
+    co = act_coefficients(B, H, bias)
     for s in range(T):
         t = T - 1 - s if reverse else s
         nb = B if bs.shape[0] == 0 else bs[t]
@@ -420,6 +457,7 @@ def stack_fwd(sgemm, mkl, x, h0, c0, ws, wps, num_layers, num_dirs, has_bias, ha
     no_save_g = np.empty((0, B, G), x.dtype)
     no_save_c = np.empty((0, B, H), x.dtype)
     no_proj = np.empty((0, H), x.dtype)
+    no_bias = np.empty(0, x.dtype)
     xg = np.empty((T, B, G), x.dtype)
     inp = x.reshape(T * B, x.shape[2])
     for layer in range(num_layers):
@@ -431,17 +469,15 @@ def stack_fwd(sgemm, mkl, x, h0, c0, ws, wps, num_layers, num_dirs, has_bias, ha
             xg2 = xg.reshape(T * B, G)
             mm(sgemm, mkl, inp, w_ih, wps[k], True, xg2)
             if has_bias:
-                b_ih = ws[k + 2]
-                b_hh = ws[k + 3]
-                for r in range(T * B):
-                    for j in range(G):
-                        xg2[r, j] += b_ih[0, j] + b_hh[0, j]
+                bias = ws[k + 2][0] + ws[k + 3][0]
+            else:
+                bias = no_bias
             w_hr = ws[k + per - 1] if has_proj else no_proj
             w_hr_p = wps[k + per - 1] if has_proj else wps[k + 1]
             idx = layer * num_dirs + d
             h_n[idx] = h0[idx]
             c_n[idx] = c0[idx]
-            layer_fwd(sgemm, mkl, xg, w_hh, wps[k + 1], w_hr, w_hr_p, h_n[idx], c_n[idx], bs, d == 1,
+            layer_fwd(sgemm, mkl, xg, bias, w_hh, wps[k + 1], w_hr, w_hr_p, h_n[idx], c_n[idx], bs, d == 1,
                       dst, d * P, no_save_g, no_save_c)
         inp = dst.reshape(T * B, Q)
 
