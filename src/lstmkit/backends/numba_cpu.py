@@ -20,7 +20,7 @@ P = proj_size or H, L layers, D directions.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Optional
 
 import numpy as np
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..kernels import numba_lstm as K
-from ..kernels.numba_blas import HAVE_MKL, SERIAL_MACS, SGEMM, pack_b, serial_blas
+from ..kernels.numba_blas import HAVE_MKL, SGEMM, pack_b, run_serial, serial_blas
 from ._contract import LayerOptions
 
 NAME = "numba"
@@ -128,7 +128,7 @@ def _forward(xg: Tensor, w_hh: Tensor, w_hr: Optional[Tensor], h0: Tensor, c0: T
     mkl = HAVE_MKL and xg.dtype == torch.float32
     # packing the weights costs about one step's product: worth it from two steps on
     n_pack = B if T > 1 else 0
-    with serial_blas(B * G * P < SERIAL_MACS):
+    with serial_blas(run_serial(B, G, P)):
         K.layer_fwd(SGEMM, mkl, _np(xg), _NO_BIAS[xg.dtype], w_hh_np, pack_b(w_hh_np, n_pack, True), w_hr_np,
                     pack_b(w_hr_np, n_pack, True), h_n.numpy(), c_n.numpy(), _bs_np(batch_sizes),
                     bool(reverse), out.numpy(), 0, gates.numpy(), cs.numpy())
@@ -153,7 +153,7 @@ def _backward(gates: Tensor, cs: Tensor, out: Tensor, h0: Tensor, c0: Tensor, w_
     w_hr_np = _np(w_hr) if proj else np.zeros((0, H), _NP_DTYPE[gates.dtype])
     mkl = HAVE_MKL and gates.dtype == torch.float32
     n_pack = B if T > 1 else 0
-    with serial_blas(B * G * P < SERIAL_MACS):
+    with serial_blas(run_serial(B, G, P)):
         K.layer_bwd(SGEMM, mkl, gates.numpy(), cs.numpy(), _np(c0), w_hh_np,
                     pack_b(w_hh_np, n_pack, False), w_hr_np, pack_b(w_hr_np, n_pack, False),
                     _np(grad_out), dh.numpy(), dc.numpy(), _bs_np(batch_sizes), bool(reverse),
@@ -295,14 +295,15 @@ _WCACHE: OrderedDict = OrderedDict()
 _WCACHE_SIZE = 16
 
 
-def _prepared(weights: Sequence[Tensor], dtype: torch.dtype, pack_rows: Sequence[int]) -> tuple:
-    """(views, packed): 2-D NumPy views (biases as (1, G)) and each 2-D weight packed for
-    ``a @ w.T`` with ``pack_rows[i]`` rows of ``a`` (0: do not pack)."""
+def _prepared(weights: Sequence[Tensor], dtype: torch.dtype, pack_rows: Callable[[], list[int]]) -> tuple:
+    """(views, packed): 2-D NumPy views (biases as (1, G)) and each 2-D weight prepared by
+    ``pack_b`` for ``a @ w.T`` with ``pack_rows()[i]`` rows of ``a`` (0: do not pack)."""
     key = tuple(map(id, weights))
-    state = tuple((w.data_ptr(), w._version) for w in weights)
     hit = _WCACHE.get(key)
-    if hit is not None and hit[0] == state:
-        return hit[1], hit[2]
+    versions = [w._version for w in weights]
+    ptrs = [w.data_ptr() for w in weights]
+    if hit is not None and hit[0] == versions and hit[1] == ptrs:
+        return hit[2], hit[3]
     views = []
     cacheable = True
     for w in weights:
@@ -314,9 +315,9 @@ def _prepared(weights: Sequence[Tensor], dtype: torch.dtype, pack_rows: Sequence
         a = _np(w)
         views.append(a.reshape(1, -1) if a.ndim == 1 else a)
     views = tuple(views)
-    packed = tuple(pack_b(v, n if v.shape[0] > 1 else 0, True) for v, n in zip(views, pack_rows))
+    packed = tuple(pack_b(v, n if v.shape[0] > 1 else 0, True) for v, n in zip(views, pack_rows()))
     if cacheable:
-        _WCACHE[key] = (state, views, packed, tuple(weights))
+        _WCACHE[key] = (versions, ptrs, views, packed, tuple(weights))
         if len(_WCACHE) > _WCACHE_SIZE:
             _WCACHE.popitem(last=False)
     return views, packed
@@ -341,15 +342,17 @@ def lstm_stack(
     T, B = x.shape[0], x.shape[1]
     D = 2 if bidirectional else 1
     P = h0.shape[2]
-    per = 2 + (2 if has_biases else 0) + (1 if proj_size > 0 else 0)
-    # pack w_ih for the (T*B)-row input product, w_hh and w_hr for the B-row step products
-    rows = [T * B, B] + [0, 0] * bool(has_biases) + [B] * (proj_size > 0)
-    views, packed = _prepared(weights, x.dtype, rows * (len(weights) // per))
+
+    def rows() -> list[int]:  # w_ih for the (T*B)-row input product, w_hh and w_hr for B rows
+        per = [T * B, B] + [0, 0] * bool(has_biases) + [B] * (proj_size > 0)
+        return per * (len(weights) // len(per))
+
+    views, packed = _prepared(weights, x.dtype, rows)
     out, out_np = _new((T, B, D * P), x.dtype)
     h_n, h_np = _new(tuple(h0.shape), x.dtype)
     c_n, c_np = _new(tuple(c0.shape), x.dtype)
     H = c0.shape[2]
-    with serial_blas(B * 4 * H * max(P, x.shape[2]) < SERIAL_MACS):
+    with serial_blas(run_serial(B, 4 * H, max(P, x.shape[2]))):
         K.stack_fwd(SGEMM, HAVE_MKL and x.dtype == torch.float32, _np(x), _np(h0), _np(c0), views,
                     packed, num_layers, D, bool(has_biases), proj_size > 0, _bs_np(batch_sizes),
                     out_np, h_np, c_np)
@@ -371,13 +374,13 @@ def lstm_cell_step(
     sync_threads()
     B = x.shape[0]
     ws = [w_ih, w_hh] + ([b_ih, b_hh] if b_ih is not None else [])
-    views, packed = _prepared(ws, x.dtype, [B, B, 0, 0][:len(ws)])
+    views, packed = _prepared(ws, x.dtype, lambda: [B, B, 0, 0][:len(ws)])
     if b_ih is None:
         nob = np.zeros((0, w_ih.shape[0]), _NP_DTYPE[x.dtype])
         views = views + (nob, nob)
     h1, h1_np = _new(tuple(h.shape), x.dtype)
     c1, c1_np = _new(tuple(c.shape), x.dtype)
-    with serial_blas(B * w_ih.shape[0] * max(w_ih.shape[1], w_hh.shape[1]) < SERIAL_MACS):
+    with serial_blas(run_serial(B, w_ih.shape[0], max(w_ih.shape[1], w_hh.shape[1]))):
         K.cell_step(SGEMM, HAVE_MKL and x.dtype == torch.float32, _np(x), _np(h), _np(c), views[0],
                     packed[0], views[1], packed[1], views[2], views[3], h1_np, c1_np)
     return h1, c1

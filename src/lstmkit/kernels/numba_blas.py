@@ -73,6 +73,14 @@ PACK_MIN_SIZE = 16 * 1024
 # product over OpenMP threads saves a few microseconds on an idle machine but adds a barrier per
 # step, and on a busy one each barrier waits for a descheduled thread (milliseconds a step).
 SERIAL_MACS = 4 * 1024 * 1024
+# ... unless the weights exceed a core's L2 cache: then the product is memory-bound and long enough
+# (a 2048x512 float32 matrix-vector product: ~200 us) that both cores' bandwidth pays
+SERIAL_WEIGHTS = 512 * 1024
+
+
+def run_serial(rows: int, n: int, k: int) -> bool:
+    """Whether a (rows, k) @ (k, n) product per step should run on the calling thread alone."""
+    return rows * n * k < SERIAL_MACS and n * k < SERIAL_WEIGHTS
 
 
 class serial_blas:
@@ -109,8 +117,8 @@ def pack_b(w: np.ndarray, n: int, transpose: bool) -> np.ndarray:
         return np.zeros(0, w.dtype)
     if w.size < PACK_MIN_SIZE:
         return np.ascontiguousarray(w.T).reshape(-1) if transpose else np.zeros(0, w.dtype)
-    if not HAVE_MKL or w.dtype != np.float32:
-        return np.zeros(0, w.dtype)
+    if not HAVE_MKL or w.dtype != np.float32 or n == 1:  # one row: a matrix-vector product,
+        return np.zeros(0, w.dtype)                      # memory-bound; packing gains nothing
     if transpose:
         N, K = w.shape
     else:
