@@ -68,6 +68,7 @@ LAYER_GRID = [
     (5, 3, 1, 1, False, [5, 2, 4]),           # H = 1
     (12, 9, 40, 40, False, [12, 12, 11, 9, 9, 5, 3, 2, 1]),  # large enough for the BLAS path
     (12, 9, 40, 24, True, None),
+    (4, 2, 64, 64, False, [4, 3]),            # few rows on mid-size weights: the transposed-copy loops
 ]
 
 
@@ -156,7 +157,7 @@ def test_lstm_stack_matches_torch(num_layers, bidirectional, proj_size, bias, le
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T,B,I,H", [(1, 1, 7, 40), (9, 6, 33, 64), (3, 1, 1, 1)])
+@pytest.mark.parametrize("T,B,I,H", [(1, 1, 7, 40), (9, 6, 33, 64), (3, 1, 1, 1), (4, 1, 8, 80)])
 def test_lstm_stack_shapes_noncontiguous(T, B, I, H, dtype):
     torch.manual_seed(1)
     m = torch.nn.LSTM(I, H, 2, dtype=dtype)

@@ -67,6 +67,10 @@ else:  # same signature, so the kernels have one type; never called when HAVE_MK
 # MKL's packed buffers are at least ~8 MB whatever the matrix; below this many elements packing
 # saves nothing worth that (a 512x128 matrix: ~10 us a step saved, 20 MB touched)
 PACK_MIN_SIZE = 16 * 1024
+# products with at most this many rows on weights up to this size: loops over a transposed copy
+# beat a BLAS call (a 1x128 @ 128x512 product: ~1 us against ~2.5 us)
+WT_MAX_ROWS = 2
+WT_MAX_SIZE = 256 * 1024
 
 
 # Per-step products below this many multiply-adds run on the calling thread: splitting a ~10 us
@@ -108,15 +112,20 @@ def pack_b(w: np.ndarray, n: int, transpose: bool) -> np.ndarray:
 
     w          (N, K) when transpose (the product is a @ w.T), (K, N) otherwise; C-contiguous
     n          rows of the left operand (MKL tunes the packing for it); 0: prepare nothing
-    returns    (S,) with S = K*N: w.T as a C-contiguous (K, N) copy, for small transposed
-               products (``w.size < PACK_MIN_SIZE``), any dtype;
-               (S,) float32 with S >= ~2M: MKL's opaque packed form (float32, MKL present);
+    returns    (K*N + 1,): w.T as a C-contiguous (K, N) copy plus one unused element (the length
+               tells it apart), for transposed products that hand-written loops do better: small
+               ones (``w.size < PACK_MIN_SIZE``), or few rows (n <= WT_MAX_ROWS) on weights up
+               to WT_MAX_SIZE; any dtype;
+               (S,) float32, S != K*N + 1: MKL's opaque packed form (float32, MKL present, n > 1);
                (0,) otherwise
     """
     if n == 0:
         return np.zeros(0, w.dtype)
-    if w.size < PACK_MIN_SIZE:
-        return np.ascontiguousarray(w.T).reshape(-1) if transpose else np.zeros(0, w.dtype)
+    if transpose and (w.size < PACK_MIN_SIZE or (n <= WT_MAX_ROWS and w.size <= WT_MAX_SIZE)):
+        wt = np.empty(w.size + 1, w.dtype)
+        wt[:-1] = w.T.reshape(-1)
+        wt[-1] = 0
+        return wt
     if not HAVE_MKL or w.dtype != np.float32 or n == 1:  # one row: a matrix-vector product,
         return np.zeros(0, w.dtype)                      # memory-bound; packing gains nothing
     if transpose:
@@ -125,7 +134,10 @@ def pack_b(w: np.ndarray, n: int, transpose: bool) -> np.ndarray:
         K, N = w.shape
     _, pack, size, _ = _SYMS
     nbytes = size(B_MATRIX, n, N, K)
-    buf = np.empty(nbytes // 4 + 16, np.float32)
+    length = nbytes // 4 + 16
+    if length == K * N + 1:
+        length += 1
+    buf = np.empty(length, np.float32)
     pack(ROW_MAJOR, B_MATRIX, TRANS if transpose else NO_TRANS, n, N, K, 1.0,
          w.ctypes.data, w.shape[1], buf.ctypes.data)
     return buf

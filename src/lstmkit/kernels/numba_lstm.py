@@ -26,7 +26,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from .numba_blas import NO_TRANS, PACK_MIN_SIZE, PACKED, ROW_MAJOR, TRANS
+from .numba_blas import NO_TRANS, PACKED, ROW_MAJOR, TRANS, WT_MAX_ROWS
 
 _JIT = dict(cache=True, fastmath=True, error_model="numpy", nogil=True)
 # The activations are inlined at Numba's level: calls into separately cached functions cannot be
@@ -110,8 +110,8 @@ def mm(sgemm, mkl, a, w, wp, trans, out):
     mkl        float32 with MKL present: use sgemm, else np.dot (SciPy's BLAS)
     a   (n, K) C-contiguous rows
     w   (N, K) if trans else (K, N), C-contiguous
-    wp  (S,)   ``numba_blas.pack_b(w, ..)``: w.T as a (K, N) copy (S = K*N < PACK_MIN_SIZE),
-               w packed by MKL (S >= ~2M), or nothing (S = 0)
+    wp  (S,)   ``numba_blas.pack_b(w, ..)``: w.T as a (K, N) copy (S = K*N + 1), w packed by
+               MKL (other S > 0), or nothing (S = 0)
     out (n, N) written, C-contiguous rows
     """
     n, K = a.shape
@@ -119,10 +119,10 @@ def mm(sgemm, mkl, a, w, wp, trans, out):
     if n == 0 or N == 0:
         return
     flops = n * N * K
-    wt_copy = trans and wp.shape[0] == K * N and K * N < PACK_MIN_SIZE
-    if wt_copy and flops <= SMALL_FLOPS_WT:
+    wt_copy = trans and wp.shape[0] == K * N + 1
+    if wt_copy and (flops <= SMALL_FLOPS_WT or n <= WT_MAX_ROWS):
         # rows of w.T are contiguous: the inner loop over N vectorizes
-        wt = wp.reshape(K, N)
+        wt = wp[:K * N].reshape(K, N)
         for r in range(n):
             orow = out[r]
             for j in range(N):
