@@ -33,6 +33,7 @@ _HYPER = [
     ("--seed", "seed", int, "seed for weights, splits and shuffling"),
     ("--device", "device", str, "auto, cpu, cuda or cuda:N"),
     ("--backend", "backend", str, "lstmkit LSTM backend (auto picks the fastest)"),
+    ("--threads", "num_threads", int, "torch CPU threads per process (default 1: small LSTMs gain nothing from more)"),
 ]
 
 
@@ -84,7 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight the loss by inverse class frequency")
     t.add_argument("--no-standardize", dest="standardize", action="store_false", default=None,
                    help="do not standardize features")
-    t.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: when stderr is a terminal)")
 
@@ -113,19 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(args) -> int:
-    import torch
 
     from lstmkit.classify import _distributed as D
     from lstmkit.classify._runs import DataSpec, train_run
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise CLIError(f"--threads: expected a positive integer, got {args.threads}")
-        torch.set_num_threads(args.threads)
     overrides = {dest: getattr(args, dest) for _, dest, _, _ in _HYPER}
     overrides.update(bidirectional=args.bidirectional, class_weight=args.class_weight, standardize=args.standardize)
     if args.resume is not None:
-        given = ["--" + k.replace("_", "-") for k, v in overrides.items() if v is not None and k != "device"]
+        given = ["--" + k.replace("_", "-") for k, v in overrides.items()
+                 if v is not None and k not in ("device", "num_threads")]
         given += [f for f, v in (("--data", args.data), ("--dataset", args.dataset), ("--out", args.out),
                                  ("--test-data", args.test_data)) if v is not None]
         if given:

@@ -13,9 +13,9 @@ DEFAULTS: dict[str, object] = {
     "dropout": 0.0,
     "lr": 1e-2,
     "weight_decay": 1e-4,
-    "epochs": 100,
+    "epochs": 60,
     "batch_size": 32,
-    "validation_fraction": 0.1,
+    "validation_fraction": 0.0,
     "patience": 20,
     "monitor": "loss",
     "grad_clip": 1.0,
@@ -27,4 +27,5 @@ DEFAULTS: dict[str, object] = {
     "seed": 0,
     "device": "auto",
     "backend": "auto",
+    "num_threads": 1,
 }

@@ -149,7 +149,10 @@ def train_run(
         saved = read_json(run / RUN_FILE)
         spec = DataSpec(**saved["data"])
         # the data and training options are the run's; only where it runs may change
-        params = {**saved["params"], **{k: v for k, v in (params or {}).items() if k == "device" and v is not None}}
+        params = {
+            **saved["params"],
+            **{k: v for k, v in (params or {}).items() if k in ("device", "num_threads") and v is not None},
+        }
     else:
         params = _params_from(params or {})
         run = Path(run_dir) if run_dir is not None else default_run_dir(spec)
