@@ -54,7 +54,7 @@ class _Opts:
         if o.rec_mask is not None and tuple(o.rec_mask.shape) != (B, P):
             raise ValueError(f"opts.rec_mask: expected shape {(B, P)}, got {tuple(o.rec_mask.shape)}")
         self.mask = _plain._np(o.rec_mask) if o.rec_mask is not None else np.zeros((0, P), npd)
-        self.pe = _plain._np(o.peephole) if o.peephole is not None else np.zeros((3, H), npd)
+        self.pe = _plain._np(o.peephole) if o.peephole is not None else np.zeros((0, H), npd)
         self.ln_g = _plain._np(o.ln_hh) if o.ln_hh is not None else np.zeros(0, npd)
         if o.ln_cell_w is not None:
             self.lnc_w = _plain._np(o.ln_cell_w)
@@ -89,7 +89,7 @@ def _forward(xg: Tensor, w_hh: Tensor, w_hr: Optional[Tensor], h0: Tensor, c0: T
     cs = xg.new_empty((n, B, H))
     cts = xg.new_empty((n if ko.cell_zone else 0, B, H))
     lnr = xg.new_empty((n if ko.ln_g.shape[0] else 0, B, G))
-    lns = xg.new_empty((lnr.shape[0], B))
+    lns = xg.new_empty((lnr.shape[0], B, 2))
     w_hh_np = _plain._np(w_hh)
     w_hr_np = _plain._np(w_hr) if w_hr is not None else np.zeros((0, H), _plain._NP_DTYPE[xg.dtype])
     mkl = HAVE_MKL and xg.dtype == torch.float32
@@ -139,7 +139,7 @@ def _prev_h_product(dr: Tensor, out: Tensor, h0: Tensor, mask: Optional[Tensor],
 def _backward(saved, out: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Optional[Tensor],
               batch_sizes: Optional[Tensor], reverse: bool, ko: _Opts, mask: Optional[Tensor],
               grad_out: Tensor, grad_h: Tensor, grad_c: Tensor):
-    """(d xg, d w_hh, d w_hr or None, d h0, d c0, d peephole (3,H), d ln_hh (G,) or (0,),
+    """(d xg, d w_hh, d w_hr or None, d h0, d c0, d peephole (3,H) or (0,H), d ln_hh (G,) or (0,),
     d ln_cell_w (H,) or (0,), d ln_cell_b (H,) or (0,))."""
     _plain.sync_threads()
     gates, cs, cts, lnr, lns = saved
@@ -154,7 +154,7 @@ def _backward(saved, out: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Op
     dc = grad_c.detach().clone(memory_format=torch.contiguous_format)
     dhs = gates.new_empty((T if proj else 0, B, P))
     hps = gates.new_empty((T if proj else 0, B, H))
-    dpe = gates.new_zeros((3, H))
+    dpe = gates.new_zeros(ko.pe.shape)
     dln_g = gates.new_zeros(ko.ln_g.shape)
     dlnc_w = gates.new_zeros(ko.lnc_w.shape)
     dlnc_b = gates.new_zeros(ko.lnc_b.shape)
