@@ -1,0 +1,48 @@
+"""The CPU benchmark suite runs end to end on a tiny grid and writes what it promises (no timings
+are asserted)."""
+
+import json
+
+import pytest
+import torch
+
+from lstmkit import bench
+from lstmkit.bench import _cpu
+
+
+def test_flops_counts_every_gemm():
+    c = _cpu.Case(T=2, B=3, I=4, H=5, layers=1)
+    assert c.flops(False) == 2 * 2 * 3 * 20 * (4 + 5)
+    assert c.flops(True) == 3 * c.flops(False)
+    p = _cpu.Case(T=1, B=1, I=2, H=4, layers=2, bidirectional=True, proj_size=3)
+    layer0 = 2 * (2 * 16 * (2 + 3) + 2 * 4 * 3)
+    layer1 = 2 * (2 * 16 * (6 + 3) + 2 * 4 * 3)
+    assert p.flops(False) == layer0 + layer1
+
+
+def test_suite_runs_on_a_tiny_grid(tmp_path, monkeypatch):
+    monkeypatch.setattr(_cpu, "GRID", [_cpu.Case(3, 2, 3, 4, 2), _cpu.Case(2, 2, 3, 4, 1, True, 2)])
+    monkeypatch.setattr(_cpu, "STREAM_H", (4,))
+    monkeypatch.setattr(_cpu, "sgemm_peak", lambda repeats: {"gflops": 1.0, "shape": [1, 1, 1]})
+    threads = torch.get_num_threads()
+    out = tmp_path / "b.json"
+    md = tmp_path / "b.md"
+    try:
+        assert bench.main(["--quick", "--repeats", "1", "--sample-ms", "1", "--json", str(out),
+                           "--markdown", str(md)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    res = json.loads(out.read_text())
+    assert [r["mode"] for r in res["rows"]] == ["inference"] * 2 + ["training"] * 2 + ["streaming"]
+    for r in res["rows"]:
+        assert r["torch_s"] > 0 and r["lstmkit_s"] > 0
+        assert r["ratio"] == pytest.approx(r["torch_s"] / r["lstmkit_s"])
+    assert set(res["summary"]) == {"inference", "training", "streaming"}
+    assert "| training |" in md.read_text()
+
+
+def test_cuda_delegation_without_cuda(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert bench.main(["--device", "cuda"]) == 2
+    assert "cuda" in capsys.readouterr().err
