@@ -39,7 +39,8 @@ _NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 def unavailable(device: torch.device, dtype: torch.dtype, opts: Optional[LayerOptions] = None) -> Optional[str]:
-    if torch.device(device).type != "cpu":
+    dev_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    if dev_type != "cpu":
         return f"the numba backend runs CPU tensors only, got device {device}"
     if dtype not in _DTYPES:
         return f"the numba backend supports float32 and float64, got {dtype}"
@@ -352,10 +353,13 @@ def lstm_stack(
     h_n, h_np = _new(tuple(h0.shape), x.dtype)
     c_n, c_np = _new(tuple(c0.shape), x.dtype)
     H = c0.shape[2]
-    with serial_blas(run_serial(B, 4 * H, max(P, x.shape[2]))):
-        K.stack_fwd(SGEMM, HAVE_MKL and x.dtype == torch.float32, _np(x), _np(h0), _np(c0), views,
-                    packed, num_layers, D, bool(has_biases), proj_size > 0, _bs_np(batch_sizes),
-                    out_np, h_np, c_np)
+    args = (SGEMM, HAVE_MKL and x.dtype == torch.float32, _np(x), _np(h0), _np(c0), views, packed,
+            num_layers, D, bool(has_biases), proj_size > 0, _bs_np(batch_sizes), out_np, h_np, c_np)
+    if run_serial(B, 4 * H, max(P, x.shape[2])):
+        with serial_blas(True):
+            K.stack_fwd(*args)
+    else:
+        K.stack_fwd(*args)
     return out, h_n, c_n
 
 
