@@ -235,6 +235,30 @@ def test_module_inference_uses_the_stack_hook(monkeypatch):
     assert len(calls) == 3
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_module_cell_uses_the_cell_hook(bias, monkeypatch):
+    calls = []
+    real = nb.lstm_cell_step
+
+    def spy(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(nb, "lstm_cell_step", spy)
+    torch.manual_seed(5)
+    ours = lstmkit.LSTMCell(4, 6, bias=bias, backend="numba")
+    oracle = torch.nn.LSTMCell(4, 6, bias=bias)
+    oracle.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 4)
+    hc = (torch.randn(3, 6), torch.randn(3, 6))
+    with torch.no_grad():
+        got = ours(x, hc)
+        want = oracle(x, hc)  # oracle
+    assert_close(got[0], want[0])
+    assert_close(got[1], want[1])
+    assert calls == [1]
+
+
 # --- kernels, options, operators --------------------------------------------------------------
 
 def test_tanh_approximation_error():
