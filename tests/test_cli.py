@@ -102,7 +102,7 @@ def test_malformed_data_file_reports_the_line(files, tmp_path, capsys):
 
 def test_default_train_uses_bundled_japanese_vowels(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert main(["train", "--epochs", "1", "--backend", "reference", "--no-progress"]) == 0
+    assert main(["train", "--epochs", "1", "--no-progress"]) == 0  # the default backend
     out = capsys.readouterr().out
     assert "JapaneseVowels (bundled); 270 train / 370 test cases, 12 features" in out
     assert "test accuracy: " in out
