@@ -10,6 +10,8 @@ The differentiable op exists twice with identical results: as torch custom opera
 registrations) which ``torch.compile`` traces, and as a ``torch.autograd.Function`` calling the
 same kernels, used in eager mode because custom-op dispatch costs tens of microseconds per call.
 
+Non-plain ``LayerOptions`` (the LSTM variants) are handed to ``_numba_variants``.
+
 Inference hooks called by ``lstmkit.functional`` when no gradient is needed: :func:`lstm_stack`
 (a whole stacked LSTM in one compiled call) and :func:`lstm_cell_step`.
 
@@ -44,10 +46,7 @@ def unavailable(device: torch.device, dtype: torch.dtype, opts: Optional[LayerOp
         return f"the numba backend runs CPU tensors only, got device {device}"
     if dtype not in _DTYPES:
         return f"the numba backend supports float32 and float64, got {dtype}"
-    if opts is not None and not opts.is_plain():
-        return "the numba backend implements the plain LSTM only (no peephole, layer norm, " \
-               "recurrent dropout or zoneout)"
-    return None
+    return None  # every variant too: non-plain LayerOptions go to _numba_variants
 
 
 # --- threads ----------------------------------------------------------------------------------
@@ -272,7 +271,9 @@ def layer(
     opts: Optional[LayerOptions] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     if opts is not None and not opts.is_plain():
-        raise RuntimeError(unavailable(xg.device, xg.dtype, opts))
+        from . import _numba_variants  # peephole, layer norm, recurrent dropout, zoneout
+
+        return _numba_variants.layer(xg, w_hh, w_hr, h0, c0, batch_sizes, reverse, opts)
     if torch.compiler.is_compiling():
         out, h_n, c_n, _, _ = torch.ops.lstmkit.numba_layer_fwd(xg, w_hh, w_hr, h0, c0, batch_sizes,
                                                                 bool(reverse))
