@@ -62,6 +62,19 @@ def resolve(
     ``"auto"`` picks the first backend in :data:`BACKEND_MODULES` order that can serve the input.
     An explicit name that cannot serve it raises; nothing falls back silently.
     """
+    if opts is None:  # the per-call path of plain LSTMs: remember the answer
+        key = (name, device, dtype)
+        mod = _plain_choice.get(key)
+        if mod is None:
+            mod = _plain_choice[key] = _resolve(name, device, dtype, None)
+        return mod
+    return _resolve(name, device, dtype, opts)
+
+
+_plain_choice: dict[tuple, ModuleType] = {}
+
+
+def _resolve(name: str, device: torch.device, dtype: torch.dtype, opts: Optional[LayerOptions]) -> ModuleType:
     if name == "auto":
         for cand in BACKEND_MODULES:
             if _why_not(cand, device, dtype, opts) is None:
@@ -84,6 +97,9 @@ def resolve(
 
 
 def validate_name(name: str) -> str:
+    """Check a module's ``backend=`` argument; also imports the backends, so that the first forward
+    call (possibly under torch.compile, which cannot trace an import) finds them loaded."""
+    available_backends()
     if not isinstance(name, str) or (name != "auto" and name not in BACKEND_MODULES):
         raise ValueError(
             f"backend: expected 'auto' or one of {list(BACKEND_MODULES)}, got {name!r}; "
