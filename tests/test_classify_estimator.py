@@ -19,7 +19,7 @@ from test_classify_helpers import TINY, make_sequences
 _NOT_APPLICABLE = {
     "check_n_features_in_after_fitting": "2-D X is (n_cases, n_steps): a different n_steps is valid",
     "check_n_features_in": "2-D X is (n_cases, n_steps) of univariate series: n_features_in_ is 1",
-    "check_classifiers_train": "needs > 83% training accuracy on tabular blobs; these checks train 3 epochs to stay fast",
+    "check_classifiers_train": "needs > 83% training accuracy on tabular blobs; these checks train 3 epochs (speed)",
 }
 
 
