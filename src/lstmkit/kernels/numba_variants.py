@@ -14,14 +14,13 @@ Dimension legend
 Conventions (as in ``numba_lstm.py``)
     * ``bs`` (T,) int64: active rows per step (PackedSequence order), or (0,) for all rows.
     * An absent option is an array with a zero-sized first dimension, so every kernel has one
-      signature per dtype; the kernels use zero peephole weights (3, H) in its place, which keeps
-      the gate loops free of branches. Absent zoneout is a zero ``fill`` row.
+      signature per dtype. Absent zoneout is a zero ``fill`` row.
     * A zoneout mask ``z*`` (T, B, X) is used when present; otherwise the row ``z*_fill`` (X,)
       (the evaluation probability p, or zeros) applies to every row and step.
     * Layer norms are two-pass (mean, then the mean of squared deviations), biased variance,
-      eps = ``LN_EPS``. The recurrent one is folded into the gate activations (no pass writes
-      LN_h(r)); forward saves the raw r and two statistics per row, backward recomputes the
-      normalized values from them, and the cell-state normalization from c~ (H values per row).
+      eps = ``LN_EPS``. Forward saves the raw recurrent pre-activations r and two statistics per
+      row; backward recomputes the normalized values from them, and the cell-state normalization
+      from c~ (H values per row).
     * Saved results are written in place (the GEMM into ``lnr[t]``, the activations into
       ``gates[t]``, c~ into ``cts[t]``); without saving the same code runs on scratch rows, so
       both paths round alike.
@@ -47,7 +46,10 @@ from .numba_lstm import act_sigmoid, act_tanh, mm
 _JIT = dict(cache=True, fastmath=True, error_model="numpy", nogil=True)
 
 
-# --- one row of one step ----------------------------------------------------------------------
+# --- the elementwise part of one step --------------------------------------------------------
+# Each helper loops over the first nb rows with a body free of branches; the options choose among
+# whole row loops. (Measured: a branch between two row bodies inside the row loop cost 30% of the
+# step's elementwise time, B=16, H=128; the same branch around the row loop costs nothing.)
 
 @njit(inline="always", **_JIT)
 def _mean_rstd(v):
@@ -66,203 +68,326 @@ def _mean_rstd(v):
     return mu, one / math.sqrt(q * inv + v.dtype.type(LN_EPS))
 
 
-@njit(inline="always", **_JIT)
-def _row_fwd(xr, rr, zr, ln, nmr, rstd, lng, cp, ct, hpr, pe, lnc_w, lnc_b):
-    """Gate activations, c~ and o * tanh(LN_c(c~)) of one row.
+@njit(**_JIT)
+def _act_coefficients(H, dtype_like):
+    """(3, G): s, a, o such that a * tanh(s * x) + o is each gate's activation:
+    sigmoid(x) = 0.5 tanh(0.5 x) + 0.5 (i, f, o), tanh(x) (g). dtype_like: an array of the dtype."""
+    co = np.empty((3, 4 * H), dtype_like.dtype)
+    for j in range(4 * H):
+        half = not (2 * H <= j < 3 * H)
+        co[0, j] = 0.5 if half else 1.0
+        co[1, j] = 0.5 if half else 1.0
+        co[2, j] = 0.5 if half else 0.0
+    return co
 
-    xr     (G,)  input projections
-    rr     (G,)  with ``ln``: the raw recurrent pre-activations (h * m) W_hh^T (else unused)
-    zr     (G,)  written: gate activations i, f, g, o (without ``ln``: recurrent pre-activations in)
-    ln           normalize rr: LN_h(r) = (r * rstd + nmr) * lng, nmr = -mean * rstd
-    lng    (G,)  recurrent layer-norm gain (with ``ln``)
-    cp     (H,)  c_{t-1}
-    ct     (H,)  c~_t, written
-    hpr    (H,)  o * tanh(LN_c(c~)), written
-    pe     (3, H) peephole weights (zeros when absent)
-    lnc_w  (H,)  cell layer-norm gain, or (0,) for none
-    lnc_b  (H,)  its bias
+
+@njit(inline="always", **_JIT)
+def _ln_rec_rows(zraw, za, ln_g, st, nb):
+    """LN_h(r) = (r * rstd + nmr) * ln_g of nb rows, nmr = -mean * rstd.
+
+    zraw (B, G) raw r = (h * m) W_hh^T;  za (B, G) written: LN_h(r);  ln_g (G,) gain
+    st   (B, 2) written: nmr and rstd of every row (saved for backward)
     """
-    H = cp.shape[0]
-    zi = zr[:H]
-    zf = zr[H:2 * H]
-    zg = zr[2 * H:3 * H]
-    zo = zr[3 * H:]
-    xi = xr[:H]
-    xf = xr[H:2 * H]
-    xc = xr[2 * H:3 * H]
-    xo = xr[3 * H:]
-    pi = pe[0]
-    pf = pe[1]
-    po = pe[2]
-    if ln:
-        # the normalization folded into the activations: no pass that writes LN_h(r)
-        ri = rr[:H]
-        rf = rr[H:2 * H]
-        rg = rr[2 * H:3 * H]
-        ro = rr[3 * H:]
-        gi = lng[:H]
-        gf = lng[H:2 * H]
-        gc = lng[2 * H:3 * H]
-        go = lng[3 * H:]
-        for j in range(H):
-            zi[j] = act_sigmoid(xi[j] + (ri[j] * rstd + nmr) * gi[j] + pi[j] * cp[j])
-        for j in range(H):
-            zf[j] = act_sigmoid(xf[j] + (rf[j] * rstd + nmr) * gf[j] + pf[j] * cp[j])
-        for j in range(H):
-            zg[j] = act_tanh(xc[j] + (rg[j] * rstd + nmr) * gc[j])
-        for j in range(H):
-            ct[j] = zf[j] * cp[j] + zi[j] * zg[j]
-        for j in range(H):
-            zo[j] = act_sigmoid(xo[j] + (ro[j] * rstd + nmr) * go[j] + po[j] * ct[j])
+    G = ln_g.shape[0]
+    for b in range(nb):
+        rr = zraw[b]
+        zb = za[b]
+        mu, rstd = _mean_rstd(rr)
+        nmr = -mu * rstd
+        for j in range(G):
+            zb[j] = (rr[j] * rstd + nmr) * ln_g[j]
+        st[b, 0] = nmr
+        st[b, 1] = rstd
+
+
+@njit(inline="always", **_JIT)
+def _gates_rows(xt, za, co, peep, pe, c, ct, nb):
+    """Gate activations and c~ of nb rows.
+
+    xt (B, G) input projections;  za (B, G) recurrent pre-activations in, activations i, f, g, o out
+    co (3, G) :func:`_act_coefficients`;  peep: add the peephole terms of pe (3, H)
+    c  (B, H) c_{t-1};  ct (B, H) written: c~
+    """
+    H = c.shape[1]
+    if peep:
+        pi = pe[0]
+        pf = pe[1]
+        po = pe[2]
+        for b in range(nb):
+            xr = xt[b]
+            zr = za[b]
+            cp = c[b]
+            cw = ct[b]
+            zi = zr[:H]
+            zf = zr[H:2 * H]
+            zg = zr[2 * H:3 * H]
+            zo = zr[3 * H:]
+            xi = xr[:H]
+            xf = xr[H:2 * H]
+            xc = xr[2 * H:3 * H]
+            xo = xr[3 * H:]
+            for j in range(H):
+                zi[j] = act_sigmoid(xi[j] + zi[j] + pi[j] * cp[j])
+            for j in range(H):
+                zf[j] = act_sigmoid(xf[j] + zf[j] + pf[j] * cp[j])
+            for j in range(H):
+                zg[j] = act_tanh(xc[j] + zg[j])
+            for j in range(H):
+                cw[j] = zf[j] * cp[j] + zi[j] * zg[j]
+            for j in range(H):
+                zo[j] = act_sigmoid(xo[j] + zo[j] + po[j] * cw[j])
     else:
-        for j in range(H):
-            zi[j] = act_sigmoid(xi[j] + zi[j] + pi[j] * cp[j])
-        for j in range(H):
-            zf[j] = act_sigmoid(xf[j] + zf[j] + pf[j] * cp[j])
-        for j in range(H):
-            zg[j] = act_tanh(xc[j] + zg[j])
-        for j in range(H):
-            ct[j] = zf[j] * cp[j] + zi[j] * zg[j]
-        for j in range(H):
-            zo[j] = act_sigmoid(xo[j] + zo[j] + po[j] * ct[j])
+        # all four gates in one loop (faster than four short ones, as in numba_lstm)
+        s = co[0]
+        a = co[1]
+        o = co[2]
+        for b in range(nb):
+            xr = xt[b]
+            zr = za[b]
+            cp = c[b]
+            cw = ct[b]
+            for j in range(4 * H):
+                zr[j] = a[j] * act_tanh(s[j] * (xr[j] + zr[j])) + o[j]
+            zi = zr[:H]
+            zf = zr[H:2 * H]
+            zg = zr[2 * H:3 * H]
+            for j in range(H):
+                cw[j] = zf[j] * cp[j] + zi[j] * zg[j]
+
+
+@njit(inline="always", **_JIT)
+def _hp_rows(za, ct, lnc_w, lnc_b, hp, nb):
+    """hp = o * tanh(LN_c(c~)) of nb rows: za (B, G) activations, ct (B, H) c~, hp (B, H) written;
+    lnc_w, lnc_b (H,) the cell layer norm, or (0,) for none."""
+    H = ct.shape[1]
     if lnc_w.shape[0] > 0:
-        mu, rs = _mean_rstd(ct)
-        for j in range(H):
-            hpr[j] = zo[j] * act_tanh((ct[j] - mu) * rs * lnc_w[j] + lnc_b[j])
+        for b in range(nb):
+            zo = za[b, 3 * H:]
+            cw = ct[b]
+            hr = hp[b]
+            mu, rs = _mean_rstd(cw)
+            for j in range(H):
+                hr[j] = zo[j] * act_tanh((cw[j] - mu) * rs * lnc_w[j] + lnc_b[j])
     else:
-        for j in range(H):
-            hpr[j] = zo[j] * act_tanh(ct[j])
+        for b in range(nb):
+            zo = za[b, 3 * H:]
+            cw = ct[b]
+            hr = hp[b]
+            for j in range(H):
+                hr[j] = zo[j] * act_tanh(cw[j])
 
 
 @njit(inline="always", **_JIT)
-def _row_bwd(gr, cp, ct, dhp, dcr, zone, dz, pe, lnc_w, lnc_b, dgr, hpr, scr, peep, dpe, dlnc_w, dlnc_b):
-    """Backward of :func:`_row_fwd` and of the cell zoneout for one row.
+def _zone_rows(old, new, zt, fill, nb):
+    """old = new + d * (old - new) of nb rows (zoneout: d = 1 keeps old), in place.
 
-    gr      (G,)  saved gate activations i, f, g, o
-    cp      (H,)  c_{t-1}
-    ct      (H,)  c~_t
-    dhp     (H,)  gradient of o * tanh(LN_c(c~))
-    dcr     (H,)  gradient of c_t in, of c_{t-1} out
-    zone          cell zoneout present
-    dz      (H,)  its d for this row and step
-    pe      (3, H) peephole weights (zeros when absent)
-    lnc_w   (H,)  cell layer-norm gain, or (0,);  lnc_b (H,) its bias
-    dgr     (G,)  gradient of the gate pre-activations, written
-    hpr     (H,)  o * tanh(LN_c(c~)), written (the projection's input, for dW_hr), or (0,) to skip
-    scr     (3, H) scratch
-    peep          accumulate the peephole gradient
-    dpe     (3, H) peephole gradient, accumulated (with ``peep``)
-    dlnc_w  (H,)  cell layer-norm gain / bias gradients, accumulated (or (0,))
-    dlnc_b  (H,)
+    old (B, X);  new (B, X);  zt (B, X) this step's mask, or (0, X) to use fill (X,) everywhere
     """
-    H = cp.shape[0]
-    one = gr.dtype.type(1.0)
-    ig = gr[:H]
-    fg = gr[H:2 * H]
-    gg = gr[2 * H:3 * H]
-    og = gr[3 * H:]
-    dgi = dgr[:H]
-    dgf = dgr[H:2 * H]
-    dgg = dgr[2 * H:3 * H]
-    dgo = dgr[3 * H:]
-    pi = pe[0]
-    pf = pe[1]
-    po = pe[2]
-    tc = scr[0]    # tanh(LN_c(c~))
-    dct = scr[1]   # gradient of c~
-    xh = scr[2]    # normalized c~
+    X = old.shape[1]
+    if zt.shape[0] > 0:
+        for b in range(nb):
+            ob = old[b]
+            nw = new[b]
+            d = zt[b]
+            for j in range(X):
+                ob[j] = nw[j] + d[j] * (ob[j] - nw[j])
+    else:
+        for b in range(nb):
+            ob = old[b]
+            nw = new[b]
+            for j in range(X):
+                ob[j] = nw[j] + fill[j] * (ob[j] - nw[j])
+
+
+@njit(inline="always", **_JIT)
+def _bwd_rows(gt, cprev, ctil, dhp, dc, zone, zt, fill, peep, pe, lnc_w, lnc_b, dg, hps, tc, dct, xh,
+              rsb, dpe, dlnc_w, dlnc_b, nb):
+    """Backward of :func:`_gates_rows`, :func:`_hp_rows` and the cell zoneout for nb rows.
+
+    gt     (B, G)  saved gate activations i, f, g, o
+    cprev  (B, H)  c_{t-1};  ctil (B, H) c~_t
+    dhp    (B, H)  gradient of o * tanh(LN_c(c~))
+    dc     (B, H)  gradient of c_t in, of c_{t-1} out
+    zone           cell zoneout present: d from zt (B, H), or from fill (H,) when zt is (0, H)
+    peep           peepholes present: pe (3, H) their weights, dpe (3, H) their gradient (accumulated)
+    lnc_w, lnc_b   (H,) the cell layer norm, or (0,); dlnc_w, dlnc_b (H,) its gradients (accumulated)
+    dg     (B, G)  written: gradient of the gate pre-activations
+    hps    (B, H)  written when projecting: o * tanh(LN_c(c~)) (the projection's input), else (0, H)
+    tc, dct, xh (B, H) scratch: tanh(LN_c(c~)), the gradient of c~, normalized c~
+    rsb    (B,)    scratch: 1 / std of each row's c~
+    """
+    H = ctil.shape[1]
+    one = gt.dtype.type(1.0)
+    inv = one / gt.dtype.type(H)
+    lnc = lnc_w.shape[0] > 0
     # one short loop per result: each reads few arrays, so the compiler's overlap checks stay
     # within its limit and the loop vectorizes (see numba_lstm._step_bwd)
-    if lnc_w.shape[0] > 0:
-        mu, rstd = _mean_rstd(ct)
-        for j in range(H):
-            xh[j] = (ct[j] - mu) * rstd
-        for j in range(H):
-            tc[j] = act_tanh(xh[j] * lnc_w[j] + lnc_b[j])
+    if lnc:
+        for b in range(nb):
+            ct = ctil[b]
+            xr = xh[b]
+            tr = tc[b]
+            mu, rs = _mean_rstd(ct)
+            for j in range(H):
+                xr[j] = (ct[j] - mu) * rs
+            for j in range(H):
+                tr[j] = act_tanh(xr[j] * lnc_w[j] + lnc_b[j])
+            rsb[b] = rs
     else:
+        for b in range(nb):
+            ct = ctil[b]
+            tr = tc[b]
+            for j in range(H):
+                tr[j] = act_tanh(ct[j])
+    for b in range(nb):
+        og = gt[b, 3 * H:]
+        dgo = dg[b, 3 * H:]
+        tr = tc[b]
+        dhr = dhp[b]
         for j in range(H):
-            tc[j] = act_tanh(ct[j])
-    for j in range(H):
-        dgo[j] = dhp[j] * tc[j] * og[j] * (one - og[j])
-    if hpr.shape[0] > 0:
-        for j in range(H):
-            hpr[j] = og[j] * tc[j]
-    for j in range(H):
-        dct[j] = dhp[j] * og[j] * (one - tc[j] * tc[j])
-    if lnc_w.shape[0] > 0:
-        # dct holds the gradient of LN_c(c~) here
-        for j in range(H):
-            dlnc_w[j] += dct[j] * xh[j]
-        for j in range(H):
-            dlnc_b[j] += dct[j]
-        s1 = gr.dtype.type(0.0)
-        s2 = gr.dtype.type(0.0)
-        for j in range(H):
-            dx = dct[j] * lnc_w[j]
-            s1 += dx
-            s2 += dx * xh[j]
-        inv = one / gr.dtype.type(H)
-        m1 = s1 * inv
-        m2 = s2 * inv
-        for j in range(H):
-            dct[j] = rstd * (dct[j] * lnc_w[j] - m1 - xh[j] * m2)
+            dgo[j] = dhr[j] * tr[j] * og[j] * (one - og[j])
+    if hps.shape[0] > 0:
+        for b in range(nb):
+            og = gt[b, 3 * H:]
+            tr = tc[b]
+            hr = hps[b]
+            for j in range(H):
+                hr[j] = og[j] * tr[j]
+    if lnc:
+        for b in range(nb):
+            og = gt[b, 3 * H:]
+            tr = tc[b]
+            dhr = dhp[b]
+            dr = dct[b]
+            xr = xh[b]
+            rs = rsb[b]
+            for j in range(H):
+                dr[j] = dhr[j] * og[j] * (one - tr[j] * tr[j])  # gradient of LN_c(c~)
+            for j in range(H):
+                dlnc_w[j] += dr[j] * xr[j]
+            for j in range(H):
+                dlnc_b[j] += dr[j]
+            s1 = gt.dtype.type(0.0)
+            s2 = gt.dtype.type(0.0)
+            for j in range(H):
+                dx = dr[j] * lnc_w[j]
+                s1 += dx
+                s2 += dx * xr[j]
+            m1 = s1 * inv
+            m2 = s2 * inv
+            for j in range(H):
+                dr[j] = rs * (dr[j] * lnc_w[j] - m1 - xr[j] * m2)
+    else:
+        for b in range(nb):
+            og = gt[b, 3 * H:]
+            tr = tc[b]
+            dhr = dhp[b]
+            dr = dct[b]
+            for j in range(H):
+                dr[j] = dhr[j] * og[j] * (one - tr[j] * tr[j])
     # add the paths through c_t and the output peephole
     if zone:
-        for j in range(H):
-            dct[j] += (one - dz[j]) * dcr[j] + dgo[j] * po[j]
+        for b in range(nb):
+            dr = dct[b]
+            dcr = dc[b]
+            d = zt[b] if zt.shape[0] > 0 else fill
+            for j in range(H):
+                dr[j] += (one - d[j]) * dcr[j]
     else:
-        for j in range(H):
-            dct[j] += dcr[j] + dgo[j] * po[j]
-    for j in range(H):
-        dgi[j] = dct[j] * gg[j] * ig[j] * (one - ig[j])
-    for j in range(H):
-        dgf[j] = dct[j] * cp[j] * fg[j] * (one - fg[j])
-    for j in range(H):
-        dgg[j] = dct[j] * ig[j] * (one - gg[j] * gg[j])
-    if zone:
-        for j in range(H):
-            dcr[j] = dz[j] * dcr[j] + dct[j] * fg[j] + dgi[j] * pi[j] + dgf[j] * pf[j]
-    else:
-        for j in range(H):
-            dcr[j] = dct[j] * fg[j] + dgi[j] * pi[j] + dgf[j] * pf[j]
+        for b in range(nb):
+            dr = dct[b]
+            dcr = dc[b]
+            for j in range(H):
+                dr[j] += dcr[j]
     if peep:
+        po = pe[2]
+        for b in range(nb):
+            dr = dct[b]
+            dgo = dg[b, 3 * H:]
+            for j in range(H):
+                dr[j] += dgo[j] * po[j]
+    for b in range(nb):
+        g = gt[b]
+        ig = g[:H]
+        fg = g[H:2 * H]
+        gg = g[2 * H:3 * H]
+        d = dg[b]
+        dgi = d[:H]
+        dgf = d[H:2 * H]
+        dgg = d[2 * H:3 * H]
+        dr = dct[b]
+        cp = cprev[b]
+        for j in range(H):
+            dgi[j] = dr[j] * gg[j] * ig[j] * (one - ig[j])
+        for j in range(H):
+            dgf[j] = dr[j] * cp[j] * fg[j] * (one - fg[j])
+        for j in range(H):
+            dgg[j] = dr[j] * ig[j] * (one - gg[j] * gg[j])
+    if zone:
+        for b in range(nb):
+            fg = gt[b, H:2 * H]
+            dr = dct[b]
+            dcr = dc[b]
+            d = zt[b] if zt.shape[0] > 0 else fill
+            for j in range(H):
+                dcr[j] = d[j] * dcr[j] + dr[j] * fg[j]
+    else:
+        for b in range(nb):
+            fg = gt[b, H:2 * H]
+            dr = dct[b]
+            dcr = dc[b]
+            for j in range(H):
+                dcr[j] = dr[j] * fg[j]
+    if peep:
+        pi = pe[0]
+        pf = pe[1]
         dpi = dpe[0]
         dpf = dpe[1]
         dpo = dpe[2]
-        for j in range(H):
-            dpi[j] += dgi[j] * cp[j]
-        for j in range(H):
-            dpf[j] += dgf[j] * cp[j]
-        for j in range(H):
-            dpo[j] += dgo[j] * ct[j]
+        for b in range(nb):
+            dgi = dg[b, :H]
+            dgf = dg[b, H:2 * H]
+            dgo = dg[b, 3 * H:]
+            dcr = dc[b]
+            cp = cprev[b]
+            ct = ctil[b]
+            for j in range(H):
+                dcr[j] += dgi[j] * pi[j] + dgf[j] * pf[j]
+            for j in range(H):
+                dpi[j] += dgi[j] * cp[j]
+            for j in range(H):
+                dpf[j] += dgf[j] * cp[j]
+            for j in range(H):
+                dpo[j] += dgo[j] * ct[j]
 
 
 @njit(inline="always", **_JIT)
-def _ln_rec_bwd(dzr, rr, nmr, rstd, gain, drr, dgain):
-    """Backward of the recurrent layer norm LN_h(r) = (r * rstd + nmr) * gain for one row.
+def _ln_rec_bwd_rows(dg, zraw, st, ln_g, dr, dln_g, nb):
+    """Backward of :func:`_ln_rec_rows` for nb rows.
 
-    dzr    (G,)  gradient of LN_h(r)
-    rr     (G,)  the saved raw pre-activations r = (h * m) W_hh^T
-    nmr          the saved -mean * rstd
-    rstd         the saved 1 / std
-    gain   (G,)
-    drr    (G,)  gradient of r, written
-    dgain  (G,)  gain gradient, accumulated
+    dg    (B, G)  gradient of LN_h(r);  zraw (B, G) the saved raw r;  st (B, 2) the saved nmr, rstd
+    dr    (B, G)  written: gradient of r;  dln_g (G,) gain gradient, accumulated
     """
-    G = dzr.shape[0]
-    for j in range(G):
-        dgain[j] += dzr[j] * (rr[j] * rstd + nmr)
-    s1 = dzr.dtype.type(0.0)
-    s2 = dzr.dtype.type(0.0)
-    for j in range(G):
-        dy = dzr[j] * gain[j]
-        s1 += dy
-        s2 += dy * (rr[j] * rstd + nmr)
-    inv = dzr.dtype.type(1.0) / dzr.dtype.type(G)
-    m1 = s1 * inv
-    m2 = s2 * inv
-    for j in range(G):
-        drr[j] = rstd * (dzr[j] * gain[j] - m1 - (rr[j] * rstd + nmr) * m2)
+    G = ln_g.shape[0]
+    inv = dg.dtype.type(1.0) / dg.dtype.type(G)
+    for b in range(nb):
+        dz = dg[b]
+        rr = zraw[b]
+        drr = dr[b]
+        nmr = st[b, 0]
+        rstd = st[b, 1]
+        for j in range(G):
+            dln_g[j] += dz[j] * (rr[j] * rstd + nmr)
+        s1 = dg.dtype.type(0.0)
+        s2 = dg.dtype.type(0.0)
+        for j in range(G):
+            dy = dz[j] * ln_g[j]
+            s1 += dy
+            s2 += dy * (rr[j] * rstd + nmr)
+        m1 = s1 * inv
+        m2 = s2 * inv
+        for j in range(G):
+            drr[j] = rstd * (dz[j] * ln_g[j] - m1 - (rr[j] * rstd + nmr) * m2)
 
 
 @njit(inline="always", **_JIT)
@@ -318,18 +443,21 @@ def layer_fwd(sgemm, mkl, xg, w_hh, w_hh_p, w_hr, w_hr_p, h, c, bs, reverse, out
     proj = w_hr.shape[0] > 0
     masked = mask.shape[0] > 0
     lnh = ln_g.shape[0] > 0
-    pe3 = pe if pe.shape[0] > 0 else np.zeros((3, H), xg.dtype)
+    peep = pe.shape[0] > 0
     zc_arr = zc.shape[0] > 0
     zh_arr = zh.shape[0] > 0
     zone_c = zc_arr or _any_nonzero(zc_fill)
     zone_h = zh_arr or _any_nonzero(zh_fill)
-    one = xg.dtype.type(1.0)
     z = np.empty((B, G), xg.dtype)        # gate activations when not saving them
     zr = np.empty((B if lnh else 0, G), xg.dtype)  # raw (h * m) W_hh^T when not saving it
+    st = np.empty((B, 2), xg.dtype)       # layer-norm statistics when not saving them
     ct = np.empty((B, H), xg.dtype)       # c~ when not saving it
     hp = np.empty((B, H), xg.dtype)       # o * tanh(LN_c(c~)) before the projection
     hr = np.empty((B, P), xg.dtype)       # projected h~
     hin = np.empty((B, P), xg.dtype)      # h_{t-1} * mask
+    co = _act_coefficients(H, xg)
+    no_zc = np.empty((0, H), xg.dtype)
+    no_zh = np.empty((0, P), xg.dtype)
     for s in range(T):
         t = T - 1 - s if reverse else s
         nb = B if bs.shape[0] == 0 else bs[t]
@@ -349,50 +477,27 @@ def layer_fwd(sgemm, mkl, xg, w_hh, w_hh_p, w_hr, w_hr_p, h, c, bs, reverse, out
             # results go straight into the saved arrays when saving (no copies); saving or not,
             # the same code runs on them, so both round alike
             za = gates[t] if save else z
+            ctt = cts[t] if save_ct else ct
             zraw = (lnr[t] if save_ln else zr) if lnh else za
             mm(sgemm, mkl, hsrc[:nb], w_hh, w_hh_p, True, zraw[:nb])
-            xt = xg[t]
-            for b in range(nb):
-                rr = zraw[b]
-                nmr = xg.dtype.type(0.0)
-                rstd = one
-                if lnh:
-                    mu, rstd = _mean_rstd(rr)
-                    nmr = -mu * rstd
-                    if save_ln:
-                        lns[t, b, 0] = nmr
-                        lns[t, b, 1] = rstd
-                cb = c[b]
-                cw = cts[t, b] if save_ct else ct[b]
-                _row_fwd(xt[b], rr, za[b], lnh, nmr, rstd, ln_g, cb, cw, hp[b], pe3, lnc_w, lnc_b)
-                if zone_c:
-                    d = zc[t, b] if zc_arr else zc_fill
-                    for j in range(H):
-                        cb[j] = cw[j] + d[j] * (cb[j] - cw[j])
-                else:
-                    for j in range(H):
-                        cb[j] = cw[j]
+            if lnh:
+                _ln_rec_rows(zraw, za, ln_g, lns[t] if save_ln else st, nb)
+            _gates_rows(xg[t], za, co, peep, pe, c, ctt, nb)
+            _hp_rows(za, ctt, lnc_w, lnc_b, hp, nb)
+            if zone_c:
+                _zone_rows(c, ctt, zc[t] if zc_arr else no_zc, zc_fill, nb)
+            else:
+                c[:nb] = ctt[:nb]
             if proj:
                 mm(sgemm, mkl, hp[:nb], w_hr, w_hr_p, True, hr[:nb])
                 src = hr
             else:
                 src = hp
-            ot = out[t]
-            for b in range(nb):
-                hb = h[b]
-                sb = src[b]
-                ob = ot[b]
-                if zone_h:
-                    d = zh[t, b] if zh_arr else zh_fill
-                    for j in range(P):
-                        v = sb[j] + d[j] * (hb[j] - sb[j])
-                        hb[j] = v
-                        ob[j] = v
-                else:
-                    for j in range(P):
-                        v = sb[j]
-                        hb[j] = v
-                        ob[j] = v
+            if zone_h:
+                _zone_rows(h, src, zh[t] if zh_arr else no_zh, zh_fill, nb)
+            else:
+                h[:nb] = src[:nb]
+            out[t, :nb] = h[:nb]
         if save:
             cs[t] = c
 
@@ -437,13 +542,16 @@ def layer_bwd(sgemm, mkl, gates, cs, cts, lnr, lns, c0, w_hh, w_hh_p, w_hr, w_hr
     zone_c = zc_arr or _any_nonzero(zc_fill)
     zone_h = zh_arr or _any_nonzero(zh_fill)
     peep = pe.shape[0] > 0
-    pe3 = pe if peep else np.zeros((3, H), gates.dtype)
     dht = np.empty((B, P), gates.dtype)    # gradient of h~ (after the hidden zoneout)
     keep = np.empty((B, P), gates.dtype)   # the part of dh_t that goes straight to h_{t-1}
     dhp = np.empty((B, H), gates.dtype)
     dhin = np.empty((B, P), gates.dtype)
-    no_hp = np.empty(0, gates.dtype)
-    scr = np.empty((3, H), gates.dtype)
+    no_hp = np.empty((0, H), gates.dtype)
+    no_zc = np.empty((0, H), gates.dtype)
+    tc = np.empty((B, H), gates.dtype)
+    dct = np.empty((B, H), gates.dtype)
+    xh = np.empty((B, H), gates.dtype)
+    rsb = np.empty(B, gates.dtype)
     for s in range(T):
         t = s if reverse else T - 1 - s
         nb = B if bs.shape[0] == 0 else bs[t]
@@ -488,15 +596,11 @@ def layer_bwd(sgemm, mkl, gates, cs, cts, lnr, lns, c0, w_hh, w_hh_p, w_hr, w_hr
         else:
             cprev = c0 if t == 0 else cs[t - 1]
         ctil = cts[t] if sep_ct else cs[t]
-        gt = gates[t]
         dg = dgates[t]
-        for b in range(nb):
-            d = zc[t, b] if zc_arr else zc_fill
-            hpr = hps[t, b] if proj else no_hp
-            _row_bwd(gt[b], cprev[b], ctil[b], src[b], dc[b], zone_c, d, pe3, lnc_w, lnc_b, dg[b], hpr,
-                     scr, peep, dpe, dlnc_w, dlnc_b)
-            if lnh:
-                _ln_rec_bwd(dg[b], lnr[t, b], lns[t, b, 0], lns[t, b, 1], ln_g, drs[t, b], dln_g)
+        _bwd_rows(gates[t], cprev, ctil, src, dc, zone_c, zc[t] if zc_arr else no_zc, zc_fill, peep, pe,
+                  lnc_w, lnc_b, dg, hps[t] if proj else no_hp, tc, dct, xh, rsb, dpe, dlnc_w, dlnc_b, nb)
+        if lnh:
+            _ln_rec_bwd_rows(dg, lnr[t], lns[t], ln_g, drs[t], dln_g, nb)
         dr = drs[t] if lnh else dg
         if not (masked or zone_h):
             mm(sgemm, mkl, dr[:nb], w_hh, w_hh_p, False, dh[:nb])
