@@ -215,3 +215,33 @@ def test_run_folder_that_exists_is_refused(tmp_path):
         train_run(DataSpec(), params=dict(TINY), run_dir=tmp_path / "run")
     with pytest.raises(RunError, match=r"not a run folder \(run.json is missing\)"):
         train_run(DataSpec(), resume=tmp_path / "run")
+
+
+def test_unlabelled_files_for_predict(tmp_path):
+    p = tmp_path / "u.ts"
+    p.write_text("@problemName u\n@univariate true\n@equalLength false\n@classLabel false\n@data\n"
+                 "1.0,2.0,3.0\n4.0,5.0\n")
+    X, y = read_data(p, labels=False)
+    assert y is None and [c.shape for c in X] == [(3, 1), (2, 1)]
+    with pytest.raises(DataFileError, match=r"u\.ts: expected class labels"):
+        read_data(p)
+    (tmp_path / "u.csv").write_text("id,t,f0,f1\na,0,1.0,2.0\na,1,3.0,4.0\n")
+    X, y = read_data(tmp_path / "u.csv", labels=False)
+    assert y is None and X[0].shape == (2, 2)
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    from lstmkit.classify._checkpoint import atomic_write, write_json
+
+    target = tmp_path / "ckpt.json"
+    write_json(target, {"epoch": 1})
+
+    def half_then_crash(tmp):
+        with open(tmp, "w") as fh:
+            fh.write('{"epoch": 2, "trunc')
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, half_then_crash)
+    assert target.read_text().strip() == '{\n  "epoch": 1\n}'
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.json"]
