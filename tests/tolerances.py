@@ -10,9 +10,11 @@ TOL = {
     torch.float16: (5e-3, 5e-3),
 }
 
-# float32 against an implementation with another summation order, through a layer norm: normalizing
-# by a small standard deviation amplifies rounding differences (float64 keeps the strict bound).
-TOL_NORMALIZED = {**TOL, torch.float32: (1e-4, 1e-4)}
+# float32 through a layer norm over few units (H=5 in the tests): dividing by a small standard deviation
+# amplifies rounding and the float32 tanh approximation (<= 2.6e-7) about 1000x; gradients of size ~100
+# then differ by a few 1e-4 from a float32 per-step loop (both are ~1e-3 from a float64 run). float64
+# keeps the strict 1e-10 bound, which is the exactness check for these variants.
+TOL_NORMALIZED = {**TOL, torch.float32: (1e-3, 1e-3)}
 
 
 def assert_close(actual, expected, *, dtype=None, msg="", table=TOL):

@@ -329,7 +329,7 @@ class LSTM(nn.Module):
         """Time-first (T, B, I) input, (L*D, B, *) states -> (output, h_n, c_n)."""
         opts_for = ln_ih = None
         v = self.variants
-        if v.recurrent:
+        if v.active(self.training):
             D = 2 if self.bidirectional else 1
             H, P, training = self.hidden_size, self._real_hidden_size, self.training
 
@@ -624,7 +624,7 @@ class LSTMCell(nn.Module):
                     raise RuntimeError(f"{name}: expected size {(B, self.hidden_size)}, got {tuple(t.shape)}")
         opts = ln_ih = None
         v = self.variants
-        if v.recurrent:
+        if v.active(self.training):
             H = self.hidden_size
             opts = v.layer_options(self, "", B, 1, H, H, self.training, x)
             if opts.rec_mask is not None:

@@ -66,6 +66,11 @@ class Variants:
         return (self.layer_norm or self.peephole or self.recurrent_dropout > 0
                 or self.zoneout_cell > 0 or self.zoneout_hidden > 0)
 
+    def active(self, training: bool) -> bool:
+        """True when this call's recurrence differs from torch's (recurrent dropout is off in eval)."""
+        return (self.layer_norm or self.peephole or self.zoneout_cell > 0 or self.zoneout_hidden > 0
+                or (training and self.recurrent_dropout > 0))
+
     def extra_repr(self) -> str:
         parts = []
         if self.layer_norm:
@@ -118,7 +123,7 @@ class Variants:
     # -- per call --------------------------------------------------------------------------------
     def layer_options(self, module: nn.Module, sfx: str, B: int, T: int, H: int, P: int, training: bool,
                       like: Tensor) -> Optional[LayerOptions]:
-        if not self.recurrent:
+        if not self.active(training):
             return None
         o = LayerOptions()
         if self.layer_norm:

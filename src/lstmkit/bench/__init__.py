@@ -21,9 +21,28 @@ def _device_of(argv: list[str]) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """``--suite lstm`` (default): plain LSTM against torch.nn.LSTM; ``--suite variants``: the
+    variants and the step API (:mod:`lstmkit.bench.variants`)."""
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    suite = "lstm"
+    for i, a in enumerate(argv):
+        if a == "--suite" and i + 1 < len(argv):
+            suite = argv[i + 1]
+            del argv[i : i + 2]
+            break
+        if a.startswith("--suite="):
+            suite = a.split("=", 1)[1]
+            del argv[i]
+            break
+    if suite not in ("lstm", "variants"):
+        print(f"lstmkit bench: --suite expected 'lstm' or 'variants', got {suite!r}", file=sys.stderr)
+        return 2
+    if suite == "variants":
+        from . import variants
+
+        return variants.main(argv)
     if _device_of(argv).startswith("cuda"):
         try:
             from . import cuda

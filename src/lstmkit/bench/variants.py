@@ -162,10 +162,9 @@ def markdown(res: dict) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="lstmkit bench --suite variants", description=__doc__.split("\n")[0])
-    ap.add_argument("--suite", default="variants")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", choices=["cpu"])
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--sample-s", type=float, default=0.05, help="seconds per timing sample")
+    ap.add_argument("--sample-ms", type=float, default=100, help="length of one timing sample")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--quick", action="store_true", help="one small shape, for a smoke run")
     ap.add_argument("--json", default=None, help="write the results here")
@@ -176,9 +175,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     threads = torch.get_num_threads()
     res = {"machine": machine_info(threads)}
     print("| shape | variant | mode | backend | lstmkit ms | cost vs plain | speed-up vs loop |")
-    res["variants"] = variant_rows(a.repeats, a.sample_s, a.quick)
+    res["variants"] = variant_rows(a.repeats, a.sample_ms / 1e3, a.quick)
     print("| H | step us | torch.nn.LSTM us | ratio | LSTMCell x2 us | ratio |")
-    res["streaming"] = streaming_rows(a.repeats, a.sample_s, a.quick)
+    res["streaming"] = streaming_rows(a.repeats, a.sample_ms / 1e3, a.quick)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1)
