@@ -376,14 +376,14 @@ def _ln_rec_bwd_rows(dg, zraw, st, ln_g, dr, dln_g, nb):
         drr = dr[b]
         nmr = st[b, 0]
         rstd = st[b, 1]
-        for j in range(G):
-            dln_g[j] += dz[j] * (rr[j] * rstd + nmr)
         s1 = dg.dtype.type(0.0)
         s2 = dg.dtype.type(0.0)
         for j in range(G):
+            n = rr[j] * rstd + nmr
+            dln_g[j] += dz[j] * n
             dy = dz[j] * ln_g[j]
             s1 += dy
-            s2 += dy * (rr[j] * rstd + nmr)
+            s2 += dy * n
         m1 = s1 * inv
         m2 = s2 * inv
         for j in range(G):
@@ -570,21 +570,24 @@ def layer_bwd(sgemm, mkl, gates, cs, cts, lnr, lns, c0, w_hh, w_hh_p, w_hr, w_hr
                     hps[t, b, j] = 0
         if nb == 0:
             continue
-        for b in range(nb):
-            go = grad_out[t, b]
-            db = dh[b]
-            tb = dht[b]
-            for j in range(P):
-                tb[j] = db[j] + go[j]
         if zone_h:
             for b in range(nb):
                 d = zh[t, b] if zh_arr else zh_fill
+                go = grad_out[t, b]
+                db = dh[b]
                 kb = keep[b]
                 tb = dht[b]
                 for j in range(P):
-                    kb[j] = d[j] * tb[j]
+                    kb[j] = d[j] * (db[j] + go[j])
                 for j in range(P):
-                    tb[j] -= kb[j]
+                    tb[j] = db[j] + go[j] - kb[j]
+        else:
+            for b in range(nb):
+                go = grad_out[t, b]
+                db = dh[b]
+                tb = dht[b]
+                for j in range(P):
+                    tb[j] = db[j] + go[j]
         if proj:
             dhs[t, :nb] = dht[:nb]
             mm(sgemm, mkl, dht[:nb], w_hr, w_hr_p, False, dhp[:nb])
@@ -606,20 +609,28 @@ def layer_bwd(sgemm, mkl, gates, cs, cts, lnr, lns, c0, w_hh, w_hh_p, w_hr, w_hr
             mm(sgemm, mkl, dr[:nb], w_hh, w_hh_p, False, dh[:nb])
             continue
         mm(sgemm, mkl, dr[:nb], w_hh, w_hh_p, False, dhin[:nb])
-        for b in range(nb):
-            db = dh[b]
-            ib = dhin[b]
-            if masked:
+        if masked and zone_h:
+            for b in range(nb):
+                db = dh[b]
+                ib = dhin[b]
+                mb = mask[b]
+                kb = keep[b]
+                for j in range(P):
+                    db[j] = kb[j] + mb[j] * ib[j]
+        elif masked:
+            for b in range(nb):
+                db = dh[b]
+                ib = dhin[b]
                 mb = mask[b]
                 for j in range(P):
-                    ib[j] *= mb[j]
-            if zone_h:
+                    db[j] = mb[j] * ib[j]
+        else:
+            for b in range(nb):
+                db = dh[b]
+                ib = dhin[b]
                 kb = keep[b]
                 for j in range(P):
                     db[j] = kb[j] + ib[j]
-            else:
-                for j in range(P):
-                    db[j] = ib[j]
 
 
 # --- cache freshness --------------------------------------------------------------------------
