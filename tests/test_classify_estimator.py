@@ -160,3 +160,19 @@ def test_class_weight_balanced_and_dict(data):
     assert clf2._class_weights(None).tolist() == [5.0, 1.0, 1.0]
     with pytest.raises(ValueError, match="class_weight: label 'nope'"):
         LSTMSequenceClassifier(**{**TINY, "epochs": 1, "class_weight": {"nope": 2.0}}).fit(Xi, yi)
+
+
+@pytest.mark.parametrize("n_cases, batch_size, expected", [(40, 32, 250), (270, 32, 60), (90, 16, 84)])
+def test_auto_epochs_give_small_sets_enough_steps(tmp_path, n_cases, batch_size, expected):
+    X, y = make_sequences(n_cases, seed=2, max_len=6)
+
+    class Stop(Exception):
+        pass
+
+    def stop(epoch, history):
+        raise Stop
+
+    clf = LSTMSequenceClassifier(**{**TINY, "epochs": "auto", "batch_size": batch_size})
+    with pytest.raises(Stop):
+        clf.fit(X, y, checkpoint_path=tmp_path / "c.pt", on_epoch_end=stop)
+    assert torch.load(tmp_path / "c.pt", weights_only=True)["scheduler"]["T_max"] == expected

@@ -15,6 +15,11 @@ import argparse
 import sys
 from typing import Optional
 
+
+def int_or_auto(value: str):
+    return value if value == "auto" else int(value)
+
+
 # options that map one-to-one onto estimator parameters: (flag, parameter, type, help)
 _HYPER = [
     ("--hidden-size", "hidden_size", int, "LSTM hidden size"),
@@ -22,7 +27,8 @@ _HYPER = [
     ("--dropout", "dropout", float, "dropout between layers and before the head"),
     ("--lr", "lr", float, "AdamW learning rate (cosine decay to lr/100)"),
     ("--weight-decay", "weight_decay", float, "AdamW weight decay"),
-    ("--epochs", "epochs", int, "most epochs (early stopping may end sooner)"),
+    ("--epochs", "epochs", int_or_auto,
+     "most epochs (early stopping may end sooner); auto: >= 60 epochs and >= 500 optimizer steps"),
     ("--batch-size", "batch_size", int, "cases per step (global, across processes)"),
     ("--validation-fraction", "validation_fraction", float, "share held out for early stopping (0: none)"),
     ("--patience", "patience", int, "epochs without improvement before stopping"),

@@ -6,6 +6,11 @@ this mapping. Chosen once for all bundled datasets (see BENCHMARKS.md), never pe
 
 from __future__ import annotations
 
+#: ``epochs="auto"``: at least AUTO_MIN_EPOCHS epochs and at least AUTO_MIN_STEPS optimizer steps, so
+#: that a small training set (BasicMotions: 40 cases, 2 steps per epoch) still gets enough updates
+AUTO_MIN_EPOCHS = 60
+AUTO_MIN_STEPS = 500
+
 DEFAULTS: dict[str, object] = {
     "hidden_size": 64,
     "num_layers": 1,
@@ -13,7 +18,7 @@ DEFAULTS: dict[str, object] = {
     "dropout": 0.0,
     "lr": 1e-2,
     "weight_decay": 1e-4,
-    "epochs": 60,
+    "epochs": "auto",
     "batch_size": 32,
     "validation_fraction": 0.0,
     "patience": 20,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -17,7 +18,7 @@ from sklearn.utils.validation import check_is_fitted
 from . import _distributed as D
 from ._checkpoint import atomic_write, load_checkpoint, read_json, save_checkpoint, write_json
 from ._data import IMPUTE_OPTIONS, Standardizer, as_cases, check_finite, pad
-from ._defaults import DEFAULTS
+from ._defaults import AUTO_MIN_EPOCHS, AUTO_MIN_STEPS, DEFAULTS
 from ._train import Batches, TrainConfig, train
 
 FORMAT = "lstmkit.classify/1"
@@ -78,7 +79,8 @@ class LSTMSequenceClassifier(ClassifierMixin, BaseEstimator):
     Args:
         hidden_size, num_layers, bidirectional, dropout: the LSTM (dropout between layers).
         lr, weight_decay: AdamW; the learning rate decays on a cosine to lr/100 over ``epochs``.
-        epochs: the most epochs; early stopping may end sooner.
+        epochs: the most epochs (early stopping may end sooner), or ``"auto"``: at least 60 epochs and
+            at least 500 optimizer steps (small training sets get more epochs).
         batch_size: cases per optimizer step (the global batch under distributed training).
         validation_fraction: share of the training cases held out (stratified) for early stopping;
             0 trains on everything for ``epochs`` epochs.
@@ -121,7 +123,7 @@ class LSTMSequenceClassifier(ClassifierMixin, BaseEstimator):
         dropout: float = DEFAULTS["dropout"],
         lr: float = DEFAULTS["lr"],
         weight_decay: float = DEFAULTS["weight_decay"],
-        epochs: int = DEFAULTS["epochs"],
+        epochs: int | str = DEFAULTS["epochs"],
         batch_size: int = DEFAULTS["batch_size"],
         validation_fraction: float = DEFAULTS["validation_fraction"],
         patience: Optional[int] = DEFAULTS["patience"],
@@ -169,8 +171,10 @@ class LSTMSequenceClassifier(ClassifierMixin, BaseEstimator):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {v!r}")
 
-        for name in ("hidden_size", "num_layers", "epochs", "batch_size"):
+        for name in ("hidden_size", "num_layers", "batch_size"):
             positive_int(name)
+        if self.epochs != "auto":
+            positive_int("epochs")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"dropout: expected a float in [0, 1), got {self.dropout!r}")
         n = self.num_threads
@@ -330,8 +334,13 @@ class LSTMSequenceClassifier(ClassifierMixin, BaseEstimator):
             ckpt["fingerprint"] = fingerprint
             save_checkpoint(checkpoint_path, ckpt)
 
+        if self.epochs == "auto":
+            steps_per_epoch = math.ceil(len(tr) / int(self.batch_size))
+            epochs = max(AUTO_MIN_EPOCHS, math.ceil(AUTO_MIN_STEPS / steps_per_epoch))
+        else:
+            epochs = int(self.epochs)
         cfg = TrainConfig(
-            epochs=int(self.epochs),
+            epochs=epochs,
             batch_size=int(self.batch_size),
             lr=float(self.lr),
             weight_decay=float(self.weight_decay),
