@@ -124,6 +124,15 @@ def lstm(
     ):
         return fast(input, h0, c0, list(weights), num_layers=num_layers, bidirectional=bidirectional,
                     has_biases=has_biases, proj_size=proj_size, batch_sizes=batch_sizes)
+    # Training with plain options: a backend may run the whole stack as one autograd node
+    # (``lstm_stack_train``, e.g. numba); it returns NotImplemented for shapes it leaves to the
+    # per-layer path below.
+    fused = getattr(be, "lstm_stack_train", None)
+    if fused is not None and plain and not inter_dropout and not torch.compiler.is_compiling():
+        res = fused(input, h0, c0, list(weights), num_layers=num_layers, bidirectional=bidirectional,
+                    has_biases=has_biases, proj_size=proj_size, batch_sizes=batch_sizes)
+        if res is not NotImplemented:
+            return res
 
     x = input
     h_n: list[Tensor] = []

@@ -28,9 +28,11 @@ from typing import Optional
 import numpy as np
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ..kernels import numba_lstm as K
-from ..kernels.numba_blas import HAVE_MKL, SGEMM, pack_b, run_serial, serial_blas
+from ..kernels import numba_stack as S
+from ..kernels.numba_blas import HAVE_MKL, PACK_MIN_SIZE, SGEMM, pack_b, run_serial, serial_blas
 from ._contract import LayerOptions
 
 NAME = "numba"
@@ -297,15 +299,20 @@ _WCACHE: OrderedDict = OrderedDict()
 _WCACHE_SIZE = 16
 
 
-def _prepared(weights: Sequence[Tensor], dtype: torch.dtype, pack_rows: Callable[[], list[int]]) -> tuple:
+def _prepared(weights: Sequence[Tensor], dtype: torch.dtype, pack_rows: Callable[[], list[int]],
+              cache: bool = True) -> tuple:
     """(views, packed): 2-D NumPy views (biases as (1, G)) and each 2-D weight prepared by
-    ``pack_b`` for ``a @ w.T`` with ``pack_rows()[i]`` rows of ``a`` (0: do not pack)."""
-    key = tuple(map(id, weights))
-    hit = _WCACHE.get(key)
-    versions = [w._version for w in weights]
-    ptrs = [w.data_ptr() for w in weights]
-    if hit is not None and hit[0] == versions and hit[1] == ptrs:
-        return hit[2], hit[3]
+    ``pack_b`` for ``a @ w.T`` with ``pack_rows()[i]`` rows of ``a`` (0: do not pack).
+
+    ``cache=False`` prepares afresh: writes through ``.data`` (gradcheck, hand-written SGD
+    updates) do not move the version counter, so cached packed copies could be stale."""
+    if cache:
+        key = tuple(map(id, weights))
+        hit = _WCACHE.get(key)
+        versions = [w._version for w in weights]
+        ptrs = [w.data_ptr() for w in weights]
+        if hit is not None and hit[0] == versions and hit[1] == ptrs:
+            return hit[2], hit[3]
     views = []
     cacheable = True
     for w in weights:
@@ -318,7 +325,7 @@ def _prepared(weights: Sequence[Tensor], dtype: torch.dtype, pack_rows: Callable
         views.append(a.reshape(1, -1) if a.ndim == 1 else a)
     views = tuple(views)
     packed = tuple(pack_b(v, n if v.shape[0] > 1 else 0, True) for v, n in zip(views, pack_rows()))
-    if cacheable:
+    if cache and cacheable:
         _WCACHE[key] = (versions, ptrs, views, packed, tuple(weights))
         if len(_WCACHE) > _WCACHE_SIZE:
             _WCACHE.popitem(last=False)
@@ -389,3 +396,103 @@ def lstm_cell_step(
         K.cell_step(SGEMM, HAVE_MKL and x.dtype == torch.float32, _np(x), _np(h), _np(c), views[0],
                     packed[0], views[1], packed[1], views[2], views[3], h1_np, c1_np)
     return h1, c1
+
+
+# --- training hook ----------------------------------------------------------------------------
+
+def _bwd_packs(views: Sequence[np.ndarray], rows: list[int]) -> tuple:
+    """Each weight prepared for the backward's ``a @ w`` with ``rows[i]`` rows of ``a`` (0: none).
+
+    Only MKL's packed form helps there (the products are not transposed); small matrices are not
+    worth its ~8 MB buffer, so they get nothing and ``mm`` uses loops or a plain GEMM."""
+    out = []
+    for v, n in zip(views, rows):
+        if n > 1 and HAVE_MKL and v.dtype == np.float32 and v.size >= PACK_MIN_SIZE:
+            out.append(pack_b(v, n, False))
+        else:
+            out.append(np.zeros(0, v.dtype))
+    return tuple(out)
+
+
+class _StackFn(torch.autograd.Function):
+    """A whole stacked LSTM: forward one compiled call, backward one compiled call."""
+
+    @staticmethod
+    def forward(ctx, meta, x, h0, c0, *weights):
+        num_layers, D, has_biases, proj_size, batch_sizes = meta
+        T, B = x.shape[0], x.shape[1]
+        H = c0.shape[2]
+        P = h0.shape[2]
+        LD = num_layers * D
+
+        def rows() -> list[int]:
+            # w_hh and w_hr serve T products of B rows: packed when T > 1; w_ih serves one product
+            one = [0, B] + [0, 0] * bool(has_biases) + [B] * (proj_size > 0)
+            return one * LD if T > 1 else [0] * (len(one) * LD)
+
+        views, packed = _prepared(weights, x.dtype, rows, cache=False)
+        dt = _NP_DTYPE[x.dtype]
+        ys = np.empty((num_layers, T, B, D * P), dt)
+        gates = np.empty((LD, T, B, 4 * H), dt)
+        cs = np.empty((LD, T, B, H), dt)
+        h_n, h_np = _new(tuple(h0.shape), x.dtype)
+        c_n, c_np = _new(tuple(c0.shape), x.dtype)
+        x_np, h0_np, c0_np = _np(x), _np(h0), _np(c0)
+        bs = _bs_np(batch_sizes)
+        mkl = HAVE_MKL and x.dtype == torch.float32
+        with serial_blas(run_serial(B, 4 * H, max(P, x.shape[2]))):
+            S.stack_train_fwd(SGEMM, mkl, x_np, h0_np, c0_np, views, packed, num_layers, D,
+                              bool(has_biases), proj_size > 0, bs, h_np, c_np, ys, gates, cs)
+        out = torch.from_numpy(ys[-1])
+        # saved for autograd's checks against in-place changes; backward uses the NumPy views
+        ctx.save_for_backward(x, h0, c0, out, *weights)
+        ctx.saved = (meta, views, x_np, h0_np, c0_np, bs, ys, gates, cs)
+        return out, h_n, c_n
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, grad_h, grad_c):
+        weights = ctx.saved_tensors[4:]
+        (num_layers, D, has_biases, proj_size, _), views, x_np, h0_np, c0_np, bs, ys, gates, cs = ctx.saved
+        sync_threads()
+        T, B = x_np.shape[0], x_np.shape[1]
+        H = c0_np.shape[2]
+        P = h0_np.shape[2]
+        rows = ([0, B] + [0, 0] * bool(has_biases) + [B] * (proj_size > 0)) * (num_layers * D) if T > 1 \
+            else [0] * len(views)
+        wpbs = _bwd_packs(views, rows)
+        dx, dx_np = _new(tuple(x_np.shape), grad_out.dtype)
+        dh0, dh0_np = _new(tuple(h0_np.shape), grad_out.dtype)
+        dc0, dc0_np = _new(tuple(c0_np.shape), grad_out.dtype)
+        dws = tuple(np.empty(v.shape, v.dtype) for v in views)
+        mkl = HAVE_MKL and grad_out.dtype == torch.float32
+        with serial_blas(run_serial(B, 4 * H, max(P, x_np.shape[2]))):
+            S.stack_train_bwd(SGEMM, mkl, x_np, h0_np, c0_np, views, wpbs, num_layers, D,
+                              bool(has_biases), proj_size > 0, bs, ys, gates, cs, _np(grad_out),
+                              _np(grad_h), _np(grad_c), dx_np, dh0_np, dc0_np, dws)
+        grads = [torch.from_numpy(g).view(w.shape) for g, w in zip(dws, weights)]
+        return (None, dx, dh0, dc0, *grads)
+
+
+def lstm_stack_train(
+    x: Tensor,                        # (T, B, I)
+    h0: Tensor,                       # (L*D, B, P)
+    c0: Tensor,                       # (L*D, B, H)
+    weights: Sequence[Tensor],        # torch.nn.LSTM's _flat_weights order
+    *,
+    num_layers: int,
+    bidirectional: bool,
+    has_biases: bool,
+    proj_size: int,
+    batch_sizes: Optional[Tensor],    # (T,) int64 or None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A differentiable stacked LSTM: (out (T,B,D*P), h_n, c_n) from one autograd node whose
+    forward and backward are one compiled call each (``kernels.numba_stack``)."""
+    if x.device.type != "cpu" or x.dtype not in _DTYPES:
+        raise RuntimeError(unavailable(x.device, x.dtype))
+    for name, t in (("h0", h0), ("c0", c0)):
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name}: expected dtype {x.dtype}, got {t.dtype}")
+    sync_threads()
+    meta = (num_layers, 2 if bidirectional else 1, bool(has_biases), proj_size, batch_sizes)
+    return _StackFn.apply(meta, x, h0, c0, *weights)

@@ -1,0 +1,212 @@
+"""A whole stacked LSTM for training in two compiled calls: forward (saving what backward needs)
+and backward (gradients of the input, the initial state and every weight).
+
+The per-layer kernels of ``numba_lstm`` do the recurrences; this module adds the input
+projections, the weight gradients and the walk over layers and directions, so that a training
+step costs one call into compiled code each way instead of a dozen autograd nodes per layer.
+
+Dimension legend
+    T  time steps     B  batch rows     I  input features of a layer (the first: the input's,
+    H  hidden size    G  = 4H           later: Q)
+    P  proj_size if > 0, else H         Q  = D * P, the output width of a layer
+    L  layers         D  directions     n  = T * B rows of the flattened products
+
+Weights come as in ``numba_lstm.stack_fwd``: a tuple of 2-D C-contiguous arrays in
+torch.nn.LSTM's _flat_weights order, biases as (1, G); per layer and direction
+w_ih (G, I), w_hh (G, P), [b_ih (1, G), b_hh (1, G)], [w_hr (P, H)].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .numba_blas import NO_TRANS, ROW_MAJOR, TRANS
+from .numba_lstm import _JIT, SMALL_FLOPS, SMALL_FLOPS_MKL, layer_bwd, layer_fwd, mm
+
+_ZERO32 = np.float32(0.0)
+_ONE32 = np.float32(1.0)
+
+
+@njit(**_JIT)
+def mm_tn(sgemm, mkl, a, b, out, acc):
+    """out = a.T @ b, or out += a.T @ b when ``acc`` (a weight gradient summed over rows).
+
+    a   (n, M) C-contiguous     b (n, N) C-contiguous     out (M, N) C-contiguous
+    """
+    n, M = a.shape
+    N = b.shape[1]
+    if M == 0 or N == 0:
+        return
+    if n * M * N <= (SMALL_FLOPS_MKL if mkl else SMALL_FLOPS):
+        if not acc:
+            out[:] = 0
+        for r in range(n):
+            arow = a[r]
+            brow = b[r]
+            for i in range(M):
+                av = arow[i]
+                orow = out[i]
+                for j in range(N):
+                    orow[j] += av * brow[j]
+    elif mkl:
+        sgemm(ROW_MAJOR, TRANS, NO_TRANS, M, N, n, a.ctypes.data, M, b.ctypes.data, N,
+              _ONE32 if acc else _ZERO32, out.ctypes.data, N)
+    elif acc:
+        out += np.dot(a.T, b)
+    else:
+        np.dot(a.T, b, out)
+
+
+@njit(**_JIT)
+def stack_train_fwd(sgemm, mkl, x, h0, c0, ws, wps, num_layers, num_dirs, has_bias, has_proj, bs,
+                    h_n, c_n, ys, gates, cs):
+    """The forward of a stacked (bidirectional) LSTM, saving what :func:`stack_train_bwd` needs.
+
+    x      (T, B, I)          input, C-contiguous
+    h0     (L*D, B, P)        initial hidden states
+    c0     (L*D, B, H)        initial cell states
+    ws     tuple              the weights (module docstring)
+    wps    tuple of 1-D       one per entry of ws: that matrix packed for ``a @ w.T``, or (0,)
+    bs     (T,)               active rows per step, or (0,)
+    h_n    (L*D, B, P)        written
+    c_n    (L*D, B, H)        written
+    ys     (L, T, B, Q)       written: every layer's output (ys[L-1] is the stack's output)
+    gates  (L*D, T, B, G)     written: gate activations of every layer-direction
+    cs     (L*D, T, B, H)     written: cell states after every step
+    """
+    T, B, _ = x.shape
+    P = h0.shape[2]
+    H = c0.shape[2]
+    G = 4 * H
+    per = 2 + (2 if has_bias else 0) + (1 if has_proj else 0)
+    no_proj = np.empty((0, H), x.dtype)
+    no_bias = np.empty(0, x.dtype)
+    xg = np.empty((T, B, G), x.dtype)
+    xg2 = xg.reshape(T * B, G)
+    inp = x.reshape(T * B, x.shape[2])
+    for layer in range(num_layers):
+        dst = ys[layer]
+        for d in range(num_dirs):
+            k = (layer * num_dirs + d) * per
+            idx = layer * num_dirs + d
+            mm(sgemm, mkl, inp, ws[k], wps[k], True, xg2)
+            bias = ws[k + 2][0] + ws[k + 3][0] if has_bias else no_bias
+            w_hr = ws[k + per - 1] if has_proj else no_proj
+            w_hr_p = wps[k + per - 1] if has_proj else wps[k + 1]
+            h_n[idx] = h0[idx]
+            c_n[idx] = c0[idx]
+            layer_fwd(sgemm, mkl, xg, bias, ws[k + 1], wps[k + 1], w_hr, w_hr_p, h_n[idx], c_n[idx], bs,
+                      d == 1, dst, d * P, gates[idx], cs[idx])
+        inp = dst.reshape(T * B, dst.shape[2])
+
+
+@njit(**_JIT)
+def _prev_h(y, col0, h0, bs, reverse, hprev):
+    """hprev[t, b] = the h that step t of row b started from: h0 at the row's first step, else
+    the direction's output at the step before in processing order; zeros at inactive rows.
+
+    y (T, B, Q), its columns col0 .. col0+P; h0 (B, P); hprev (T, B, P) written
+    """
+    T, B, P = hprev.shape
+    for t in range(T):
+        nb = B if bs.shape[0] == 0 else bs[t]
+        if reverse:
+            nxt = 0 if t == T - 1 else (B if bs.shape[0] == 0 else bs[t + 1])
+        else:
+            nxt = 0 if t == 0 else nb  # active at t means active at t - 1
+        for b in range(nb):
+            hr = hprev[t, b]
+            if b < nxt:
+                src = y[t + 1, b, col0:col0 + P] if reverse else y[t - 1, b, col0:col0 + P]
+                for j in range(P):
+                    hr[j] = src[j]
+            else:
+                h0r = h0[b]
+                for j in range(P):
+                    hr[j] = h0r[j]
+        for b in range(nb, B):
+            hprev[t, b] = 0
+
+
+@njit(**_JIT)
+def stack_train_bwd(sgemm, mkl, x, h0, c0, ws, wpbs, num_layers, num_dirs, has_bias, has_proj, bs,
+                    ys, gates, cs, grad_out, grad_hn, grad_cn, dx, dh0, dc0, dws):
+    """Backward of :func:`stack_train_fwd`.
+
+    x, h0, c0, ws, bs      as given to the forward; ys, gates, cs: what it saved
+    wpbs     tuple of 1-D  one per entry of ws: that matrix packed for ``a @ w`` (``pack_b`` with
+                           transpose=False), or (0,)
+    grad_out (T, B, Q)     gradient of the stack's output
+    grad_hn  (L*D, B, P)   gradient of h_n
+    grad_cn  (L*D, B, H)   gradient of c_n
+    dx       (T, B, I)     written
+    dh0      (L*D, B, P)   written
+    dc0      (L*D, B, H)   written
+    dws      tuple         written: the gradient of each entry of ws, same shapes
+    """
+    T, B, _ = x.shape
+    P = h0.shape[2]
+    H = c0.shape[2]
+    G = 4 * H
+    Q = num_dirs * P
+    n = T * B
+    per = 2 + (2 if has_bias else 0) + (1 if has_proj else 0)
+    no_proj = np.empty((0, H), x.dtype)
+    no_pack = np.empty(0, x.dtype)
+    dgates = np.empty((T, B, G), x.dtype)
+    dg2 = dgates.reshape(n, G)
+    gout = np.empty((T, B, P), x.dtype)
+    hprev = np.empty((T, B, P), x.dtype)
+    dhs = np.empty((T if has_proj else 0, B, P), x.dtype)
+    hps = np.empty((T if has_proj else 0, B, H), x.dtype)
+    dy = grad_out.reshape(n, Q)               # gradient of this layer's output
+    for layer in range(num_layers - 1, -1, -1):
+        if layer == 0:
+            inp = x.reshape(n, x.shape[2])
+            dinp = dx.reshape(n, x.shape[2])
+        else:
+            inp = ys[layer - 1].reshape(n, Q)
+            dinp = np.empty((n, Q), x.dtype)
+        tmp = np.empty((n if num_dirs > 1 else 0, dinp.shape[1]), x.dtype)
+        for d in range(num_dirs):
+            k = (layer * num_dirs + d) * per
+            idx = layer * num_dirs + d
+            w_ih = ws[k]
+            w_hh = ws[k + 1]
+            if has_proj:
+                w_hr = ws[k + per - 1]
+                w_hr_p = wpbs[k + per - 1]
+            else:
+                w_hr = no_proj
+                w_hr_p = no_pack
+            g2 = gout.reshape(n, P)
+            for r in range(n):
+                g2[r] = dy[r, d * P:(d + 1) * P]
+            dh = dh0[idx]
+            dc = dc0[idx]
+            dh[:] = grad_hn[idx]
+            dc[:] = grad_cn[idx]
+            layer_bwd(sgemm, mkl, gates[idx], cs[idx], c0[idx], w_hh, wpbs[k + 1], w_hr, w_hr_p, gout, dh, dc,
+                      bs, d == 1, dgates, dhs, hps)
+            # weight gradients: one product each over all n rows
+            _prev_h(ys[layer], d * P, h0[idx], bs, d == 1, hprev)
+            mm_tn(sgemm, mkl, dg2, hprev.reshape(n, P), dws[k + 1], False)
+            mm_tn(sgemm, mkl, dg2, inp, dws[k], False)
+            if has_bias:
+                db = dws[k + 2][0]
+                db[:] = 0
+                for r in range(n):
+                    dgr = dg2[r]
+                    for j in range(G):
+                        db[j] += dgr[j]
+                dws[k + 3][0] = db
+            if has_proj:
+                mm_tn(sgemm, mkl, dhs.reshape(n, P), hps.reshape(n, H), dws[k + per - 1], False)
+            # gradient of the layer's input
+            if d == 0:
+                mm(sgemm, mkl, dg2, w_ih, no_pack, False, dinp)
+            else:
+                mm(sgemm, mkl, dg2, w_ih, no_pack, False, tmp)
+                dinp += tmp
+        dy = dinp
