@@ -176,3 +176,13 @@ def test_auto_epochs_give_small_sets_enough_steps(tmp_path, n_cases, batch_size,
     with pytest.raises(Stop):
         clf.fit(X, y, checkpoint_path=tmp_path / "c.pt", on_epoch_end=stop)
     assert torch.load(tmp_path / "c.pt", weights_only=True)["scheduler"]["T_max"] == expected
+
+
+def test_noise_augmentation_is_seeded_and_changes_training(data):
+    X, y, Xt, _ = data
+    fit = lambda **kw: LSTMSequenceClassifier(**{**TINY, "epochs": 2, **kw}).fit(X, y).predict_proba(Xt)  # noqa: E731
+    plain, noisy = fit(), fit(noise=0.3)
+    np.testing.assert_array_equal(noisy, fit(noise=0.3))
+    assert not np.allclose(noisy, plain)
+    with pytest.raises(ValueError, match=r"noise: expected a float >= 0, got -1"):
+        LSTMSequenceClassifier(noise=-1).fit(X, y)
