@@ -32,11 +32,12 @@ def test_tutorial_shapes_and_last_step():
     assert_close(m(x), m.fc(out[-1]))
 
 
+@pytest.mark.parametrize("pooling", ["last", "mean", "max", "last+mean"])
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("form", ["lengths", "packed"])
-def test_padding_never_leaks(bidirectional, form):
+def test_padding_never_leaks(bidirectional, form, pooling):
     torch.manual_seed(0)
-    m = lstmkit.LSTMClassifier(3, 6, 2, 3, bidirectional=bidirectional).eval()
+    m = lstmkit.LSTMClassifier(3, 6, 2, 3, bidirectional=bidirectional, pooling=pooling).eval()
     lengths = [4, 9, 2, 7]
     seqs = [torch.randn(n, 3) for n in lengths]
     x = torch.zeros(9, 4, 3)
@@ -68,7 +69,29 @@ def test_bidirectional_features_are_last_forward_and_first_backward():
         assert_close(feats[i, 4:], out[0, i, 4:])      # backward direction at step 0
 
 
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_pooling_features(batch_first):
+    torch.manual_seed(0)
+    lengths = [7, 3, 5]
+    x = torch.randn(3, 7, 2) if batch_first else torch.randn(7, 3, 2)
+    feats = {}
+    for pooling in ("last", "mean", "max", "last+mean"):
+        m = lstmkit.LSTMClassifier(2, 4, 1, 2, bidirectional=True, pooling=pooling, batch_first=batch_first)
+        torch.manual_seed(1)
+        m.lstm.reset_parameters()
+        feats[pooling] = m.features(x, lengths)
+        out, _ = m.lstm(x, lengths=lengths)
+        out = out.transpose(0, 1) if batch_first else out
+    for i, n in enumerate(lengths):
+        assert_close(feats["mean"][i], out[:n, i].mean(0))
+        assert_close(feats["max"][i], out[:n, i].amax(0))
+    assert_close(feats["last+mean"], torch.cat([feats["last"], feats["mean"]], 1))
+    assert m.fc.in_features == 16
+
+
 def test_classifier_errors():
+    with pytest.raises(ValueError, match=r"pooling: expected one of .*got 'sum'"):
+        lstmkit.LSTMClassifier(3, 4, 1, 2, pooling="sum")
     with pytest.raises(ValueError, match="output_size: expected a positive int"):
         lstmkit.LSTMClassifier(3, 4, 1, 0)
     m = lstmkit.LSTMClassifier(3, 4, 1, 2)

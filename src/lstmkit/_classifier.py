@@ -6,11 +6,13 @@ from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from ._modules import LSTM
 
 __all__ = ["LSTMClassifier"]
+
+POOLINGS = ("last", "mean", "max", "last+mean")
 
 
 class LSTMClassifier(nn.Module):
@@ -37,6 +39,10 @@ class LSTMClassifier(nn.Module):
         bidirectional: a bidirectional LSTM. Default: ``False``
         dropout: dropout between LSTM layers (if ``num_layers > 1``) and before the linear head.
         batch_first: input as ``(batch, seq, feature)``. Default: ``False``
+        pooling: how a sequence becomes one feature vector: ``"last"`` (the tutorial's last step, per
+            direction as above), ``"mean"`` or ``"max"`` of the top layer's output over each
+            sequence's valid steps (padding excluded), or ``"last+mean"`` (both, concatenated).
+            Default: ``"last"``
         backend: the LSTM backend, see :class:`lstmkit.LSTM`.
         **lstm_kwargs: further keyword arguments of :class:`lstmkit.LSTM` (e.g. ``proj_size``).
 
@@ -65,12 +71,16 @@ class LSTMClassifier(nn.Module):
         bidirectional: bool = False,
         dropout: float = 0.0,
         batch_first: bool = False,
+        pooling: str = "last",
         backend: str = "auto",
         **lstm_kwargs,
     ) -> None:
         super().__init__()
         if not isinstance(output_size, int) or isinstance(output_size, bool) or output_size < 1:
             raise ValueError(f"output_size: expected a positive int (number of classes), got {output_size!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling: expected one of {POOLINGS}, got {pooling!r}")
+        self.pooling = pooling
         self.lstm = LSTM(
             input_size, hidden_size, num_layers, batch_first=batch_first,
             dropout=dropout if num_layers > 1 else 0.0,
@@ -79,20 +89,32 @@ class LSTMClassifier(nn.Module):
         self.head_dropout = nn.Dropout(dropout)
         D = 2 if bidirectional else 1
         feat = self.lstm.proj_size if self.lstm.proj_size > 0 else hidden_size
-        self.fc = nn.Linear(D * feat, output_size, device=lstm_kwargs.get("device"),
-                            dtype=lstm_kwargs.get("dtype"))
+        in_features = D * feat * (2 if pooling == "last+mean" else 1)
+        self.fc = nn.Linear(in_features, output_size, device=lstm_kwargs.get("device"), dtype=lstm_kwargs.get("dtype"))
 
     def features(self, x: Union[Tensor, PackedSequence], lengths=None) -> Tensor:
         """The (B, D * H_out) summary of each sequence that the linear head classifies."""
         if isinstance(x, PackedSequence):
-            _, (h_n, _) = self.lstm(x)
+            out, (h_n, _) = self.lstm(x)
+            out, lens = pad_packed_sequence(out)  # (T, B, D*P), zeros past each length
         else:
-            _, (h_n, _) = self.lstm(x, lengths=lengths)
-        # h_n holds each row's state after its last valid step (forward direction) and after
-        # step 0 (backward direction): exactly the features to classify, with no padding read.
-        if self.lstm.bidirectional:
-            return torch.cat([h_n[-2], h_n[-1]], dim=-1)
-        return h_n[-1]
+            out, (h_n, _) = self.lstm(x, lengths=lengths)
+            if self.lstm.batch_first:
+                out = out.transpose(0, 1)
+            T = out.shape[0]
+            lens = torch.full((out.shape[1],), T) if lengths is None else torch.as_tensor(lengths)
+        feats = []
+        if self.pooling in ("last", "last+mean"):
+            # h_n holds each row's state after its last valid step (forward direction) and after
+            # step 0 (backward direction): exactly the features to classify, with no padding read.
+            feats.append(torch.cat([h_n[-2], h_n[-1]], dim=-1) if self.lstm.bidirectional else h_n[-1])
+        if self.pooling in ("mean", "last+mean"):
+            # outputs are zero past each length, so the sum over time covers the valid steps only
+            feats.append(out.sum(0) / lens.to(out.device, out.dtype).unsqueeze(1))
+        if self.pooling == "max":
+            valid = torch.arange(out.shape[0], device=out.device).unsqueeze(1) < lens.to(out.device).unsqueeze(0)
+            feats.append(out.masked_fill(~valid.unsqueeze(2), float("-inf")).amax(0))
+        return feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)
 
     def forward(self, x: Union[Tensor, PackedSequence], lengths: Optional[Union[Tensor, list]] = None) -> Tensor:
         if isinstance(x, Tensor) and x.dim() != 3:
