@@ -33,6 +33,7 @@ from torch.autograd.function import once_differentiable
 from ..kernels import numba_lstm as K
 from ..kernels import numba_stack as S
 from ..kernels.numba_blas import HAVE_MKL, PACK_MIN_SIZE, SGEMM, pack_b, run_serial, serial_blas
+from ..kernels.numba_lstm import SMALL_FLOPS_MKL
 from ._contract import LayerOptions
 
 NAME = "numba"
@@ -400,18 +401,57 @@ def lstm_cell_step(
 
 # --- training hook ----------------------------------------------------------------------------
 
-def _bwd_packs(views: Sequence[np.ndarray], rows: list[int]) -> tuple:
-    """Each weight prepared for the backward's ``a @ w`` with ``rows[i]`` rows of ``a`` (0: none).
+_VIEWS: OrderedDict = OrderedDict()
 
-    Only MKL's packed form helps there (the products are not transposed); small matrices are not
-    worth its ~8 MB buffer, so they get nothing and ``mm`` uses loops or a plain GEMM."""
+
+def _weight_views(weights: Sequence[Tensor], dtype: torch.dtype) -> tuple:
+    """2-D NumPy views of the weights (biases as (1, G)), cached by identity and storage.
+
+    Views alias the parameters' memory, so unlike packed copies they cannot go stale through
+    in-place or ``.data`` writes; a replaced storage or shape misses the cache."""
+    key = tuple(map(id, weights))
+    ptrs = [w.data_ptr() for w in weights]
+    hit = _VIEWS.get(key)
+    if hit is not None and hit[0] == ptrs:
+        return hit[1]
+    views = []
+    cacheable = True
+    for w in weights:
+        if w.dtype != dtype:
+            raise TypeError(f"weights: expected dtype {dtype}, got {w.dtype}")
+        if w.device.type != "cpu":
+            raise RuntimeError(f"weights: expected CPU tensors, got device {w.device}")
+        cacheable = cacheable and w.is_contiguous()
+        a = _np(w)
+        views.append(a.reshape(1, -1) if a.ndim == 1 else a)
+    views = tuple(views)
+    if cacheable:
+        _VIEWS[key] = (ptrs, views, tuple(weights))
+        if len(_VIEWS) > _WCACHE_SIZE:
+            _VIEWS.popitem(last=False)
+    return views
+
+
+def _packs(views: Sequence[np.ndarray], rows: list[int], transpose: bool) -> tuple:
+    """Each weight prepared by ``pack_b`` for ``rows[i]``-row products (0: nothing), built on every
+    call (writes through ``.data`` do not move version counters, so cached copies could be
+    stale), and only where ``mm`` would otherwise call a GEMM per step: the hand-written loops of
+    tiny products need no packed form. The backward's products are not transposed: only MKL's
+    packed form helps them, and only on matrices worth its ~8 MB buffer."""
     out = []
     for v, n in zip(views, rows):
-        if n > 1 and HAVE_MKL and v.dtype == np.float32 and v.size >= PACK_MIN_SIZE:
+        if n == 0 or n * v.size <= SMALL_FLOPS_MKL:
+            out.append(_EMPTY[v.dtype.type])
+        elif transpose:
+            out.append(pack_b(v, n, True))
+        elif n > 1 and HAVE_MKL and v.dtype == np.float32 and v.size >= PACK_MIN_SIZE:
             out.append(pack_b(v, n, False))
         else:
-            out.append(np.zeros(0, v.dtype))
+            out.append(_EMPTY[v.dtype.type])
     return tuple(out)
+
+
+_EMPTY = {np.float32: np.zeros(0, np.float32), np.float64: np.zeros(0, np.float64)}
 
 
 class _StackFn(torch.autograd.Function):
@@ -425,12 +465,11 @@ class _StackFn(torch.autograd.Function):
         P = h0.shape[2]
         LD = num_layers * D
 
-        def rows() -> list[int]:
-            # w_hh and w_hr serve T products of B rows: packed when T > 1; w_ih serves one product
-            one = [0, B] + [0, 0] * bool(has_biases) + [B] * (proj_size > 0)
-            return one * LD if T > 1 else [0] * (len(one) * LD)
-
-        views, packed = _prepared(weights, x.dtype, rows, cache=False)
+        # w_hh and w_hr serve T products of B rows: prepared when T > 1; w_ih serves one product
+        one = [0, B] + [0, 0] * bool(has_biases) + [B] * (proj_size > 0)
+        rows = one * LD if T > 1 else [0] * (len(one) * LD)
+        views = _weight_views(weights, x.dtype)
+        packed = _packs(views, rows, True)
         dt = _NP_DTYPE[x.dtype]
         ys = np.empty((num_layers, T, B, D * P), dt)
         gates = np.empty((LD, T, B, 4 * H), dt)
@@ -446,32 +485,30 @@ class _StackFn(torch.autograd.Function):
         out = torch.from_numpy(ys[-1])
         # saved for autograd's checks against in-place changes; backward uses the NumPy views
         ctx.save_for_backward(x, h0, c0, out, *weights)
-        ctx.saved = (meta, views, x_np, h0_np, c0_np, bs, ys, gates, cs)
+        ctx.saved = (meta, views, rows, x_np, h0_np, c0_np, bs, ys, gates, cs)
         return out, h_n, c_n
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, grad_h, grad_c):
         weights = ctx.saved_tensors[4:]
-        (num_layers, D, has_biases, proj_size, _), views, x_np, h0_np, c0_np, bs, ys, gates, cs = ctx.saved
+        (num_layers, D, has_biases, proj_size, _), views, rows, x_np, h0_np, c0_np, bs, ys, gates, cs = ctx.saved
         sync_threads()
-        T, B = x_np.shape[0], x_np.shape[1]
+        B = x_np.shape[1]
         H = c0_np.shape[2]
         P = h0_np.shape[2]
-        rows = ([0, B] + [0, 0] * bool(has_biases) + [B] * (proj_size > 0)) * (num_layers * D) if T > 1 \
-            else [0] * len(views)
-        wpbs = _bwd_packs(views, rows)
+        wpbs = _packs(views, rows, False)
         dx, dx_np = _new(tuple(x_np.shape), grad_out.dtype)
         dh0, dh0_np = _new(tuple(h0_np.shape), grad_out.dtype)
         dc0, dc0_np = _new(tuple(c0_np.shape), grad_out.dtype)
-        dws = tuple(np.empty(v.shape, v.dtype) for v in views)
+        gw = [np.empty(w.shape, v.dtype) for w, v in zip(weights, views)]
+        dws = tuple(g.reshape(1, -1) if g.ndim == 1 else g for g in gw)
         mkl = HAVE_MKL and grad_out.dtype == torch.float32
         with serial_blas(run_serial(B, 4 * H, max(P, x_np.shape[2]))):
             S.stack_train_bwd(SGEMM, mkl, x_np, h0_np, c0_np, views, wpbs, num_layers, D,
                               bool(has_biases), proj_size > 0, bs, ys, gates, cs, _np(grad_out),
                               _np(grad_h), _np(grad_c), dx_np, dh0_np, dc0_np, dws)
-        grads = [torch.from_numpy(g).view(w.shape) for g, w in zip(dws, weights)]
-        return (None, dx, dh0, dc0, *grads)
+        return (None, dx, dh0, dc0, *map(torch.from_numpy, gw))
 
 
 def lstm_stack_train(
