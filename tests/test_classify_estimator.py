@@ -186,3 +186,22 @@ def test_noise_augmentation_is_seeded_and_changes_training(data):
     assert not np.allclose(noisy, plain)
     with pytest.raises(ValueError, match=r"noise: expected a float >= 0, got -1"):
         LSTMSequenceClassifier(noise=-1).fit(X, y)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max", "last+mean"])
+def test_pooling_reaches_the_model_and_survives_save_load(data, tmp_path, pooling):
+    X, y, Xt, _ = data
+    est = LSTMSequenceClassifier(**{**TINY, "epochs": 2, "pooling": pooling}).fit(X, y)
+    assert est.get_params()["pooling"] == pooling
+    assert est.model_.pooling == pooling
+    est.save(tmp_path / "m")
+    loaded = LSTMSequenceClassifier.load(tmp_path / "m")
+    assert loaded.pooling == pooling and loaded.model_.pooling == pooling
+    np.testing.assert_array_equal(loaded.predict_proba(Xt), est.predict_proba(Xt))
+    assert clone(est).set_params(pooling="last").pooling == "last"
+
+
+def test_pooling_default_comes_from_defaults():
+    from lstmkit.classify import DEFAULTS
+
+    assert LSTMSequenceClassifier().pooling == DEFAULTS["pooling"]

@@ -196,6 +196,8 @@ def test_bad_parameters_named(data):
     X, y = data
     with pytest.raises(ValueError, match=r"hidden_size: expected a positive integer, got 0"):
         LSTMSequenceClassifier(hidden_size=0).fit(X, y)
+    with pytest.raises(ValueError, match=r"pooling: expected one of \[.*'last\+mean'\], got 'sum'"):
+        LSTMSequenceClassifier(pooling="sum").fit(X, y)
     with pytest.raises(ValueError, match=r"y: expected 60 labels \(one per case of X\), got 59"):
         LSTMSequenceClassifier().fit(X, y[:-1])
     with pytest.raises(ValueError, match=r"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got 'tpu'"):

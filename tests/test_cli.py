@@ -174,3 +174,15 @@ def test_resume_continues_an_interrupted_run_exactly(files, tmp_path, monkeypatc
     a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0)
+
+
+def test_train_pooling_option_reaches_the_saved_model(files, tmp_path, capsys):
+    out = tmp_path / "pooled"
+    fast = [a if a != "15" else "2" for a in FAST]
+    rc = main(["train", "--data", str(files / "train.csv"), "--test-data", str(files / "test.csv"),
+               "--out", str(out), "--pooling", "max", *fast])
+    assert rc == 0
+    config = json.loads((out / "model.json").read_text())
+    assert config["params"]["pooling"] == "max" and config["model"]["pooling"] == "max"
+    loaded = LSTMSequenceClassifier.load(out)
+    assert loaded.pooling == "max" and loaded.model_.pooling == "max"

@@ -24,6 +24,7 @@ def int_or_auto(value: str):
 _HYPER = [
     ("--hidden-size", "hidden_size", int, "LSTM hidden size"),
     ("--num-layers", "num_layers", int, "LSTM layers"),
+    ("--pooling", "pooling", str, "sequence readout: last, mean, max or last+mean (valid steps only)"),
     ("--dropout", "dropout", float, "dropout between layers and before the head"),
     ("--lr", "lr", float, "AdamW learning rate (cosine decay to lr/100)"),
     ("--weight-decay", "weight_decay", float, "AdamW weight decay"),

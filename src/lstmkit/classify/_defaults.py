@@ -15,6 +15,7 @@ DEFAULTS: dict[str, object] = {
     "hidden_size": 64,
     "num_layers": 1,
     "bidirectional": True,
+    "pooling": "last",
     "dropout": 0.0,
     "lr": 1e-2,
     "weight_decay": 1e-4,

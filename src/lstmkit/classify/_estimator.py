@@ -120,6 +120,7 @@ class LSTMSequenceClassifier(ClassifierMixin, BaseEstimator):
         hidden_size: int = DEFAULTS["hidden_size"],
         num_layers: int = DEFAULTS["num_layers"],
         bidirectional: bool = DEFAULTS["bidirectional"],
+        pooling: str = DEFAULTS["pooling"],
         dropout: float = DEFAULTS["dropout"],
         lr: float = DEFAULTS["lr"],
         weight_decay: float = DEFAULTS["weight_decay"],
@@ -143,6 +144,7 @@ class LSTMSequenceClassifier(ClassifierMixin, BaseEstimator):
         self.hidden_size = hidden_size
         self.num_layers = num_layers
         self.bidirectional = bidirectional
+        self.pooling = pooling
         self.dropout = dropout
         self.lr = lr
         self.weight_decay = weight_decay
@@ -188,6 +190,10 @@ class LSTMSequenceClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError(f"validation_fraction: expected a float in [0, 1), got {self.validation_fraction!r}")
         if self.patience is not None and (not isinstance(self.patience, (int, np.integer)) or self.patience < 1):
             raise ValueError(f"patience: expected None or a positive integer, got {self.patience!r}")
+        from lstmkit._classifier import POOLINGS
+
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling: expected one of {list(POOLINGS)}, got {self.pooling!r}")
         if self.monitor not in ("loss", "acc"):
             raise ValueError(f"monitor: expected 'loss' or 'acc', got {self.monitor!r}")
         if self.impute not in IMPUTE_OPTIONS:
@@ -238,6 +244,7 @@ class LSTMSequenceClassifier(ClassifierMixin, BaseEstimator):
             n_classes,
             bidirectional=bool(self.bidirectional),
             dropout=float(self.dropout),
+            pooling=str(self.pooling),
             batch_first=True,
             backend=self.backend,
         )
@@ -430,6 +437,7 @@ class LSTMSequenceClassifier(ClassifierMixin, BaseEstimator):
                 "num_layers": int(self.num_layers),
                 "output_size": len(values),
                 "bidirectional": bool(self.bidirectional),
+                "pooling": str(self.pooling),
                 "dropout": float(self.dropout),
             },
             "classes": values,
