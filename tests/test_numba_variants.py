@@ -179,5 +179,7 @@ def test_bad_options_raise():
         nv.layer(*core, None, False, bad)
     with pytest.raises(ValueError, match="rec_mask"):
         nv.layer(*core, None, False, LayerOptions(rec_mask=torch.ones(3, 3)))
+    with pytest.raises(ValueError, match="ln_hh"):
+        nv.layer(*core, None, False, LayerOptions(ln_hh=torch.ones(3)))
     with pytest.raises(ValueError, match="zoneout"):
         nv.layer(*core, None, False, LayerOptions(zoneout_c=torch.ones(4, 2, 2)))

@@ -51,8 +51,11 @@ class _Opts:
             t = getattr(o, name)
             if t is not None and t.dtype != dtype:
                 raise TypeError(f"opts.{name}: expected dtype {dtype}, got {t.dtype}")
-        if o.rec_mask is not None and tuple(o.rec_mask.shape) != (B, P):
-            raise ValueError(f"opts.rec_mask: expected shape {(B, P)}, got {tuple(o.rec_mask.shape)}")
+        for name, shape in (("peephole", (3, H)), ("ln_hh", (G,)), ("ln_cell_w", (H,)), ("ln_cell_b", (H,)),
+                            ("rec_mask", (B, P))):
+            t = getattr(o, name)
+            if t is not None and tuple(t.shape) != shape:
+                raise ValueError(f"opts.{name}: expected shape {shape}, got {tuple(t.shape)}")
         self.mask = _plain._np(o.rec_mask) if o.rec_mask is not None else np.zeros((0, P), npd)
         self.pe = _plain._np(o.peephole) if o.peephole is not None else np.zeros((0, H), npd)
         self.ln_g = _plain._np(o.ln_hh) if o.ln_hh is not None else np.zeros(0, npd)
@@ -65,7 +68,6 @@ class _Opts:
         self.zh, self.zh_fill = _zone_np(o.zoneout_h, T, B, P, dtype)
         # c~ differs from the kept c_t only with cell zoneout
         self.cell_zone = self.zc.shape[0] > 0 or bool(self.zc_fill.any())
-        assert self.ln_g.shape[0] in (0, G)
 
     def args(self) -> tuple:
         return (self.mask, self.pe, self.ln_g, self.lnc_w, self.lnc_b, self.zc, self.zc_fill, self.zh,
