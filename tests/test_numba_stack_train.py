@@ -63,14 +63,20 @@ def test_stack_train_matches_torch(case, dtype, monkeypatch):
     ref, ours = _models(I, H, L, bid, proj, bias, dtype)
     calls = []
     real = nb.lstm_stack_train
-    monkeypatch.setattr(nb, "lstm_stack_train", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def counted(*a, **k):
+        res = real(*a, **k)
+        calls.append(res is not NotImplemented)
+        return res
+
+    monkeypatch.setattr(nb, "lstm_stack_train", counted)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(T, B, I, dtype=dtype, generator=g)
     h0 = torch.randn(L * D, B, P, dtype=dtype, generator=g)
     c0 = torch.randn(L * D, B, H, dtype=dtype, generator=g)
     got, got_grads = _run(ours, x, h0, c0, lengths, T)
     want, want_grads = _run(ref, x, h0, c0, lengths, T)
-    assert calls, "the fused training path was not taken"
+    assert calls == [True], "the fused training path was not taken"
     names = ["out", "h_n", "c_n"]
     for a, b, name in zip(got, want, names):
         assert_close(a, b, msg=name)
@@ -118,3 +124,18 @@ def test_inference_does_not_take_training_path(monkeypatch):
     with torch.no_grad():
         out, _ = ours(torch.randn(5, 2, 3))
     assert out.shape == (5, 2, 4)
+
+
+def test_stack_train_leaves_large_multithreaded_shapes_to_the_per_layer_path(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert nb.prefers_stack_train(100, 16, 32, 128, 128)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert nb.prefers_stack_train(10, 5, 3, 5, 5)
+    assert not nb.prefers_stack_train(100, 16, 32, 128, 128)   # serial recurrence, big GEMMs
+    assert nb.prefers_stack_train(50, 64, 128, 256, 256)       # threaded recurrence anyway
+    x = torch.randn(100, 16, 32)
+    h0 = torch.zeros(1, 16, 128)
+    c0 = torch.zeros(1, 16, 128)
+    weights = [torch.randn(512, 32), torch.randn(512, 128)]
+    assert nb.lstm_stack_train(x, h0, c0, weights, num_layers=1, bidirectional=False, has_biases=False,
+                               proj_size=0, batch_sizes=None) is NotImplemented

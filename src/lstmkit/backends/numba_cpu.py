@@ -524,12 +524,34 @@ def lstm_stack_train(
     batch_sizes: Optional[Tensor],    # (T,) int64 or None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """A differentiable stacked LSTM: (out (T,B,D*P), h_n, c_n) from one autograd node whose
-    forward and backward are one compiled call each (``kernels.numba_stack``)."""
+    forward and backward are one compiled call each (``kernels.numba_stack``); NotImplemented
+    where :func:`prefers_stack_train` leaves the shape to the per-layer path."""
     if x.device.type != "cpu" or x.dtype not in _DTYPES:
         raise RuntimeError(unavailable(x.device, x.dtype))
     for name, t in (("h0", h0), ("c0", c0)):
         if t.dtype != x.dtype:
             raise TypeError(f"{name}: expected dtype {x.dtype}, got {t.dtype}")
+    T, B, I = x.shape
+    if not prefers_stack_train(T, B, I, c0.shape[2], h0.shape[2]):
+        return NotImplemented
     sync_threads()
     meta = (num_layers, 2 if bidirectional else 1, bool(has_biases), proj_size, batch_sizes)
     return _StackFn.apply(meta, x, h0, c0, *weights)
+
+
+# MACs of one layer-direction's sequence-wide products (input projection, input and weight
+# gradients) up to which running them on one thread costs little (~100 us)
+STACK_TRAIN_SERIAL_MACS = 8 * 1024 * 1024
+
+
+def prefers_stack_train(T: int, B: int, I: int, H: int, P: int) -> bool:
+    """Whether the fused training path beats the per-layer one (torch GEMMs around ``layer``).
+
+    Single-threaded they run the same products and the fused path saves the per-layer overhead.
+    With more threads, the fused call runs all its products on the calling thread when the
+    per-step product is small (``run_serial``, to spare a barrier a step) -- the sequence-wide
+    GEMMs included, which the per-layer path runs on torch's threads: leave it those shapes
+    unless their sequence-wide GEMMs are small."""
+    if torch.get_num_threads() == 1 or not run_serial(B, 4 * H, max(P, I)):
+        return True
+    return T * B * 4 * H * (max(I, P) + P) <= STACK_TRAIN_SERIAL_MACS
