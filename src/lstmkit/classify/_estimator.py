@@ -74,10 +74,12 @@ class LSTMSequenceClassifier(ClassifierMixin, BaseEstimator):
     X is a list of ``(n_steps, n_features)`` arrays (lengths may differ), a 3-D array
     ``(n_cases, n_steps, n_features)`` or a 2-D array ``(n_cases, n_steps)`` of univariate series.
     With ``channels_first=True`` each case is ``(n_channels, n_timepoints)`` (the aeon/sktime layout).
-    y holds any hashable labels. Padding is never read: each case's last valid step feeds the head.
+    y holds any hashable labels. Padding is never read: only each case's valid steps feed the head.
 
     Args:
         hidden_size, num_layers, bidirectional, dropout: the LSTM (dropout between layers).
+        pooling: how a case's outputs become one vector for the head: ``"max"`` (default) or ``"mean"``
+            over its valid steps, ``"last"`` (the last valid step), ``"last+mean"`` (both, concatenated).
         lr, weight_decay: AdamW; the learning rate decays on a cosine to lr/100 over ``epochs``.
         epochs: the most epochs (early stopping may end sooner), or ``"auto"``: at least 60 epochs and
             at least 500 optimizer steps (small training sets get more epochs).
