@@ -349,3 +349,22 @@ def test_torch_compile_fullgraph_matches_eager(compiler):
 
     for a, b in zip(run(m), run(compiled)):
         assert_close(a, b)
+
+
+@pytest.mark.parametrize("T,B,H", [(1, 1, 32), (1, 1, 128), (4, 8, 128), (3, 2, 5)])
+def test_inference_sees_writes_through_data(T, B, H):
+    """``p.data`` writes move neither version counter nor storage: cached packed weight copies must
+    still never be used stale."""
+    torch.manual_seed(0)
+    m = lstmkit.LSTM(H, H, 2, backend="numba").eval()
+    ref = torch.nn.LSTM(H, H, 2).eval()  # oracle
+    x = torch.randn(T, B, H)
+    with torch.no_grad():
+        m(x)  # fills the cache
+        for p in m.parameters():
+            p.data.mul_(-0.5)  # a hand-written update, invisible to the version counter
+        ref.load_state_dict(m.state_dict())
+        assert_close(m(x)[0], ref(x)[0])
+        m.weight_hh_l1.data.copy_(torch.randn_like(m.weight_hh_l1))
+        ref.load_state_dict(m.state_dict())
+        assert_close(m(x)[0], ref(x)[0])

@@ -32,7 +32,7 @@ from torch.autograd.function import once_differentiable
 
 from ..kernels import numba_lstm as K
 from ..kernels import numba_stack as S
-from ..kernels.numba_blas import HAVE_MKL, PACK_MIN_SIZE, SGEMM, pack_b, run_serial, serial_blas
+from ..kernels.numba_blas import HAVE_MKL, PACK_MIN_SIZE, SGEMM, pack_b, run_serial, same_contents, serial_blas
 from ..kernels.numba_lstm import SMALL_FLOPS_MKL
 from ._contract import LayerOptions
 
@@ -293,9 +293,11 @@ def layer(
 
 # Weights as NumPy views plus their packed forms, keyed by the identity of the weight tensors. The
 # views share memory with the parameters; an entry is rebuilt when a tensor's version counter (an
-# in-place update such as an optimizer step) or storage (a replaced ``.data``) changed, so the
-# packed copies never go stale. Non-contiguous weights are converted on every call, never cached.
-# The entries hold the tensors, so their ids stay unique.
+# in-place update such as an optimizer step) or storage (a replaced ``.data``) changed. Writes
+# through ``.data`` (``p.data.copy_(w)``, a hand-written ``p.data -= lr * p.grad``) move neither, so
+# each weight that has a packed copy also keeps a raw copy, compared with the live values on every
+# hit: a packed copy is never used stale. Non-contiguous weights are converted on every call, never
+# cached. The entries hold the tensors, so their ids stay unique.
 _WCACHE: OrderedDict = OrderedDict()
 _WCACHE_SIZE = 16
 
@@ -312,7 +314,8 @@ def _prepared(weights: Sequence[Tensor], dtype: torch.dtype, pack_rows: Callable
         hit = _WCACHE.get(key)
         versions = [w._version for w in weights]
         ptrs = [w.data_ptr() for w in weights]
-        if hit is not None and hit[0] == versions and hit[1] == ptrs:
+        if hit is not None and hit[0] == versions and hit[1] == ptrs and all(
+                raw is None or same_contents(v.reshape(-1), raw) for v, raw in zip(hit[2], hit[5])):
             return hit[2], hit[3]
     views = []
     cacheable = True
@@ -327,7 +330,8 @@ def _prepared(weights: Sequence[Tensor], dtype: torch.dtype, pack_rows: Callable
     views = tuple(views)
     packed = tuple(pack_b(v, n if v.shape[0] > 1 else 0, True) for v, n in zip(views, pack_rows()))
     if cache and cacheable:
-        _WCACHE[key] = (versions, ptrs, views, packed, tuple(weights))
+        raws = tuple(v.reshape(-1).copy() if p.size else None for v, p in zip(views, packed))
+        _WCACHE[key] = (versions, ptrs, views, packed, tuple(weights), raws)
         if len(_WCACHE) > _WCACHE_SIZE:
             _WCACHE.popitem(last=False)
     return views, packed

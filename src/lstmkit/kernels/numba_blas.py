@@ -18,6 +18,7 @@ import ctypes
 import os
 
 import numpy as np
+from numba import njit
 
 ROW_MAJOR = 101
 NO_TRANS = 111
@@ -141,3 +142,17 @@ def pack_b(w: np.ndarray, n: int, transpose: bool) -> np.ndarray:
     pack(ROW_MAJOR, B_MATRIX, TRANS if transpose else NO_TRANS, n, N, K, 1.0,
          w.ctypes.data, w.shape[1], buf.ctypes.data)
     return buf
+
+
+@njit(cache=True, error_model="numpy")
+def _same_bits(a, b):  # a, b: (n,) unsigned-integer views of two arrays
+    d = 0  # a branch-free count vectorizes (~6 us per 256 KB); an early exit per element does not
+    for i in range(a.shape[0]):
+        d += a[i] != b[i]
+    return d == 0
+
+
+def same_contents(a: np.ndarray, b: np.ndarray) -> bool:
+    """True when the C-contiguous arrays a and b hold the same bits (NaNs included)."""
+    u = np.uint32 if a.dtype.itemsize == 4 else np.uint64
+    return a.shape == b.shape and _same_bits(a.reshape(-1).view(u), b.reshape(-1).view(u))
