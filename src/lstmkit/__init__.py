@@ -1,4 +1,4 @@
-"""lstmkit: torch.nn.LSTM, exact and faster, with the variants torch lacks.
+"""lstmkit: torch.nn.LSTM, exact, on fused kernels, with the variants torch lacks.
 
 Public API: :class:`LSTM`, :class:`LSTMCell`, :class:`LSTMClassifier`, :func:`available_backends`,
 and :mod:`lstmkit.functional`. The classification toolkit lives in :mod:`lstmkit.classify`.
