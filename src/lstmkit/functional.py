@@ -107,7 +107,7 @@ def lstm(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Run a stacked LSTM over time-first input; returns (output (T, B, D*P), h_n, c_n).
 
-    The same computation as ``torch._VF.lstm`` for time-first input, done by lstmkit's backends.
+    The same computation as torch.nn.LSTM on time-first input, done by lstmkit's backends.
     """
     T, B = input.shape[0], input.shape[1]
     D = 2 if bidirectional else 1
