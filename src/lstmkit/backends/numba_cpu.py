@@ -32,7 +32,16 @@ from torch.autograd.function import once_differentiable
 
 from ..kernels import numba_lstm as K
 from ..kernels import numba_stack as S
-from ..kernels.numba_blas import HAVE_MKL, PACK_MIN_SIZE, SGEMM, pack_b, run_serial, same_contents, serial_blas
+from ..kernels.numba_blas import (
+    HAVE_MKL,
+    PACK_MIN_SIZE,
+    SGEMM,
+    WT_MAX_ROWS,
+    pack_b,
+    run_serial,
+    same_contents,
+    serial_blas,
+)
 from ..kernels.numba_lstm import SMALL_FLOPS_MKL
 from ._contract import LayerOptions
 
@@ -299,6 +308,8 @@ def layer(
 # hit: a packed copy is never used stale. Non-contiguous weights are converted on every call, never
 # cached. The entries hold the tensors, so their ids stay unique.
 _WCACHE: OrderedDict = OrderedDict()
+# calls shorter than this with at most WT_MAX_ROWS rows use the live weights, unprepared
+SHORT_CALL_STEPS = 8
 _WCACHE_SIZE = 16
 
 
@@ -358,6 +369,10 @@ def lstm_stack(
     P = h0.shape[2]
 
     def rows() -> list[int]:  # w_ih for the (T*B)-row input product, w_hh and w_hr for B rows
+        if T < SHORT_CALL_STEPS and B <= WT_MAX_ROWS:
+            # streaming calls: products on the live weights; a transposed copy would have to be
+            # compared with them on every call (see _WCACHE), costing more than it saves
+            return [0] * len(weights)
         per = [T * B, B] + [0, 0] * bool(has_biases) + [B] * (proj_size > 0)
         return per * (len(weights) // len(per))
 
@@ -391,7 +406,7 @@ def lstm_cell_step(
     sync_threads()
     B = x.shape[0]
     ws = [w_ih, w_hh] + ([b_ih, b_hh] if b_ih is not None else [])
-    views, packed = _prepared(ws, x.dtype, lambda: [B, B, 0, 0][:len(ws)])
+    views, packed = _prepared(ws, x.dtype, lambda: [0 if B <= WT_MAX_ROWS else B] * 2 + [0, 0][:len(ws) - 2])
     if b_ih is None:
         nob = np.zeros((0, w_ih.shape[0]), _NP_DTYPE[x.dtype])
         views = views + (nob, nob)
