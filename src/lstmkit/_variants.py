@@ -60,12 +60,6 @@ class Variants:
             forget_bias = float(forget_bias)
         return cls(layer_norm, peephole, rd, zc, zh, forget_bias)
 
-    @property
-    def recurrent(self) -> bool:
-        """True when the recurrence itself differs from torch's (forget_bias only changes init)."""
-        return (self.layer_norm or self.peephole or self.recurrent_dropout > 0
-                or self.zoneout_cell > 0 or self.zoneout_hidden > 0)
-
     def active(self, training: bool) -> bool:
         """True when this call's recurrence differs from torch's (recurrent dropout is off in eval)."""
         return (self.layer_norm or self.peephole or self.zoneout_cell > 0 or self.zoneout_hidden > 0
