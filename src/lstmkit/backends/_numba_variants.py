@@ -103,41 +103,6 @@ def _forward(xg: Tensor, w_hh: Tensor, w_hr: Optional[Tensor], h0: Tensor, c0: T
     return out, h_n, c_n, (gates, cs, cts, lnr, lns)
 
 
-def _prev_h_product(dr: Tensor, out: Tensor, h0: Tensor, mask: Optional[Tensor],
-                    batch_sizes: Optional[Tensor], reverse: bool) -> Tensor:
-    """sum over steps and rows of dr_t^T (h_{t-1} * mask): (G, P).
-
-    dr (T, B, G) is zero at inactive rows, out (T, B, P) is zero there too; h_{t-1} is the output
-    of the step before in processing order, or h0 at a row's first step.
-    """
-    T, B, G = dr.shape
-    P = out.shape[2]
-    dw = dr.new_zeros((G, P))
-    if T == 0:
-        return dw
-    out = out.detach()
-    h0 = h0.detach()
-    if mask is not None:
-        out = out * mask
-        h0 = h0 * mask
-    if reverse:
-        main_g, main_h = dr[:-1], out[1:]
-        if batch_sizes is None:
-            first = dr[T - 1]
-        else:
-            lengths = (batch_sizes.to(torch.int64).unsqueeze(0)
-                       > torch.arange(B, dtype=torch.int64).unsqueeze(1)).sum(1)  # (B,)
-            first = dr[(lengths - 1).clamp(min=0), torch.arange(B)]
-            first = first * (lengths > 0).unsqueeze(1).to(first.dtype)
-    else:
-        main_g, main_h = dr[1:], out[:-1]
-        first = dr[0]
-    torch.mm(first.t(), h0, out=dw)
-    if T > 1:
-        dw.addmm_(main_g.reshape(-1, G).t(), main_h.reshape(-1, P))
-    return dw
-
-
 def _backward(saved, out: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Optional[Tensor],
               batch_sizes: Optional[Tensor], reverse: bool, ko: _Opts, mask: Optional[Tensor],
               grad_out: Tensor, grad_h: Tensor, grad_c: Tensor):
@@ -169,7 +134,7 @@ def _backward(saved, out: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Op
                  pack_b(w_hr_np, n_pack, False), *ko.args(), _plain._np(grad_out), dh.numpy(),
                  dc.numpy(), _plain._bs_np(batch_sizes), bool(reverse), dgates.numpy(), drs.numpy(),
                  dhs.numpy(), hps.numpy(), dpe.numpy(), dln_g.numpy(), dlnc_w.numpy(), dlnc_b.numpy())
-    dw_hh = _prev_h_product(drs if lnh else dgates, out, h0, mask, batch_sizes, reverse)
+    dw_hh = _plain.prev_h_product(drs if lnh else dgates, out, h0, mask, batch_sizes, reverse)
     dw_hr = torch.mm(dhs.reshape(-1, P).t(), hps.reshape(-1, H)) if proj else None
     return dgates, dw_hh, dw_hr, dh, dc, dpe, dln_g, dlnc_w, dlnc_b
 

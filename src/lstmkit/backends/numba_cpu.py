@@ -147,6 +147,41 @@ def _forward(xg: Tensor, w_hh: Tensor, w_hr: Optional[Tensor], h0: Tensor, c0: T
     return out, h_n, c_n, gates, cs
 
 
+def prev_h_product(dr: Tensor, out: Tensor, h0: Tensor, mask: Optional[Tensor],
+                   batch_sizes: Optional[Tensor], reverse: bool) -> Tensor:
+    """sum over steps and rows of dr_t^T (h_{t-1} * mask): (G, P).
+
+    dr (T, B, G) is zero at inactive rows, out (T, B, P) is zero there too; h_{t-1} is the output
+    of the step before in processing order, or h0 at a row's first step.
+    """
+    T, B, G = dr.shape
+    P = out.shape[2]
+    dw = dr.new_zeros((G, P))
+    if T == 0:
+        return dw
+    out = out.detach()
+    h0 = h0.detach()
+    if mask is not None:
+        out = out * mask
+        h0 = h0 * mask
+    if reverse:
+        main_g, main_h = dr[:-1], out[1:]
+        if batch_sizes is None:
+            first = dr[T - 1]
+        else:
+            lengths = (batch_sizes.to(torch.int64).unsqueeze(0)
+                       > torch.arange(B, dtype=torch.int64).unsqueeze(1)).sum(1)  # (B,)
+            first = dr[(lengths - 1).clamp(min=0), torch.arange(B)]
+            first = first * (lengths > 0).unsqueeze(1).to(first.dtype)
+    else:
+        main_g, main_h = dr[1:], out[:-1]
+        first = dr[0]
+    torch.mm(first.t(), h0, out=dw)
+    if T > 1:
+        dw.addmm_(main_g.reshape(-1, G).t(), main_h.reshape(-1, P))
+    return dw
+
+
 def _backward(gates: Tensor, cs: Tensor, out: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor,
               w_hr: Optional[Tensor], batch_sizes: Optional[Tensor], reverse: bool,
               grad_out: Tensor, grad_h: Tensor, grad_c: Tensor):
@@ -170,27 +205,7 @@ def _backward(gates: Tensor, cs: Tensor, out: Tensor, h0: Tensor, c0: Tensor, w_
                     pack_b(w_hh_np, n_pack, False), w_hr_np, pack_b(w_hr_np, n_pack, False),
                     _np(grad_out), dh.numpy(), dc.numpy(), _bs_np(batch_sizes), bool(reverse),
                     dgates.numpy(), dhs.numpy(), hps.numpy())
-    # dW_hh = sum over steps of dgates_t^T h_{t-1}: the previous h is the output of the step
-    # before in processing order, or h0 at a row's first step.
-    dw_hh = gates.new_zeros((G, P))
-    if T > 0:
-        out = out.detach()
-        h0 = h0.detach()
-        if reverse:
-            main_g, main_h = dgates[:-1], out[1:]
-            if batch_sizes is None:
-                first = dgates[T - 1]
-            else:
-                lengths = (batch_sizes.to(torch.int64).unsqueeze(0)
-                           > torch.arange(B, dtype=torch.int64).unsqueeze(1)).sum(1)  # (B,)
-                first = dgates[(lengths - 1).clamp(min=0), torch.arange(B)]
-                first = first * (lengths > 0).unsqueeze(1).to(first.dtype)
-        else:
-            main_g, main_h = dgates[1:], out[:-1]
-            first = dgates[0]
-        torch.mm(first.t(), h0, out=dw_hh)
-        if T > 1:
-            dw_hh.addmm_(main_g.reshape(-1, G).t(), main_h.reshape(-1, P))
+    dw_hh = prev_h_product(dgates, out, h0, None, batch_sizes, reverse)
     dw_hr = torch.mm(dhs.reshape(-1, P).t(), hps.reshape(-1, H)) if proj else None
     return dgates, dw_hh, dw_hr, dh, dc
 
