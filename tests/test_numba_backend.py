@@ -172,6 +172,28 @@ def test_lstm_stack_shapes_noncontiguous(T, B, I, H, dtype):
         assert_close(a, b)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_layers,bidirectional,proj_size,bias", [
+    (1, False, 0, True), (2, False, 0, False), (2, True, 0, True), (2, True, 3, True), (3, False, 2, False)])
+@pytest.mark.parametrize("T,B,I,H", [(1, 1, 5, 7), (3, 2, 4, 6), (7, 2, 9, 33), (1, 1, 150, 130)])
+def test_lstm_stack_short_calls(T, B, I, H, num_layers, bidirectional, proj_size, bias, dtype):
+    """Streaming-size calls (few steps, one or two rows) take the no-BLAS kernel on small weights
+    (``stack_fwd_short``) and the live-weights path of ``stack_fwd`` on larger ones (H=130)."""
+    torch.manual_seed(11)
+    m = torch.nn.LSTM(I, H, num_layers, bias=bias, bidirectional=bidirectional, proj_size=proj_size,
+                      dtype=dtype)
+    D = 2 if bidirectional else 1
+    x = torch.randn(T, B, I, dtype=dtype)
+    h0 = torch.randn(num_layers * D, B, proj_size or H, dtype=dtype)
+    c0 = torch.randn(num_layers * D, B, H, dtype=dtype)
+    with torch.no_grad():
+        want_out, (want_h, want_c) = m(x, (h0, c0))  # oracle
+        out, h, c = nb.lstm_stack(x, h0, c0, m._flat_weights, num_layers=num_layers, bidirectional=bidirectional,
+                                  has_biases=bias, proj_size=proj_size, batch_sizes=None)
+    for a, b, name in ((out, want_out, "output"), (h, want_h, "h_n"), (c, want_c, "c_n")):
+        assert_close(a, b, msg=name)
+
+
 def test_lstm_stack_sees_weight_updates():
     """The cached weight views follow in-place updates and replaced parameters."""
     torch.manual_seed(2)

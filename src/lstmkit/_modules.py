@@ -319,6 +319,19 @@ class LSTM(nn.Module):
         if tuple(c.shape) != exp_c:
             raise RuntimeError(f"hx[1] (c_0): expected size {exp_c}, got {tuple(c.shape)}")
 
+    def _state_ok(self, hx, x: Tensor, batch: int) -> bool:
+        """True for a well-formed batched (h_0, c_0) (the per-call check of streaming loops); False
+        sends the caller through the checks that name what is wrong."""
+        if type(hx) is not tuple or len(hx) != 2:
+            return False
+        h, c = hx
+        if type(h) is not Tensor or type(c) is not Tensor:
+            return False
+        D = 2 if self.bidirectional else 1
+        return (h.dtype is x.dtype and c.dtype is x.dtype and h.device == x.device and c.device == x.device
+                and h.shape == (self.num_layers * D, batch, self._real_hidden_size)
+                and c.shape == (self.num_layers * D, batch, self.hidden_size))
+
     def _zeros_state(self, x: Tensor, batch: int) -> State:
         D = 2 if self.bidirectional else 1
         h = torch.zeros(self.num_layers * D, batch, self._real_hidden_size, dtype=x.dtype, device=x.device)
@@ -361,7 +374,10 @@ class LSTM(nn.Module):
         if input.dim() not in (2, 3):
             raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
         batched = input.dim() == 3
-        self._check_input(input, packed=False)
+        w = self._parameters["weight_ih_l0"]
+        if (input.dtype is not w.dtype or input.device != w.device or input.shape[-1] != self.input_size
+                or input.shape[1 if batched and self.batch_first else 0] == 0):
+            self._check_input(input, packed=False)  # raises, or accepts a dtype under autocast
         if not batched:
             if lengths is not None:
                 raise ValueError("lengths: only valid for batched 3-D input, got unbatched 2-D input")
@@ -373,6 +389,8 @@ class LSTM(nn.Module):
 
         if hx is None:
             h0, c0 = self._zeros_state(x, B)
+        elif batched and self._state_ok(hx, x, B):
+            h0, c0 = hx
         else:
             h0, c0 = _unpack_hx(hx)
             _check_state_tensor("hx[0] (h_0)", h0, x)

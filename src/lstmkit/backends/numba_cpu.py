@@ -42,7 +42,7 @@ from ..kernels.numba_blas import (
     same_contents,
     serial_blas,
 )
-from ..kernels.numba_lstm import SMALL_FLOPS_MKL
+from ..kernels.numba_lstm import DOT_MAX_SIZE, SMALL_FLOPS_MKL
 from ._contract import LayerOptions
 
 NAME = "numba"
@@ -376,34 +376,55 @@ def lstm_stack(
     batch_sizes: Optional[Tensor],    # (T,) int64 or None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """A stacked LSTM forward without gradients, in one compiled call: (out (T,B,D*P), h_n, c_n)."""
-    if x.device.type != "cpu" or x.dtype not in _DTYPES:
-        raise RuntimeError(unavailable(x.device, x.dtype))
-    sync_threads()
-    T, B = x.shape[0], x.shape[1]
+    dtype = x.dtype
+    if x.device.type != "cpu" or dtype not in _DTYPES:
+        raise RuntimeError(unavailable(x.device, dtype))
+    T, B, I = x.shape
     D = 2 if bidirectional else 1
     P = h0.shape[2]
-
-    def rows() -> list[int]:  # w_ih for the (T*B)-row input product, w_hh and w_hr for B rows
-        if T < SHORT_CALL_STEPS and B <= WT_MAX_ROWS:
-            # streaming calls: products on the live weights; a transposed copy would have to be
-            # compared with them on every call (see _WCACHE), costing more than it saves
-            return [0] * len(weights)
-        per = [T * B, B] + [0, 0] * bool(has_biases) + [B] * (proj_size > 0)
-        return per * (len(weights) // len(per))
-
-    views, packed = _prepared(weights, x.dtype, rows)
-    out, out_np = _new((T, B, D * P), x.dtype)
-    h_n, h_np = _new(tuple(h0.shape), x.dtype)
-    c_n, c_np = _new(tuple(c0.shape), x.dtype)
     H = c0.shape[2]
-    args = (SGEMM, HAVE_MKL and x.dtype == torch.float32, _np(x), _np(h0), _np(c0), views, packed,
+    K_max = P if P > I else I
+    if T < SHORT_CALL_STEPS and B <= WT_MAX_ROWS:
+        # streaming calls: products on the live weights; a transposed copy would have to be
+        # compared with them on every call (see _WCACHE), costing more than it saves
+        views = _weight_views(weights, dtype)
+        if 4 * H * K_max <= DOT_MAX_SIZE and batch_sizes is None:  # every product a loop, no BLAS
+            out, out_np = _new((T, B, D * P), dtype)
+            h_n, h_np = _new(tuple(h0.shape), dtype)
+            c_n, c_np = _new(tuple(c0.shape), dtype)
+            K.stack_fwd_short(_np(x), _np(h0), _np(c0), views, num_layers, D, bool(has_biases), proj_size > 0,
+                              out_np, h_np, c_np)
+            return out, h_n, c_n
+        packed = _no_packs(len(weights), dtype)
+        serial = run_serial(B, 4 * H, K_max)
+    else:
+        per = [T * B, B] + [0, 0] * bool(has_biases) + [B] * (proj_size > 0)
+        views, packed = _prepared(weights, dtype, lambda: per * (len(weights) // len(per)))
+        serial = run_serial(B, 4 * H, K_max)
+    sync_threads()
+    out, out_np = _new((T, B, D * P), dtype)
+    h_n, h_np = _new(tuple(h0.shape), dtype)
+    c_n, c_np = _new(tuple(c0.shape), dtype)
+    args = (SGEMM, HAVE_MKL and dtype == torch.float32, _np(x), _np(h0), _np(c0), views, packed,
             num_layers, D, bool(has_biases), proj_size > 0, _bs_np(batch_sizes), out_np, h_np, c_np)
-    if run_serial(B, 4 * H, max(P, x.shape[2])):
+    if serial:
         with serial_blas(True):
             K.stack_fwd(*args)
     else:
         K.stack_fwd(*args)
     return out, h_n, c_n
+
+
+_NO_PACKS: dict = {}
+
+
+def _no_packs(n: int, dtype: torch.dtype) -> tuple:
+    """A tuple of n empty arrays: no weight prepared."""
+    key = (n, dtype)
+    hit = _NO_PACKS.get(key)
+    if hit is None:
+        hit = _NO_PACKS[key] = (np.zeros(0, _NP_DTYPE[dtype]),) * n
+    return hit
 
 
 def lstm_cell_step(
