@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..kernels import numba_variants as KV
-from ..kernels.numba_blas import HAVE_MKL, SGEMM, pack_b
+from ..kernels.numba_blas import HAVE_MKL, SGEMM, PackScratch
 from . import numba_cpu as _plain  # attributes looked up at call time: numba_cpu imports this module
 from ._contract import LayerOptions
 
@@ -96,10 +96,11 @@ def _forward(xg: Tensor, w_hh: Tensor, w_hr: Optional[Tensor], h0: Tensor, c0: T
     w_hr_np = _plain._np(w_hr) if w_hr is not None else np.zeros((0, H), _plain._NP_DTYPE[xg.dtype])
     mkl = HAVE_MKL and xg.dtype == torch.float32
     n_pack = B if T > 1 else 0
-    KV.layer_fwd(SGEMM, mkl, _plain._np(xg), w_hh_np, pack_b(w_hh_np, n_pack, True), w_hr_np,
-                 pack_b(w_hr_np, n_pack, True), h_n.numpy(), c_n.numpy(), _plain._bs_np(batch_sizes),
-                 bool(reverse), out.numpy(), *ko.args(), gates.numpy(), cs.numpy(), cts.numpy(),
-                 lnr.numpy(), lns.numpy())
+    with PackScratch() as pk:
+        KV.layer_fwd(SGEMM, mkl, _plain._np(xg), w_hh_np, pk.pack(w_hh_np, n_pack, True), w_hr_np,
+                     pk.pack(w_hr_np, n_pack, True), h_n.numpy(), c_n.numpy(), _plain._bs_np(batch_sizes),
+                     bool(reverse), out.numpy(), *ko.args(), gates.numpy(), cs.numpy(), cts.numpy(),
+                     lnr.numpy(), lns.numpy())
     return out, h_n, c_n, (gates, cs, cts, lnr, lns)
 
 
@@ -129,11 +130,12 @@ def _backward(saved, out: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Op
     w_hr_np = _plain._np(w_hr) if proj else np.zeros((0, H), _plain._NP_DTYPE[gates.dtype])
     mkl = HAVE_MKL and gates.dtype == torch.float32
     n_pack = B if T > 1 else 0
-    KV.layer_bwd(SGEMM, mkl, gates.numpy(), cs.numpy(), cts.numpy(), lnr.numpy(), lns.numpy(),
-                 _plain._np(c0), w_hh_np, pack_b(w_hh_np, n_pack, False), w_hr_np,
-                 pack_b(w_hr_np, n_pack, False), *ko.args(), _plain._np(grad_out), dh.numpy(),
-                 dc.numpy(), _plain._bs_np(batch_sizes), bool(reverse), dgates.numpy(), drs.numpy(),
-                 dhs.numpy(), hps.numpy(), dpe.numpy(), dln_g.numpy(), dlnc_w.numpy(), dlnc_b.numpy())
+    with PackScratch() as pk:
+        KV.layer_bwd(SGEMM, mkl, gates.numpy(), cs.numpy(), cts.numpy(), lnr.numpy(), lns.numpy(),
+                     _plain._np(c0), w_hh_np, pk.pack(w_hh_np, n_pack, False), w_hr_np,
+                     pk.pack(w_hr_np, n_pack, False), *ko.args(), _plain._np(grad_out), dh.numpy(),
+                     dc.numpy(), _plain._bs_np(batch_sizes), bool(reverse), dgates.numpy(), drs.numpy(),
+                     dhs.numpy(), hps.numpy(), dpe.numpy(), dln_g.numpy(), dlnc_w.numpy(), dlnc_b.numpy())
     dw_hh = _plain.prev_h_product(drs if lnh else dgates, out, h0, mask, batch_sizes, reverse)
     dw_hr = torch.mm(dhs.reshape(-1, P).t(), hps.reshape(-1, H)) if proj else None
     return dgates, dw_hh, dw_hr, dh, dc, dpe, dln_g, dlnc_w, dlnc_b

@@ -21,8 +21,12 @@ P = proj_size or H, L layers, D directions.
 
 from __future__ import annotations
 
+import ctypes
+import os
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import numpy as np
@@ -31,12 +35,14 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..kernels import numba_lstm as K
+from ..kernels import numba_parallel as KP
 from ..kernels import numba_stack as S
 from ..kernels.numba_blas import (
     HAVE_MKL,
     PACK_MIN_SIZE,
     SGEMM,
     WT_MAX_ROWS,
+    PackScratch,
     pack_b,
     run_serial,
     same_contents,
@@ -140,9 +146,9 @@ def _forward(xg: Tensor, w_hh: Tensor, w_hr: Optional[Tensor], h0: Tensor, c0: T
     mkl = HAVE_MKL and xg.dtype == torch.float32
     # packing the weights costs about one step's product: worth it from two steps on
     n_pack = B if T > 1 else 0
-    with serial_blas(run_serial(B, G, P)):
-        K.layer_fwd(SGEMM, mkl, _np(xg), _NO_BIAS[xg.dtype], w_hh_np, pack_b(w_hh_np, n_pack, True), w_hr_np,
-                    pack_b(w_hr_np, n_pack, True), h_n.numpy(), c_n.numpy(), _bs_np(batch_sizes),
+    with serial_blas(run_serial(B, G, P)), PackScratch() as pk:
+        K.layer_fwd(SGEMM, mkl, _np(xg), _NO_BIAS[xg.dtype], w_hh_np, pk.pack(w_hh_np, n_pack, True), w_hr_np,
+                    pk.pack(w_hr_np, n_pack, True), h_n.numpy(), c_n.numpy(), _bs_np(batch_sizes),
                     bool(reverse), out.numpy(), 0, gates.numpy(), cs.numpy())
     return out, h_n, c_n, gates, cs
 
@@ -200,9 +206,9 @@ def _backward(gates: Tensor, cs: Tensor, out: Tensor, h0: Tensor, c0: Tensor, w_
     w_hr_np = _np(w_hr) if proj else np.zeros((0, H), _NP_DTYPE[gates.dtype])
     mkl = HAVE_MKL and gates.dtype == torch.float32
     n_pack = B if T > 1 else 0
-    with serial_blas(run_serial(B, G, P)):
+    with serial_blas(run_serial(B, G, P)), PackScratch() as pk:
         K.layer_bwd(SGEMM, mkl, gates.numpy(), cs.numpy(), _np(c0), w_hh_np,
-                    pack_b(w_hh_np, n_pack, False), w_hr_np, pack_b(w_hr_np, n_pack, False),
+                    pk.pack(w_hh_np, n_pack, False), w_hr_np, pk.pack(w_hr_np, n_pack, False),
                     _np(grad_out), dh.numpy(), dc.numpy(), _bs_np(batch_sizes), bool(reverse),
                     dgates.numpy(), dhs.numpy(), hps.numpy())
     dw_hh = prev_h_product(dgates, out, h0, None, batch_sizes, reverse)
@@ -401,6 +407,16 @@ def lstm_stack(
         per = [T * B, B] + [0, 0] * bool(has_biases) + [B] * (proj_size > 0)
         views, packed = _prepared(weights, dtype, lambda: per * (len(weights) // len(per)))
         serial = run_serial(B, 4 * H, K_max)
+        nthreads = parallel_threads(T, B, I, H, P, num_layers, D, dtype)
+        if nthreads > 1:
+            out, out_np = _new((T, B, D * P), dtype)
+            h_n, h_np = _new(tuple(h0.shape), dtype)
+            c_n, c_np = _new(tuple(c0.shape), dtype)
+            h_np[:] = _np(h0)
+            c_np[:] = _np(c0)
+            if _stack_parallel(_np(x), views, packed, num_layers, D, bool(has_biases), proj_size > 0,
+                               _bs_np(batch_sizes), out_np, h_np, c_np, None, None, None, nthreads):
+                return out, h_n, c_n
     sync_threads()
     out, out_np = _new((T, B, D * P), dtype)
     h_n, h_np = _new(tuple(h0.shape), dtype)
@@ -413,6 +429,226 @@ def lstm_stack(
     else:
         K.stack_fwd(*args)
     return out, h_n, c_n
+
+
+# --- layers and directions on several threads --------------------------------------------------
+# With torch.get_num_threads() > 1, the two directions of a bidirectional layer run side by side,
+# and the layers of a unidirectional stack run as a pipeline over time (``kernels.numba_parallel``),
+# on a small pool of Python threads plus the calling one. Float32 with MKL only: each thread's
+# products go to MKL on that thread alone (SciPy's BLAS, for float64, has one shared pool).
+
+# multiply-adds of one layer-direction (T * B * 4H * (I + P)) from which the threads pay off
+PARALLEL_MIN_MACS = 2 * 1024 * 1024
+# rows of a pipeline chunk's input product at least, and chunks per sequence at most
+PIPE_MIN_ROWS = 64
+PIPE_MAX_CHUNKS = 16
+
+_pool: Optional[ThreadPoolExecutor] = None
+_pool_pid: Optional[int] = None
+_pool_lock = threading.Lock()
+
+
+def _libc_sched_yield():
+    fn = ctypes.CDLL(None).sched_yield
+    fn.restype = ctypes.c_int
+    fn.argtypes = []
+    return fn
+
+
+SCHED_YIELD = _libc_sched_yield()
+
+
+def parallel_threads(T: int, B: int, I: int, H: int, P: int, num_layers: int, D: int, dtype: torch.dtype,
+                     training: bool = False) -> int:
+    """Threads for a whole stack (1: the single-threaded kernels). Training runs the directions of
+    bidirectional stacks side by side; the layer pipeline is for inference only (its backward,
+    measured, gained nothing over the per-layer path with torch's threaded products)."""
+    n = torch.get_num_threads()
+    if n < 2 or not HAVE_MKL or dtype != torch.float32 or (D == 1 and (num_layers == 1 or training)):
+        return 1
+    if T * B * 4 * H * (I + P) < PARALLEL_MIN_MACS:
+        return 1
+    if D == 1 and not run_serial(B, 4 * H, max(I, P)):
+        return 1  # the single-threaded kernels' products already use every thread: the pipeline gains nothing
+    return min(n, D if D > 1 else num_layers)
+
+
+def pipe_chunk(T: int, B: int) -> int:
+    """Steps per pipeline chunk: enough rows for an efficient input product, a short pipeline fill."""
+    return max(1, min(T, max(-(-PIPE_MIN_ROWS // B), -(-T // PIPE_MAX_CHUNKS))))
+
+
+def _run_threads(jobs: Sequence[Callable[[], None]], abort: np.ndarray) -> bool:
+    """Run the jobs at once, jobs[0] on this thread; False (nothing run) when another call is using the
+    pool. A job that raises sets ``abort``, so that jobs waiting for it return, then its error is
+    raised here."""
+    global _pool, _pool_pid
+    if not _pool_lock.acquire(blocking=False):
+        return False
+    try:
+        workers = len(jobs) - 1
+        if _pool is None or _pool_pid != os.getpid() or _pool._max_workers < workers:
+            # a pool inherited through fork has no threads: start a new one
+            _pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="lstmkit")
+            _pool_pid = os.getpid()
+
+        def guarded(job: Callable[[], None]) -> None:
+            try:
+                with serial_blas(True):
+                    job()
+            except BaseException:
+                abort[0] = 1
+                raise
+
+        futures = [_pool.submit(guarded, job) for job in jobs[1:]]
+        try:
+            guarded(jobs[0])
+        finally:
+            for f in futures:
+                f.result()
+    finally:
+        _pool_lock.release()
+    return True
+
+
+def _stack_parallel(x: np.ndarray, views: tuple, packed: tuple, num_layers: int, D: int, has_bias: bool,
+                    has_proj: bool, bs: np.ndarray, out: np.ndarray, h: np.ndarray, c: np.ndarray,
+                    ys: Optional[np.ndarray], gates: Optional[np.ndarray], cs: Optional[np.ndarray],
+                    nthreads: int) -> bool:
+    """A stacked LSTM forward on nthreads threads; h, c (L*D, B, *) hold h0, c0 on entry and h_n,
+    c_n on return; out (T, B, Q) is written. With ys (L, T, B, Q), gates (L*D, T, B, G) and
+    cs (L*D, T, B, H), every layer's output and what backward needs are saved (then out is
+    ys[L-1]). False when the thread pool was busy: nothing was computed."""
+    T, B, _ = x.shape
+    P = h.shape[2]
+    H = c.shape[2]
+    G = 4 * H
+    Q = D * P
+    dt = x.dtype
+    abort = np.zeros(1, np.int64)
+    if D == 1:
+        sched = np.zeros(2 * num_layers, np.int64)
+        keep = ys is None
+        if keep:
+            ys = np.empty((num_layers, T, B, P), dt)
+            gates = np.empty((num_layers, 0, B, G), dt)
+            cs = np.empty((num_layers, 0, B, H), dt)
+
+        def run() -> None:
+            KP.stack_fwd_tasks(SGEMM, True, SCHED_YIELD, sched, abort, pipe_chunk(T, B), x, views, packed, num_layers,
+                               has_bias, has_proj, bs, h, c, ys, gates, cs)
+
+        if not _run_threads([run] * nthreads, abort):
+            return False
+        if keep:
+            out[:] = ys[-1]
+        return True
+    per = 2 + 2 * has_bias + has_proj
+    no_bias = np.zeros(0, dt)
+    no_proj = np.zeros((0, H), dt)
+    save = gates is not None
+    no_g = np.empty((0, B, G), dt)
+    no_c = np.empty((0, B, H), dt)
+    bias = []
+    for idx in range(num_layers * D):
+        k = idx * per
+        bias.append(views[k + 2][0] + views[k + 3][0] if has_bias else no_bias)
+
+    def args(idx: int):
+        k = idx * per
+        w_hr = views[k + per - 1] if has_proj else no_proj
+        w_hr_p = packed[k + per - 1] if has_proj else packed[k + 1]
+        return (views[k], packed[k], bias[idx], views[k + 1], packed[k + 1], w_hr, w_hr_p, h[idx], c[idx], bs)
+
+    def dst(layer: int) -> np.ndarray:
+        if ys is not None:
+            return ys[layer]
+        return out if layer == num_layers - 1 else np.empty((T, B, Q), dt)
+
+    inp = x
+    for layer in range(num_layers):
+        o = dst(layer)
+
+        def job(d: int, layer: int = layer, inp: np.ndarray = inp, o: np.ndarray = o) -> Callable[[], None]:
+            def run() -> None:
+                idx = layer * D + d
+                KP.direction_fwd(SGEMM, True, inp, *args(idx), d == 1, o, d * P,
+                                 gates[idx] if save else no_g, cs[idx] if save else no_c)
+            return run
+
+        if not _run_threads([job(0), job(1)], abort):
+            if layer == 0:
+                return False
+            for d in range(2):  # the pool was taken between two layers: finish here
+                with serial_blas(True):
+                    job(d)()
+        inp = o
+    return True
+
+
+def _stack_parallel_bwd(x: np.ndarray, h0: np.ndarray, c0: np.ndarray, views: tuple, wpbs: tuple, num_layers: int,
+                        D: int, has_bias: bool, has_proj: bool, bs: np.ndarray, ys: np.ndarray, gates: np.ndarray,
+                        cs: np.ndarray, grad_out: np.ndarray, grad_h: np.ndarray, grad_c: np.ndarray, dx: np.ndarray,
+                        dh0: np.ndarray, dc0: np.ndarray, dws: tuple, nthreads: int) -> bool:
+    """Backward of :func:`_stack_parallel` (with saves) on nthreads threads: the layers of a
+    unidirectional stack as a pipeline from the last step back, the directions of a bidirectional
+    layer side by side. Writes dx, dh0, dc0 and dws (as ``numba_stack.stack_train_bwd``); False
+    when the thread pool was busy: nothing was computed."""
+    T, B, _ = x.shape
+    P = h0.shape[2]
+    H = c0.shape[2]
+    G = 4 * H
+    per = 2 + 2 * has_bias + has_proj
+    dt = x.dtype
+    no_proj = np.zeros((0, H), dt)
+    no_pack = np.zeros(0, dt)
+    abort = np.zeros(1, np.int64)
+    dh0[:] = grad_h
+    dc0[:] = grad_c
+
+    def scratch():
+        n_proj = T if has_proj else 0
+        return (np.empty((T, B, G), dt), np.empty((n_proj, B, P), dt), np.empty((n_proj, B, H), dt),
+                np.empty((T, B, P), dt))
+
+    def grads(idx: int) -> tuple:
+        k = idx * per
+        return (dws[k], dws[k + 1], dws[k + 2] if has_bias else dws[k], dws[k + 3] if has_bias else dws[k], has_bias,
+                dws[k + per - 1])
+
+    def rec(idx: int) -> tuple:
+        k = idx * per
+        if has_proj:
+            return views[k], views[k + 1], wpbs[k + 1], views[k + per - 1], wpbs[k + per - 1]
+        return views[k], views[k + 1], wpbs[k + 1], no_proj, no_pack
+
+    dy = grad_out
+    for layer in range(num_layers - 1, -1, -1):
+        inp = x if layer == 0 else ys[layer - 1]
+        dinps = [np.empty(inp.shape, dt) for _ in range(D)]
+
+        def job(d: int, layer: int = layer, inp: np.ndarray = inp, dy: np.ndarray = dy,
+                dinps: list = dinps) -> Callable[[], None]:
+            def run() -> None:
+                idx = layer * D + d
+                dgates, dhs, hps, hprev = scratch()
+                KP.direction_bwd(SGEMM, True, inp, ys[layer], d * P, h0[idx], c0[idx], *rec(idx), gates[idx],
+                                 cs[idx], bs, d == 1, np.ascontiguousarray(dy[:, :, d * P:(d + 1) * P]), dh0[idx],
+                                 dc0[idx], dinps[d], dgates, dhs, hps, hprev, *grads(idx))
+            return run
+
+        if not _run_threads([job(0), job(1)], abort):
+            if layer == num_layers - 1:
+                return False
+            for d in range(2):  # the pool was taken between two layers: finish here
+                with serial_blas(True):
+                    job(d)()
+        if layer == 0:
+            np.add(dinps[0], dinps[1], out=dx)
+        else:
+            dy = dinps[0]
+            dy += dinps[1]
+    return True
 
 
 _NO_PACKS: dict = {}
@@ -487,7 +723,7 @@ def _weight_views(weights: Sequence[Tensor], dtype: torch.dtype) -> tuple:
     return views
 
 
-def _packs(views: Sequence[np.ndarray], rows: list[int], transpose: bool) -> tuple:
+def _packs(views: Sequence[np.ndarray], rows: list[int], transpose: bool, pk: PackScratch) -> tuple:
     """Each weight prepared by ``pack_b`` for ``rows[i]``-row products (0: nothing), built on every
     call (writes through ``.data`` do not move version counters, so cached copies could be
     stale), and only where ``mm`` would otherwise call a GEMM per step: the hand-written loops of
@@ -498,9 +734,9 @@ def _packs(views: Sequence[np.ndarray], rows: list[int], transpose: bool) -> tup
         if n == 0 or n * v.size <= SMALL_FLOPS_MKL:
             out.append(_EMPTY[v.dtype.type])
         elif transpose:
-            out.append(pack_b(v, n, True))
+            out.append(pk.pack(v, n, True))
         elif n > 1 and HAVE_MKL and v.dtype == np.float32 and v.size >= PACK_MIN_SIZE:
-            out.append(pack_b(v, n, False))
+            out.append(pk.pack(v, n, False))
         else:
             out.append(_EMPTY[v.dtype.type])
     return tuple(out)
@@ -514,7 +750,7 @@ class _StackFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, meta, x, h0, c0, *weights):
-        num_layers, D, has_biases, proj_size, batch_sizes = meta
+        num_layers, D, has_biases, proj_size, batch_sizes, nthreads = meta
         T, B = x.shape[0], x.shape[1]
         H = c0.shape[2]
         P = h0.shape[2]
@@ -524,7 +760,6 @@ class _StackFn(torch.autograd.Function):
         one = [0, B] + [0, 0] * bool(has_biases) + [B] * (proj_size > 0)
         rows = one * LD if T > 1 else [0] * (len(one) * LD)
         views = _weight_views(weights, x.dtype)
-        packed = _packs(views, rows, True)
         dt = _NP_DTYPE[x.dtype]
         ys = np.empty((num_layers, T, B, D * P), dt)
         gates = np.empty((LD, T, B, 4 * H), dt)
@@ -534,9 +769,18 @@ class _StackFn(torch.autograd.Function):
         x_np, h0_np, c0_np = _np(x), _np(h0), _np(c0)
         bs = _bs_np(batch_sizes)
         mkl = HAVE_MKL and x.dtype == torch.float32
-        with serial_blas(run_serial(B, 4 * H, max(P, x.shape[2]))):
-            S.stack_train_fwd(SGEMM, mkl, x_np, h0_np, c0_np, views, packed, num_layers, D,
-                              bool(has_biases), proj_size > 0, bs, h_np, c_np, ys, gates, cs)
+        done = False
+        if nthreads > 1:
+            h_np[:] = h0_np
+            c_np[:] = c0_np
+            with serial_blas(True), PackScratch() as pk:
+                done = _stack_parallel(x_np, views, _packs(views, rows, True, pk), num_layers, D, bool(has_biases),
+                                       proj_size > 0, bs, ys[-1], h_np, c_np, ys, gates, cs, nthreads)
+        if not done:
+            with serial_blas(run_serial(B, 4 * H, max(P, x.shape[2]))), PackScratch() as pk:
+                packed = _packs(views, rows, True, pk)
+                S.stack_train_fwd(SGEMM, mkl, x_np, h0_np, c0_np, views, packed, num_layers, D,
+                                  bool(has_biases), proj_size > 0, bs, h_np, c_np, ys, gates, cs)
         out = torch.from_numpy(ys[-1])
         # saved for autograd's checks against in-place changes; backward uses the NumPy views
         ctx.save_for_backward(x, h0, c0, out, *weights)
@@ -547,22 +791,30 @@ class _StackFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out, grad_h, grad_c):
         weights = ctx.saved_tensors[4:]
-        (num_layers, D, has_biases, proj_size, _), views, rows, x_np, h0_np, c0_np, bs, ys, gates, cs = ctx.saved
+        meta, views, rows, x_np, h0_np, c0_np, bs, ys, gates, cs = ctx.saved
+        num_layers, D, has_biases, proj_size, _, nthreads = meta
         sync_threads()
         B = x_np.shape[1]
         H = c0_np.shape[2]
         P = h0_np.shape[2]
-        wpbs = _packs(views, rows, False)
         dx, dx_np = _new(tuple(x_np.shape), grad_out.dtype)
         dh0, dh0_np = _new(tuple(h0_np.shape), grad_out.dtype)
         dc0, dc0_np = _new(tuple(c0_np.shape), grad_out.dtype)
         gw = [np.empty(w.shape, v.dtype) for w, v in zip(weights, views)]
         dws = tuple(g.reshape(1, -1) if g.ndim == 1 else g for g in gw)
         mkl = HAVE_MKL and grad_out.dtype == torch.float32
-        with serial_blas(run_serial(B, 4 * H, max(P, x_np.shape[2]))):
-            S.stack_train_bwd(SGEMM, mkl, x_np, h0_np, c0_np, views, wpbs, num_layers, D,
-                              bool(has_biases), proj_size > 0, bs, ys, gates, cs, _np(grad_out),
-                              _np(grad_h), _np(grad_c), dx_np, dh0_np, dc0_np, dws)
+        done = False
+        if nthreads > 1:
+            with serial_blas(True), PackScratch() as pk:
+                done = _stack_parallel_bwd(x_np, h0_np, c0_np, views, _packs(views, rows, False, pk), num_layers, D,
+                                           bool(has_biases), proj_size > 0, bs, ys, gates, cs, _np(grad_out),
+                                           _np(grad_h), _np(grad_c), dx_np, dh0_np, dc0_np, dws, nthreads)
+        if not done:
+            with serial_blas(run_serial(B, 4 * H, max(P, x_np.shape[2]))), PackScratch() as pk:
+                wpbs = _packs(views, rows, False, pk)
+                S.stack_train_bwd(SGEMM, mkl, x_np, h0_np, c0_np, views, wpbs, num_layers, D,
+                                  bool(has_biases), proj_size > 0, bs, ys, gates, cs, _np(grad_out),
+                                  _np(grad_h), _np(grad_c), dx_np, dh0_np, dc0_np, dws)
         return (None, dx, dh0, dc0, *map(torch.from_numpy, gw))
 
 
@@ -587,10 +839,12 @@ def lstm_stack_train(
         if t.dtype != x.dtype:
             raise TypeError(f"{name}: expected dtype {x.dtype}, got {t.dtype}")
     T, B, I = x.shape
-    if not prefers_stack_train(T, B, I, c0.shape[2], h0.shape[2]):
+    D = 2 if bidirectional else 1
+    nthreads = parallel_threads(T, B, I, c0.shape[2], h0.shape[2], num_layers, D, x.dtype, training=True)
+    if nthreads == 1 and not prefers_stack_train(T, B, I, c0.shape[2], h0.shape[2]):
         return NotImplemented
     sync_threads()
-    meta = (num_layers, 2 if bidirectional else 1, bool(has_biases), proj_size, batch_sizes)
+    meta = (num_layers, D, bool(has_biases), proj_size, batch_sizes, nthreads)
     return _StackFn.apply(meta, x, h0, c0, *weights)
 
 

@@ -130,6 +130,39 @@ def _prev_h(y, col0, h0, bs, reverse, hprev):
 
 
 @njit(**_JIT)
+def weight_grads(sgemm, mkl, dgates, inp, y, col0, h0, bs, reverse, hprev, dhs, hps, dw_ih, dw_hh, db_ih, db_hh,
+                 has_bias, dw_hr):
+    """The weight gradients of one layer-direction, one product each over all T * B rows.
+
+    dgates (T, B, G)   gradient of the pre-activations (zeros at inactive rows)
+    inp    (T*B, I)    the layer's input
+    y      (T, B, Q)   the layer's output, the direction's columns col0 .. col0 + P
+    h0     (B, P)      the direction's initial h
+    hprev  (T, B, P)   scratch
+    dhs, hps           from ``numba_lstm.layer_bwd`` when projecting ((0, B, *) otherwise)
+    dw_ih (G, I), dw_hh (G, P), db_ih (1, G), db_hh (1, G), dw_hr (P, H): written (the biases
+    only with has_bias, dw_hr only when projecting)
+    """
+    T, B, G = dgates.shape
+    P = hprev.shape[2]
+    n = T * B
+    dg2 = dgates.reshape(n, G)
+    _prev_h(y, col0, h0, bs, reverse, hprev)
+    mm_tn(sgemm, mkl, dg2, hprev.reshape(n, P), dw_hh, False)
+    mm_tn(sgemm, mkl, dg2, inp, dw_ih, False)
+    if has_bias:
+        db = db_ih[0]
+        db[:] = 0
+        for r in range(n):
+            dgr = dg2[r]
+            for j in range(G):
+                db[j] += dgr[j]
+        db_hh[0] = db
+    if dhs.shape[0] > 0:
+        mm_tn(sgemm, mkl, dhs.reshape(n, P), hps.reshape(n, hps.shape[2]), dw_hr, False)
+
+
+@njit(**_JIT)
 def stack_train_bwd(sgemm, mkl, x, h0, c0, ws, wpbs, num_layers, num_dirs, has_bias, has_proj, bs,
                     ys, gates, cs, grad_out, grad_hn, grad_cn, dx, dh0, dc0, dws):
     """Backward of :func:`stack_train_fwd`.
@@ -189,20 +222,9 @@ def stack_train_bwd(sgemm, mkl, x, h0, c0, ws, wpbs, num_layers, num_dirs, has_b
             dc[:] = grad_cn[idx]
             layer_bwd(sgemm, mkl, gates[idx], cs[idx], c0[idx], w_hh, wpbs[k + 1], w_hr, w_hr_p, gout, dh, dc,
                       bs, d == 1, dgates, dhs, hps)
-            # weight gradients: one product each over all n rows
-            _prev_h(ys[layer], d * P, h0[idx], bs, d == 1, hprev)
-            mm_tn(sgemm, mkl, dg2, hprev.reshape(n, P), dws[k + 1], False)
-            mm_tn(sgemm, mkl, dg2, inp, dws[k], False)
-            if has_bias:
-                db = dws[k + 2][0]
-                db[:] = 0
-                for r in range(n):
-                    dgr = dg2[r]
-                    for j in range(G):
-                        db[j] += dgr[j]
-                dws[k + 3][0] = db
-            if has_proj:
-                mm_tn(sgemm, mkl, dhs.reshape(n, P), hps.reshape(n, H), dws[k + per - 1], False)
+            weight_grads(sgemm, mkl, dgates, inp, ys[layer], d * P, h0[idx], bs, d == 1, hprev, dhs, hps,
+                         dws[k], dws[k + 1], dws[k + 2] if has_bias else dws[k], dws[k + 3] if has_bias else dws[k],
+                         has_bias, dws[k + per - 1])
             # gradient of the layer's input
             if d == 0:
                 mm(sgemm, mkl, dg2, w_ih, no_pack, False, dinp)

@@ -1,0 +1,182 @@
+"""Layers and directions of a stacked LSTM run at once on several threads.
+
+A single layer-direction's recurrence is sequential, but the units of work around it are not:
+
+* the two directions of a bidirectional layer are independent: two threads run them side by
+  side, each its own input projection and recurrence (:func:`direction_fwd`,
+  :func:`direction_bwd`);
+* layer l + 1 of a unidirectional stack can run step t as soon as layer l has produced its
+  output for step t: the layers form a pipeline over time (a wavefront). The sequence is cut
+  in chunks and every thread runs :func:`stack_fwd_tasks`, claiming (layer, chunk) tasks as
+  they become ready.
+
+The threads are Python threads calling these kernels, which release the GIL; their MKL calls
+run on the calling thread alone. Shared progress counters are int64 arrays accessed with
+atomic loads (acquire), stores (release) and compare-and-swap; a thread with nothing ready
+spins, then yields its core (``sched_yield``), and returns when the driver sets the abort flag
+(another thread failed).
+
+Dimension legend: T steps, B rows, I input features of a layer, H hidden size, G = 4H,
+P = proj_size or H, Q = D * P (a layer's output width).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .numba_lstm import _JIT, layer_bwd, layer_fwd, mm
+from .numba_stack import weight_grads
+
+
+@intrinsic
+def atomic_load(typingctx, arr, idx):
+    """arr[idx] of an int64 array, read with acquire ordering (never hoisted out of a loop)."""
+    sig = types.int64(arr, idx)
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]])
+        return builder.load_atomic(ptr, "acquire", 8)
+
+    return sig, codegen
+
+
+@intrinsic
+def atomic_store(typingctx, arr, idx, val):
+    """arr[idx] = val for an int64 array, with release ordering: writes before it are visible
+    to a thread that reads the value with :func:`atomic_load`."""
+    sig = types.void(arr, idx, val)
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]])
+        builder.store_atomic(args[2], ptr, "release", 8)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def atomic_cas(typingctx, arr, idx, expected, new):
+    """arr[idx] = new if arr[idx] == expected (int64, atomically); True when it was swapped."""
+    sig = types.boolean(arr, idx, expected, new)
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]])
+        res = builder.cmpxchg(ptr, args[2], args[3], "acq_rel", "acquire")
+        return builder.extract_value(res, 1)
+
+    return sig, codegen
+
+
+# spins of a thread with nothing to do before it yields its core at each further spin: a few
+# microseconds; spinning longer takes the core from threads that have work (measured: a layer
+# pipeline right after a torch op, whose OpenMP threads spin on, lost 20% with 20000 spins)
+SPINS_BEFORE_YIELD = 200
+
+
+@njit(**_JIT)
+def stack_fwd_tasks(sgemm, mkl, sched_yield, sched, abort, chunk, x, ws, wps, num_layers, has_bias, has_proj, bs, h,
+                    c, ys, gates, cs):
+    """A unidirectional stack as a pipeline of (layer, chunk) tasks, run by every calling thread.
+
+    Task (l, k) is the input projection and the recurrence of layer l over steps k*chunk ..
+    (k+1)*chunk; it can start once (l, k-1) and (l-1, k) are done. Each thread claims the highest
+    ready task (compare-and-swap on ``sched``), runs it and publishes it, until the last layer is
+    done; a thread slowed down (a core shared with another process's or OpenMP's spinning thread)
+    simply runs fewer tasks.
+
+    sched (2L,) int64   zeros on entry: sched[l] the next chunk of layer l to claim, sched[L + l]
+                        the chunks of layer l done; shared by the threads
+    abort (1,) int64    set by the driver when a thread failed: return
+    x (T, B, I); ws, wps: the weights and their prepared forms as for ``numba_lstm.stack_fwd``
+    h (L, B, P), c (L, B, H): h0, c0 on entry, h_n, c_n on return
+    ys (L, T, B, P)     written: every layer's output (ys[L - 1] is the stack's)
+    gates (L, T, B, G), cs (L, T, B, H): saved for backward, or (L, 0, B, *) to save nothing
+    """
+    T, B, I = x.shape
+    L = num_layers
+    H = c.shape[2]
+    G = 4 * H
+    per = 2 + (2 if has_bias else 0) + (1 if has_proj else 0)
+    nchunks = (T + chunk - 1) // chunk
+    save = gates.shape[1] > 0
+    xg = np.empty((chunk, B, G), x.dtype)
+    no_bias = np.empty(0, x.dtype)
+    no_proj = np.empty((0, H), x.dtype)
+    spins = 0
+    while atomic_load(sched, 2 * L - 1) < nchunks:
+        if atomic_load(abort, 0) != 0:
+            return
+        layer = -1
+        k = 0
+        for cand in range(L - 1, -1, -1):  # the highest ready layer first: drains the pipeline
+            k = atomic_load(sched, cand)
+            if k >= nchunks or atomic_load(sched, L + cand) != k:
+                continue  # layer finished, or its previous chunk still running
+            if cand > 0 and atomic_load(sched, L + cand - 1) <= k:
+                continue  # its input not there yet
+            if atomic_cas(sched, cand, k, k + 1):
+                layer = cand
+                break
+        if layer < 0:
+            spins += 1
+            if spins > SPINS_BEFORE_YIELD:
+                sched_yield()
+            continue
+        spins = 0
+        t0 = k * chunk
+        t1 = min(T, t0 + chunk)
+        n = t1 - t0
+        w = (layer * per)
+        inp = x[t0:t1] if layer == 0 else ys[layer - 1, t0:t1]
+        xc = xg[:n]
+        mm(sgemm, mkl, inp.reshape(n * B, inp.shape[2]), ws[w], wps[w], True, xc.reshape(n * B, G))
+        bias = ws[w + 2][0] + ws[w + 3][0] if has_bias else no_bias
+        w_hr = ws[w + per - 1] if has_proj else no_proj
+        w_hr_p = wps[w + per - 1] if has_proj else wps[w + 1]
+        bs_c = bs[t0:t1] if bs.shape[0] > 0 else bs
+        layer_fwd(sgemm, mkl, xc, bias, ws[w + 1], wps[w + 1], w_hr, w_hr_p, h[layer], c[layer], bs_c, False,
+                  ys[layer, t0:t1], 0, gates[layer, t0:t1] if save else gates[layer],
+                  cs[layer, t0:t1] if save else cs[layer])
+        atomic_store(sched, L + layer, k + 1)
+
+
+@njit(**_JIT)
+def direction_fwd(sgemm, mkl, inp, w_ih, w_ih_p, bias, w_hh, w_hh_p, w_hr, w_hr_p, h, c, bs, reverse, out, col0,
+                  gates, cs):
+    """One direction of a bidirectional layer: its input projection and its recurrence.
+
+    inp (T, B, I); w_ih (G, I) and w_ih_p (prepared for T * B rows, or (0,)); bias (G,) or (0,);
+    the rest as for ``numba_lstm.layer_fwd``; out (T, B, Q) columns col0 .. col0 + P written.
+    """
+    T, B, I = inp.shape
+    G = w_ih.shape[0]
+    xg = np.empty((T, B, G), inp.dtype)
+    mm(sgemm, mkl, inp.reshape(T * B, I), w_ih, w_ih_p, True, xg.reshape(T * B, G))
+    layer_fwd(sgemm, mkl, xg, bias, w_hh, w_hh_p, w_hr, w_hr_p, h, c, bs, reverse, out, col0, gates, cs)
+
+
+@njit(**_JIT)
+def direction_bwd(sgemm, mkl, inp, y, col0, h0, c0, w_ih, w_hh, w_hh_p, w_hr, w_hr_p, gates, cs, bs, reverse, dy, dh,
+                  dc, dinp, dgates, dhs, hps, hprev, dw_ih, dw_hh, db_ih, db_hh, has_bias, dw_hr):
+    """Backward of :func:`direction_fwd`: one direction of a bidirectional layer.
+
+    y (T, B, Q) the layer's output (this direction's columns col0 .. col0 + P); dy (T, B, P) the
+    gradient of those columns, C-contiguous; dinp (T, B, I) written: this direction's part of the
+    gradient of the layer's input; the rest as for :func:`layer_bwd_pipe`.
+    """
+    T, B, I = inp.shape
+    G = w_ih.shape[0]
+    n = T * B
+    layer_bwd(sgemm, mkl, gates, cs, c0, w_hh, w_hh_p, w_hr, w_hr_p, dy, dh, dc, bs, reverse, dgates, dhs, hps)
+    mm(sgemm, mkl, dgates.reshape(n, G), w_ih, np.empty(0, inp.dtype), False, dinp.reshape(n, I))
+    weight_grads(sgemm, mkl, dgates, inp.reshape(n, I), y, col0, h0, bs, reverse, hprev, dhs, hps, dw_ih, dw_hh,
+                 db_ih, db_hh, has_bias, dw_hr)

@@ -1,0 +1,214 @@
+"""The Numba backend's threaded paths (``kernels/numba_parallel.py``): a unidirectional stack as a
+pipeline of (layer, chunk) tasks, the two directions of bidirectional layers side by side. Forced
+on small shapes (``PARALLEL_MIN_MACS = 0``, two threads) and compared with torch.nn.LSTM (the oracle)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import lstmkit
+from lstmkit.backends import numba_cpu as nb
+from tolerances import assert_close
+
+pytestmark = pytest.mark.skipif(not nb.HAVE_MKL, reason="the threaded paths need MKL (float32)")
+
+
+@pytest.fixture
+def threaded(monkeypatch):
+    """Two threads, and the threaded paths taken at any size; records which ran."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    monkeypatch.setattr(nb, "PARALLEL_MIN_MACS", 0)
+    monkeypatch.setattr(nb, "PIPE_MIN_ROWS", 1)  # many small chunks: every task ordering gets exercised
+    ran = []
+    real = nb._run_threads
+
+    def spy(jobs, abort):
+        ok = real(jobs, abort)
+        ran.append((len(jobs), ok))
+        return ok
+
+    monkeypatch.setattr(nb, "_run_threads", spy)
+    yield ran
+    torch.set_num_threads(prev)
+
+
+def _models(I, H, L, bid, proj, bias, seed=0):
+    torch.manual_seed(seed)
+    ref = torch.nn.LSTM(I, H, L, bias=bias, bidirectional=bid, proj_size=proj)
+    ours = lstmkit.LSTM(I, H, L, bias=bias, bidirectional=bid, proj_size=proj, backend="numba")
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def _inputs(T, B, I, H, L, D, P, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(T, B, I, generator=g), torch.randn(L * D, B, P, generator=g),
+            torch.randn(L * D, B, H, generator=g))
+
+
+def _forward(model, x, h0, c0, lengths):
+    if lengths is None:
+        out, (h, c) = model(x, (h0, c0))
+        return out, h, c
+    packed = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False)
+    out, (h, c) = model(packed, (h0, c0))
+    return pad_packed_sequence(out, total_length=x.shape[0])[0], h, c
+
+
+@pytest.mark.parametrize("T,B,I,H,L,bid,proj,bias,lengths", [
+    (9, 3, 4, 8, 2, False, 0, True, None),
+    (9, 3, 4, 8, 3, False, 0, False, None),          # three layers on two threads
+    (8, 4, 5, 8, 2, False, 3, True, None),           # projections
+    (7, 4, 3, 6, 2, False, 0, True, [7, 2, 5, 1]),   # variable lengths
+    (9, 3, 4, 8, 2, True, 0, True, None),
+    (6, 5, 4, 6, 3, True, 2, True, [4, 6, 2, 6, 1]),
+    (1, 3, 4, 8, 2, False, 0, True, None),
+])
+def test_threaded_inference_matches_torch(threaded, T, B, I, H, L, bid, proj, bias, lengths):
+    D = 2 if bid else 1
+    ref, ours = _models(I, H, L, bid, proj, bias)
+    x, h0, c0 = _inputs(T, B, I, H, L, D, proj or H)
+    with torch.no_grad():
+        want = _forward(ref, x, h0, c0, lengths)  # oracle
+        got = _forward(ours, x, h0, c0, lengths)
+    for a, b, name in zip(got, want, ("output", "h_n", "c_n")):
+        assert_close(a, b, msg=name)
+    assert threaded and all(ok for _, ok in threaded), "the threaded path did not run"
+
+
+@pytest.mark.parametrize("T,B,I,H,L,proj,bias,lengths", [
+    (9, 3, 4, 8, 2, 0, True, None),
+    (6, 5, 4, 6, 3, 2, False, [4, 6, 2, 6, 1]),
+])
+def test_threaded_bidirectional_training_matches_torch(threaded, T, B, I, H, L, proj, bias, lengths):
+    ref, ours = _models(I, H, L, True, proj, bias)
+    P = proj or H
+    x, h0, c0 = _inputs(T, B, I, H, L, 2, P)
+    results = []
+    for model in (ref, ours):
+        xs, hs, cs = (t.clone().requires_grad_() for t in (x, h0, c0))
+        outs = _forward(model, xs, hs, cs, lengths)
+        g = torch.Generator().manual_seed(5)
+        loss = sum((t * torch.randn(t.shape, generator=g)).sum() for t in outs)
+        params = [p for _, p in sorted(model.named_parameters())]
+        results.append((outs, torch.autograd.grad(loss, [xs, hs, cs, *params])))
+    (want, want_g), (got, got_g) = results
+    for a, b, name in zip(got, want, ("output", "h_n", "c_n")):
+        assert_close(a, b, msg=name)
+    names = ["d input", "d h0", "d c0"] + [n for n, _ in sorted(ours.named_parameters())]
+    for a, b, name in zip(got_g, want_g, names):
+        assert_close(a, b, msg=name)
+    assert len(threaded) == 2 * L, "forward and backward should each run the layers' directions on two threads"
+
+
+def test_unidirectional_training_keeps_the_single_threaded_path(threaded):
+    _, ours = _models(4, 8, 2, False, 0, True)
+    x = torch.randn(9, 3, 4, requires_grad=True)
+    out, _ = ours(x)
+    out.sum().backward()
+    assert threaded == []
+
+
+def test_busy_pool_falls_back_to_one_thread(threaded):
+    """A call that finds the pool in use by another call computes on its own thread."""
+    ref, ours = _models(4, 8, 2, True, 0, True)
+    x, h0, c0 = _inputs(9, 3, 4, 8, 2, 2, 8)
+    with nb._pool_lock:  # as if another thread were running a threaded call
+        with torch.no_grad():
+            got = _forward(ours, x, h0, c0, None)
+    with torch.no_grad():
+        want = _forward(ref, x, h0, c0, None)  # oracle
+    for a, b in zip(got, want):
+        assert_close(a, b)
+    assert threaded == [(2, False)]
+
+
+def test_concurrent_calls_from_threads(threaded):
+    """Python threads calling the same model at once (some get the pool, some fall back) all get
+    the right numbers."""
+    ref, ours = _models(4, 8, 2, False, 0, True)
+    inputs = [_inputs(12, 3, 4, 8, 2, 1, 8, seed=s) for s in range(6)]
+    with torch.no_grad():
+        want = [_forward(ref, *inp, None) for inp in inputs]  # oracle
+    got = [None] * len(inputs)
+
+    def work(i):
+        with torch.no_grad():
+            got[i] = _forward(ours, *inputs[i], None)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a threaded call hung"
+    for g, w in zip(got, want):
+        for a, b in zip(g, w):
+            assert_close(a, b)
+
+
+def test_failing_job_aborts_the_others():
+    """A job that raises sets the abort flag, so a job waiting for it returns, and its error reaches the caller."""
+    abort = np.zeros(1, np.int64)
+    seen = []
+
+    def waits():
+        while abort[0] == 0:
+            pass
+        seen.append("aborted")
+
+    def fails():
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        nb._run_threads([fails, waits], abort)
+    assert seen == ["aborted"]
+
+
+def _child(queue):
+    torch.set_num_threads(2)
+    nb.PARALLEL_MIN_MACS = 0
+    _, ours = _models(4, 8, 2, True, 0, True)
+    with torch.no_grad():
+        out, _ = ours(torch.randn(9, 3, 4))
+    queue.put(tuple(out.shape))
+
+
+def test_threaded_path_after_fork(threaded):
+    """A process forked after the pool started gets a new pool (the inherited one has no threads)."""
+    _, ours = _models(4, 8, 2, True, 0, True)
+    with torch.no_grad():
+        ours(torch.randn(9, 3, 4))
+    assert threaded and threaded[-1][1]
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(queue,))
+    proc.start()
+    proc.join(timeout=120)
+    if proc.is_alive():
+        proc.kill()
+        pytest.fail("the forked child hung in a threaded call")
+    assert proc.exitcode == 0
+    assert queue.get(timeout=5) == (9, 3, 16)
+
+
+def test_parallel_threads_choice(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    f32 = torch.float32
+    assert nb.parallel_threads(100, 16, 32, 128, 128, 2, 1, f32) == 2          # layer pipeline
+    assert nb.parallel_threads(100, 32, 64, 128, 128, 2, 2, f32) == 2          # directions
+    assert nb.parallel_threads(100, 32, 64, 128, 128, 2, 2, f32, training=True) == 2
+    assert nb.parallel_threads(100, 16, 32, 128, 128, 2, 1, f32, training=True) == 1
+    assert nb.parallel_threads(100, 16, 32, 128, 128, 1, 1, f32) == 1          # one layer-direction
+    assert nb.parallel_threads(50, 64, 128, 256, 256, 2, 1, f32) == 1          # products threaded anyway
+    assert nb.parallel_threads(10, 5, 3, 5, 5, 2, 1, f32) == 1                 # too small
+    assert nb.parallel_threads(100, 32, 64, 128, 128, 2, 2, torch.float64) == 1
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert nb.parallel_threads(100, 32, 64, 128, 128, 2, 2, f32) == 1
