@@ -398,3 +398,38 @@ def test_step_errors():
         m.step(torch.zeros(2, 5))
     with pytest.raises(RuntimeError, match=r"hx\[0\] \(h_0\): expected size \(2, 2, 4\)"):
         m.step(torch.zeros(2, 3), (torch.zeros(1, 2, 4), torch.zeros(2, 2, 4)))
+
+
+@pytest.mark.parametrize("B,I,H,proj_size,bias", [(1, 3, 5, 0, True), (2, 4, 6, 3, False), (3, 4, 6, 0, True),
+                                                   (1, 150, 130, 0, True)])
+def test_step_without_grad_matches_torch(B, I, H, proj_size, bias):
+    """step() under no_grad (the streaming fast path: straight into the backend's lstm_step) gives
+    torch.nn.LSTM's numbers, one step at a time, for small and large weights and batches."""
+    torch.manual_seed(4)
+    ref = torch.nn.LSTM(I, H, 2, proj_size=proj_size, bias=bias)
+    m = lstmkit.LSTM(I, H, 2, proj_size=proj_size, bias=bias)
+    m.load_state_dict(ref.state_dict())
+    x = torch.randn(5, B, I)
+    state = want_state = None
+    with torch.no_grad():
+        for t in range(5):
+            y, state = m.step(x[t], state)
+            want, want_state = ref(x[t:t + 1], want_state)  # oracle
+            assert_close(y, want[0])
+    assert_close(state[0], want_state[0])
+    assert_close(state[1], want_state[1])
+
+
+def test_step_state_errors():
+    m = lstmkit.LSTM(3, 4, 2)
+    x = torch.zeros(2, 3)
+    good = (torch.zeros(2, 2, 4), torch.zeros(2, 2, 4))
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"state\[0\] \(h\): expected dtype torch.float32"):
+            m.step(x, (good[0].double(), good[1]))
+        with pytest.raises(RuntimeError, match=r"state\[1\] \(c\): expected device cpu"):
+            m.step(x, (good[0], torch.zeros(2, 2, 4, device="meta")))
+        with pytest.raises(RuntimeError, match=r"state: expected \(3-D h, c\)"):
+            m.step(x, (torch.zeros(2, 8), torch.zeros(2, 8)))
+        with pytest.raises(TypeError, match=r"hx: expected a tuple \(h_0, c_0\)"):
+            m.step(x, [good[0]])

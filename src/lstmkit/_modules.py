@@ -427,6 +427,10 @@ class LSTM(nn.Module):
         The same numbers as one ``forward`` call over the whole sequence. Unidirectional LSTMs only.
         In training mode, recurrent dropout and zoneout masks are drawn per call.
         """
+        if type(x) is Tensor and type(state) is tuple and x.dim() == 2 and not self.bidirectional:
+            fast = self._step_fast(x, state)
+            if fast is not None:
+                return fast
         if self.bidirectional:
             raise RuntimeError("step: a bidirectional LSTM needs the whole sequence; use forward() on it")
         if not isinstance(x, Tensor) or x.dim() not in (1, 2):
@@ -442,6 +446,11 @@ class LSTM(nn.Module):
             h0, c0 = _unpack_hx(state)
             if not batched:
                 h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+            _check_state_tensor("state[0] (h)", h0, x1)
+            _check_state_tensor("state[1] (c)", c0, x1)
+            if h0.dim() != 3 or c0.dim() != 3:
+                raise RuntimeError(f"state: expected ({'2' if not batched else '3'}-D h, c) as step() returns, "
+                                   f"got ({h0.dim() - (not batched)}-D, {c0.dim() - (not batched)}-D)")
             if h0.shape != (self.num_layers, B, self._real_hidden_size) or c0.shape != (
                     self.num_layers, B, self.hidden_size):
                 self._check_hidden(h0, c0, B)
@@ -449,6 +458,24 @@ class LSTM(nn.Module):
         if not batched:
             return out[0, 0], (h[:, 0], c[:, 0])
         return out[0], (h, c)
+
+    def _step_fast(self, x: Tensor, state: tuple) -> Optional[tuple[Tensor, State]]:
+        """step() of a batched x with a well-formed state straight into a backend's ``lstm_step``
+        hook (plain LSTM, no gradient); None leaves the call to the general path."""
+        w = self._parameters["weight_ih_l0"]
+        B = x.shape[0]
+        if (x.dtype is not w.dtype or x.device != w.device or x.shape[1] != self.input_size or B == 0
+                or not self._state_ok(state, x, B) or self.variants.active(self.training)):
+            return None
+        weights = self._flat_weights
+        if torch.is_grad_enabled() and functional.needs_grad([x, *state, *weights]):
+            return None
+        fast = getattr(backends.resolve(self.backend, x.device, x.dtype), "lstm_step", None)
+        if fast is None or torch.compiler.is_compiling():
+            return None
+        y, h, c = fast(x, state[0], state[1], weights, num_layers=self.num_layers, has_biases=self.bias,
+                       proj_size=self.proj_size)
+        return y, (h, c)
 
     @staticmethod
     def reset_state(state: State, rows) -> State:

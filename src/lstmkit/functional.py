@@ -27,7 +27,7 @@ __all__ = ["lstm", "lstm_cell", "lengths_to_batch_sizes", "padded_to_packed", "p
 OptsFn = Callable[[int, int, int, int], Optional[LayerOptions]]
 
 
-def _needs_grad(tensors: Sequence[Optional[Tensor]]) -> bool:
+def needs_grad(tensors: Sequence[Optional[Tensor]]) -> bool:
     if not torch.is_grad_enabled():
         return False
     return any(t is not None and t.requires_grad for t in tensors)
@@ -119,7 +119,7 @@ def lstm(
     fast = getattr(be, "lstm_stack", None)
     if (
         fast is not None and plain and not inter_dropout
-        and not _needs_grad([input, h0, c0, *weights])
+        and not needs_grad([input, h0, c0, *weights])
         and not torch.compiler.is_compiling()
     ):
         return fast(input, h0, c0, list(weights), num_layers=num_layers, bidirectional=bidirectional,
@@ -172,7 +172,7 @@ def lstm_cell(
     fast = getattr(be, "lstm_cell_step", None)
     if (
         fast is not None and opts is None and ln_ih is None
-        and not _needs_grad([input, h, c, w_ih, w_hh, b_ih, b_hh])
+        and not needs_grad([input, h, c, w_ih, w_hh, b_ih, b_hh])
         and not torch.compiler.is_compiling()
     ):
         return fast(input, h, c, w_ih, w_hh, b_ih, b_hh)

@@ -651,6 +651,36 @@ def _stack_parallel_bwd(x: np.ndarray, h0: np.ndarray, c0: np.ndarray, views: tu
     return True
 
 
+def lstm_step(
+    x: Tensor,                        # (B, I)
+    h0: Tensor,                       # (L, B, P)
+    c0: Tensor,                       # (L, B, H)
+    weights: Sequence[Tensor],        # torch.nn.LSTM's _flat_weights order (unidirectional)
+    *,
+    num_layers: int,
+    has_biases: bool,
+    proj_size: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One step of a unidirectional stack without gradients (``LSTM.step``): (y (B,P), h_n, c_n)."""
+    dtype = x.dtype
+    if x.device.type != "cpu" or dtype not in _DTYPES:
+        raise RuntimeError(unavailable(x.device, dtype))
+    B, I = x.shape
+    P = h0.shape[2]
+    H = c0.shape[2]
+    if B > WT_MAX_ROWS or 4 * H * max(I, P) > DOT_MAX_SIZE:
+        out, h_n, c_n = lstm_stack(x.unsqueeze(0), h0, c0, weights, num_layers=num_layers, bidirectional=False,
+                                   has_biases=has_biases, proj_size=proj_size, batch_sizes=None)
+        return out[0], h_n, c_n
+    views = _weight_views(weights, dtype)
+    y, y_np = _new((1, B, P), dtype)
+    h_n, h_np = _new(tuple(h0.shape), dtype)
+    c_n, c_np = _new(tuple(c0.shape), dtype)
+    K.stack_fwd_short(_np(x).reshape(1, B, I), _np(h0), _np(c0), views, num_layers, 1, bool(has_biases),
+                      proj_size > 0, y_np, h_np, c_np)
+    return y[0], h_n, c_n
+
+
 _NO_PACKS: dict = {}
 
 
@@ -701,7 +731,7 @@ def _weight_views(weights: Sequence[Tensor], dtype: torch.dtype) -> tuple:
     Views alias the parameters' memory, so unlike packed copies they cannot go stale through
     in-place or ``.data`` writes; a replaced storage or shape misses the cache."""
     key = tuple(map(id, weights))
-    ptrs = [w.data_ptr() for w in weights]
+    ptrs = tuple(map(Tensor.data_ptr, weights))
     hit = _VIEWS.get(key)
     if hit is not None and hit[0] == ptrs:
         return hit[1]
