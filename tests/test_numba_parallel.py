@@ -14,7 +14,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import lstmkit
 from lstmkit.backends import numba_cpu as nb
-from tolerances import assert_close
+from tolerances import TOL, TOL_NORMALIZED, assert_close
 
 pytestmark = pytest.mark.skipif(not nb.HAVE_MKL, reason="the threaded paths need MKL (float32)")
 
@@ -212,3 +212,37 @@ def test_parallel_threads_choice(monkeypatch):
     assert nb.parallel_threads(100, 32, 64, 128, 128, 2, 2, torch.float64) == 1
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert nb.parallel_threads(100, 32, 64, 128, 128, 2, 2, f32) == 1
+
+
+VARIANT_KW = {
+    "layer_norm": dict(layer_norm=True),
+    "peephole": dict(peephole=True),
+    "zoneout": dict(zoneout=(0.3, 0.2)),
+    "all": dict(layer_norm=True, peephole=True, recurrent_dropout=0.25, zoneout=0.1),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANT_KW))
+@pytest.mark.parametrize("train_mode", [False, True])
+@pytest.mark.parametrize("proj,lengths", [(0, None), (3, [9, 4, 7])])
+def test_threaded_variants_inference_matches_reference(threaded, variant, train_mode, proj, lengths):
+    """Variants of a unidirectional stack without gradients run as the threaded pipeline and give
+    the reference backend's numbers (in training mode with the same seeded masks)."""
+    torch.manual_seed(0)
+    ours = lstmkit.LSTM(4, 8, 3, proj_size=proj, backend="numba", **VARIANT_KW[variant])
+    ref = lstmkit.LSTM(4, 8, 3, proj_size=proj, backend="reference", **VARIANT_KW[variant])
+    with torch.no_grad():
+        for p in ours.parameters():  # gains off 1, biases and peepholes off 0
+            p.add_(0.3 * torch.randn_like(p))
+    ref.load_state_dict(ours.state_dict())
+    ours.train(train_mode)
+    ref.train(train_mode)
+    x, h0, c0 = _inputs(9, 3, 4, 8, 3, 1, proj or 8)
+    with torch.no_grad():
+        torch.manual_seed(7)
+        want = _forward(ref, x, h0, c0, lengths)  # oracle: the reference backend
+        torch.manual_seed(7)
+        got = _forward(ours, x, h0, c0, lengths)
+    for a, b, name in zip(got, want, ("output", "h_n", "c_n")):
+        assert_close(a, b, msg=name, table=TOL_NORMALIZED if variant in ("layer_norm", "all") else TOL)
+    assert threaded and all(ok for _, ok in threaded), "the threaded path did not run"

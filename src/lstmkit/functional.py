@@ -124,6 +124,19 @@ def lstm(
     ):
         return fast(input, h0, c0, list(weights), num_layers=num_layers, bidirectional=bidirectional,
                     has_biases=has_biases, proj_size=proj_size, batch_sizes=batch_sizes)
+    # Variants without gradients: a backend may run a unidirectional stack on several threads
+    prefers_v = getattr(be, "prefers_stack_variants", None)
+    if (
+        prefers_v is not None and not plain and not inter_dropout and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and prefers_v(T, B, input.shape[2], c0.shape[2], h0.shape[2], num_layers, bidirectional, input.dtype)
+    ):
+        opts = [first_opts] + [opts_for(layer, 0, B, T) for layer in range(1, num_layers)]
+        res = be.lstm_stack_variants(input, h0, c0, list(weights), opts, ln_ih, num_layers=num_layers,
+                                     has_biases=has_biases, proj_size=proj_size, batch_sizes=batch_sizes)
+        if res is not NotImplemented:
+            return res
+        opts_for = (lambda layer, d, B, T: opts[layer]) if opts_for is not None else None
     # Training with plain options: a backend may run the whole stack as one autograd node
     # (``lstm_stack_train``, e.g. numba); it returns NotImplemented for shapes it leaves to the
     # per-layer path below.

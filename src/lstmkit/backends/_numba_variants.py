@@ -21,10 +21,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..kernels import numba_parallel as KP
 from ..kernels import numba_variants as KV
 from ..kernels.numba_blas import HAVE_MKL, SGEMM, PackScratch
 from . import numba_cpu as _plain  # attributes looked up at call time: numba_cpu imports this module
-from ._contract import LayerOptions
+from ._contract import LN_EPS, LayerOptions
 
 _Zone = Union[Tensor, float, None]
 
@@ -188,3 +189,56 @@ def layer(
     ko = _Opts(opts, T, B, G // 4, w_hh.shape[1], xg.dtype)
     out, h_n, c_n, _ = _forward(xg, w_hh, w_hr, h0, c0, batch_sizes, reverse, ko, False)
     return out, h_n, c_n
+
+
+def lstm_stack_variants(
+    x: Tensor,                                  # (T, B, I)
+    h0: Tensor,                                 # (L, B, P)
+    c0: Tensor,                                 # (L, B, H)
+    weights: list[Tensor],                      # torch.nn.LSTM's _flat_weights order (unidirectional)
+    opts: list[LayerOptions],                   # per layer
+    ln_ih: Optional[list[Tensor]],              # per layer input layer-norm gains, or None
+    *,
+    num_layers: int,
+    has_biases: bool,
+    proj_size: int,
+    batch_sizes: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A unidirectional stack with variants, without gradients, as a pipeline of (layer, chunk) tasks
+    on several threads (``kernels.numba_parallel.stack_fwd_tasks_variants``): (out, h_n, c_n)."""
+    dtype = x.dtype
+    T, B, I = x.shape
+    H = c0.shape[2]
+    P = h0.shape[2]
+    npd = _plain._NP_DTYPE[dtype]
+    kos = [_Opts(o, T, B, H, P, dtype) for o in opts]
+    per = [T * B, B] + [0, 0] * bool(has_biases) + [B] * (proj_size > 0)
+    views, packed = _plain._prepared(weights, dtype, lambda: per * num_layers)
+    stacked = [np.stack([ko.args()[i] for ko in kos]) for i in range(9)]
+    ln = np.stack([_plain._np(g) for g in ln_ih]) if ln_ih is not None else np.zeros((num_layers, 0), npd)
+    out, out_np = _plain._new((T, B, P), dtype)
+    h_n, h_np = _plain._new(tuple(h0.shape), dtype)
+    c_n, c_np = _plain._new(tuple(c0.shape), dtype)
+    h_np[:] = _plain._np(h0)
+    c_np[:] = _plain._np(c0)
+    ys = np.empty((num_layers, T, B, P), npd)
+    sched = np.zeros(2 * num_layers, np.int64)
+    abort = np.zeros(1, np.int64)
+    bs = _plain._bs_np(batch_sizes)
+    chunk = _plain.pipe_chunk(T, B)
+
+    def run() -> None:
+        KP.stack_fwd_tasks_variants(SGEMM, True, _plain.SCHED_YIELD, sched, abort, chunk, _plain._np(x), views, packed,
+                                    num_layers, bool(has_biases), proj_size > 0, bs, h_np, c_np, ys, ln, LN_EPS,
+                                    *stacked)
+
+    if not _plain._run_threads([run] * _plain.parallel_threads(T, B, I, H, P, num_layers, 1, dtype), abort):
+        return NotImplemented
+    out_np[:] = ys[-1]
+    return out, h_n, c_n
+
+
+def prefers_stack_variants(T: int, B: int, I: int, H: int, P: int, num_layers: int, bidirectional: bool,
+                           dtype: torch.dtype) -> bool:
+    """Whether :func:`lstm_stack_variants` runs this shape (several threads pay off)."""
+    return not bidirectional and _plain.parallel_threads(T, B, I, H, P, num_layers, 1, dtype) > 1

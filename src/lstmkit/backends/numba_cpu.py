@@ -720,6 +720,19 @@ def lstm_cell_step(
     return h1, c1
 
 
+def lstm_stack_variants(*args, **kwargs):
+    """A unidirectional stack with variants, inference, on several threads (``_numba_variants``)."""
+    from . import _numba_variants
+
+    return _numba_variants.lstm_stack_variants(*args, **kwargs)
+
+
+def prefers_stack_variants(*args) -> bool:
+    from . import _numba_variants
+
+    return _numba_variants.prefers_stack_variants(*args)
+
+
 # --- training hook ----------------------------------------------------------------------------
 
 _VIEWS: OrderedDict = OrderedDict()

@@ -29,6 +29,7 @@ from numba.extending import intrinsic
 
 from .numba_lstm import _JIT, layer_bwd, layer_fwd, mm
 from .numba_stack import weight_grads
+from .numba_variants import layer_fwd as variant_layer_fwd
 
 
 @intrinsic
@@ -83,6 +84,22 @@ SPINS_BEFORE_YIELD = 200
 
 
 @njit(**_JIT)
+def claim_task(sched, num_layers, nchunks):
+    """Claim a ready (layer, chunk) task of a pipeline (see :func:`stack_fwd_tasks`): the highest
+    ready layer first, which drains the pipeline; (-1, 0) when none is ready."""
+    L = num_layers
+    for cand in range(L - 1, -1, -1):
+        k = atomic_load(sched, cand)
+        if k >= nchunks or atomic_load(sched, L + cand) != k:
+            continue  # layer finished, or its previous chunk still running
+        if cand > 0 and atomic_load(sched, L + cand - 1) <= k:
+            continue  # its input not there yet
+        if atomic_cas(sched, cand, k, k + 1):
+            return cand, k
+    return -1, 0
+
+
+@njit(**_JIT)
 def stack_fwd_tasks(sgemm, mkl, sched_yield, sched, abort, chunk, x, ws, wps, num_layers, has_bias, has_proj, bs, h,
                     c, ys, gates, cs):
     """A unidirectional stack as a pipeline of (layer, chunk) tasks, run by every calling thread.
@@ -115,17 +132,7 @@ def stack_fwd_tasks(sgemm, mkl, sched_yield, sched, abort, chunk, x, ws, wps, nu
     while atomic_load(sched, 2 * L - 1) < nchunks:
         if atomic_load(abort, 0) != 0:
             return
-        layer = -1
-        k = 0
-        for cand in range(L - 1, -1, -1):  # the highest ready layer first: drains the pipeline
-            k = atomic_load(sched, cand)
-            if k >= nchunks or atomic_load(sched, L + cand) != k:
-                continue  # layer finished, or its previous chunk still running
-            if cand > 0 and atomic_load(sched, L + cand - 1) <= k:
-                continue  # its input not there yet
-            if atomic_cas(sched, cand, k, k + 1):
-                layer = cand
-                break
+        layer, k = claim_task(sched, L, nchunks)
         if layer < 0:
             spins += 1
             if spins > SPINS_BEFORE_YIELD:
@@ -180,3 +187,80 @@ def direction_bwd(sgemm, mkl, inp, y, col0, h0, c0, w_ih, w_hh, w_hh_p, w_hr, w_
     mm(sgemm, mkl, dgates.reshape(n, G), w_ih, np.empty(0, inp.dtype), False, dinp.reshape(n, I))
     weight_grads(sgemm, mkl, dgates, inp.reshape(n, I), y, col0, h0, bs, reverse, hprev, dhs, hps, dw_ih, dw_hh,
                  db_ih, db_hh, has_bias, dw_hr)
+
+
+@njit(**_JIT)
+def _input_rows(xc, bias, ln_gain, eps):
+    """xc (n, G) input projections: layer-normalized with gain ln_gain (G,) when given (no bias of
+    its own), then b_ih + b_hh (bias (G,) or (0,)) added: the input side of a variant layer."""
+    n, G = xc.shape
+    if ln_gain.shape[0] > 0:
+        for r in range(n):
+            row = xc[r]
+            mean = row.sum() / G
+            var = 0.0
+            for j in range(G):
+                d = row[j] - mean
+                var += d * d
+            inv = 1.0 / np.sqrt(var / G + eps)
+            for j in range(G):
+                row[j] = (row[j] - mean) * inv * ln_gain[j]
+    if bias.shape[0] > 0:
+        for r in range(n):
+            row = xc[r]
+            for j in range(G):
+                row[j] += bias[j]
+
+
+@njit(**_JIT)
+def stack_fwd_tasks_variants(sgemm, mkl, sched_yield, sched, abort, chunk, x, ws, wps, num_layers, has_bias, has_proj,
+                             bs, h, c, ys, ln_ih, eps, masks, pe, ln_g, lnc_w, lnc_b, zc, zc_fill, zh, zh_fill):
+    """:func:`stack_fwd_tasks` for LSTM variants (inference: nothing saved), each task running
+    ``numba_variants.layer_fwd`` over its chunk.
+
+    Per-layer options, stacked over the L layers (an absent option has a zero-sized dimension,
+    as ``numba_variants.layer_fwd`` takes it): ln_ih (L, G) input layer-norm gains (eps: its
+    epsilon), masks (L, B, P), pe (L, 3, H), ln_g (L, G), lnc_w (L, H), lnc_b (L, H),
+    zc (L, T, B, H), zc_fill (L, H), zh (L, T, B, P), zh_fill (L, P).
+    """
+    T, B, I = x.shape
+    L = num_layers
+    H = c.shape[2]
+    G = 4 * H
+    per = 2 + (2 if has_bias else 0) + (1 if has_proj else 0)
+    nchunks = (T + chunk - 1) // chunk
+    xg = np.empty((chunk, B, G), x.dtype)
+    no_bias = np.empty(0, x.dtype)
+    no_proj = np.empty((0, H), x.dtype)
+    no_g = np.empty((0, B, G), x.dtype)
+    no_c = np.empty((0, B, H), x.dtype)
+    no_s = np.empty((0, B, 2), x.dtype)
+    spins = 0
+    while atomic_load(sched, 2 * L - 1) < nchunks:
+        if atomic_load(abort, 0) != 0:
+            return
+        layer, k = claim_task(sched, L, nchunks)
+        if layer < 0:
+            spins += 1
+            if spins > SPINS_BEFORE_YIELD:
+                sched_yield()
+            continue
+        spins = 0
+        t0 = k * chunk
+        t1 = min(T, t0 + chunk)
+        n = t1 - t0
+        w = layer * per
+        inp = x[t0:t1] if layer == 0 else ys[layer - 1, t0:t1]
+        xc = xg[:n]
+        xc2 = xc.reshape(n * B, G)
+        mm(sgemm, mkl, inp.reshape(n * B, inp.shape[2]), ws[w], wps[w], True, xc2)
+        _input_rows(xc2, ws[w + 2][0] + ws[w + 3][0] if has_bias else no_bias, ln_ih[layer], eps)
+        w_hr = ws[w + per - 1] if has_proj else no_proj
+        w_hr_p = wps[w + per - 1] if has_proj else wps[w + 1]
+        bs_c = bs[t0:t1] if bs.shape[0] > 0 else bs
+        zcl = zc[layer, t0:t1] if zc.shape[1] > 0 else zc[layer]
+        zhl = zh[layer, t0:t1] if zh.shape[1] > 0 else zh[layer]
+        variant_layer_fwd(sgemm, mkl, xc, ws[w + 1], wps[w + 1], w_hr, w_hr_p, h[layer], c[layer], bs_c, False,
+                          ys[layer, t0:t1], masks[layer], pe[layer], ln_g[layer], lnc_w[layer], lnc_b[layer], zcl,
+                          zc_fill[layer], zhl, zh_fill[layer], no_g, no_c, no_c, no_g, no_s)
+        atomic_store(sched, L + layer, k + 1)
