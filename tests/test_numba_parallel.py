@@ -108,12 +108,30 @@ def test_threaded_bidirectional_training_matches_torch(threaded, T, B, I, H, L, 
     assert len(threaded) == 2 * L, "forward and backward should each run the layers' directions on two threads"
 
 
-def test_unidirectional_training_keeps_the_single_threaded_path(threaded):
-    _, ours = _models(4, 8, 2, False, 0, True)
-    x = torch.randn(9, 3, 4, requires_grad=True)
-    out, _ = ours(x)
-    out.sum().backward()
-    assert threaded == []
+@pytest.mark.parametrize("T,B,I,H,L,proj,bias,lengths", [
+    (9, 3, 4, 8, 2, 0, True, None),
+    (7, 4, 3, 6, 3, 2, False, [7, 2, 5, 1]),
+])
+def test_threaded_unidirectional_training_matches_torch(threaded, T, B, I, H, L, proj, bias, lengths):
+    """Training a unidirectional stack: the forward runs as the threaded pipeline (saving what
+    backward needs), the backward on one thread; every gradient is torch's."""
+    ref, ours = _models(I, H, L, False, proj, bias)
+    x, h0, c0 = _inputs(T, B, I, H, L, 1, proj or H)
+    results = []
+    for model in (ref, ours):
+        xs, hs, cs = (t.clone().requires_grad_() for t in (x, h0, c0))
+        outs = _forward(model, xs, hs, cs, lengths)
+        g = torch.Generator().manual_seed(6)
+        loss = sum((t * torch.randn(t.shape, generator=g)).sum() for t in outs)
+        params = [p for _, p in sorted(model.named_parameters())]
+        results.append((outs, torch.autograd.grad(loss, [xs, hs, cs, *params])))
+    (want, want_g), (got, got_g) = results
+    for a, b, name in zip(got, want, ("output", "h_n", "c_n")):
+        assert_close(a, b, msg=name)
+    names = ["d input", "d h0", "d c0"] + [n for n, _ in sorted(ours.named_parameters())]
+    for a, b, name in zip(got_g, want_g, names):
+        assert_close(a, b, msg=name)
+    assert threaded == [(2, True)], "the forward should run on two threads, the backward on one"
 
 
 def test_busy_pool_falls_back_to_one_thread(threaded):
@@ -205,7 +223,7 @@ def test_parallel_threads_choice(monkeypatch):
     assert nb.parallel_threads(100, 16, 32, 128, 128, 2, 1, f32) == 2          # layer pipeline
     assert nb.parallel_threads(100, 32, 64, 128, 128, 2, 2, f32) == 2          # directions
     assert nb.parallel_threads(100, 32, 64, 128, 128, 2, 2, f32, training=True) == 2
-    assert nb.parallel_threads(100, 16, 32, 128, 128, 2, 1, f32, training=True) == 1
+    assert nb.parallel_threads(100, 16, 32, 128, 128, 2, 1, f32, training=True) == 2   # forward pipeline
     assert nb.parallel_threads(100, 16, 32, 128, 128, 1, 1, f32) == 1          # one layer-direction
     assert nb.parallel_threads(50, 64, 128, 256, 256, 2, 1, f32) == 1          # products threaded anyway
     assert nb.parallel_threads(10, 5, 3, 5, 5, 2, 1, f32) == 1                 # too small

@@ -21,7 +21,6 @@ P = proj_size or H, L layers, D directions.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import threading
 from collections import OrderedDict
@@ -40,6 +39,8 @@ from ..kernels import numba_stack as S
 from ..kernels.numba_blas import (
     HAVE_MKL,
     PACK_MIN_SIZE,
+    SCHED_YIELD,
+    SET_THREADS,
     SGEMM,
     WT_MAX_ROWS,
     PackScratch,
@@ -448,23 +449,14 @@ _pool_pid: Optional[int] = None
 _pool_lock = threading.Lock()
 
 
-def _libc_sched_yield():
-    fn = ctypes.CDLL(None).sched_yield
-    fn.restype = ctypes.c_int
-    fn.argtypes = []
-    return fn
-
-
-SCHED_YIELD = _libc_sched_yield()
-
-
 def parallel_threads(T: int, B: int, I: int, H: int, P: int, num_layers: int, D: int, dtype: torch.dtype,
                      training: bool = False) -> int:
-    """Threads for a whole stack (1: the single-threaded kernels). Training runs the directions of
-    bidirectional stacks side by side; the layer pipeline is for inference only (its backward,
-    measured, gained nothing over the per-layer path with torch's threaded products)."""
+    """Threads for a whole stack (1: the single-threaded kernels). In training, bidirectional stacks
+    run their directions side by side both ways; unidirectional ones run the layer pipeline
+    forward only (a pipelined backward, measured, gained nothing over one thread for the
+    recurrences and all threads for the sequence-wide products)."""
     n = torch.get_num_threads()
-    if n < 2 or not HAVE_MKL or dtype != torch.float32 or (D == 1 and (num_layers == 1 or training)):
+    if n < 2 or not HAVE_MKL or dtype != torch.float32 or (D == 1 and num_layers == 1):
         return 1
     if T * B * 4 * H * (I + P) < PARALLEL_MIN_MACS:
         return 1
@@ -788,6 +780,22 @@ def _packs(views: Sequence[np.ndarray], rows: list[int], transpose: bool, pk: Pa
 _EMPTY = {np.float32: np.zeros(0, np.float32), np.float64: np.zeros(0, np.float64)}
 
 
+def _stack_threads(T: int, B: int, H: int, P: int, I: int) -> tuple[bool, np.ndarray]:
+    """MKL threads of the stack kernels: (serial, (sequence-wide products, per-step products)).
+
+    ``serial``: run the call under ``serial_blas`` (one thread unless the kernel switches). The
+    kernel switches only when the two counts differ (0: leave MKL's setting alone): setting
+    MKL's local thread count at all, even to its global value, measured ~12% slower products
+    for the rest of the call. Small products run on the calling thread: waking OpenMP's threads
+    costs more than they save."""
+    n = torch.get_num_threads()
+    wide = 1 if T * B * 4 * H * (max(I, P) + P) <= STACK_TRAIN_SERIAL_MACS else n
+    step = 1 if run_serial(B, 4 * H, max(P, I)) else n
+    if wide == step:
+        return step == 1, np.zeros(2, np.int32)
+    return True, np.array([wide, step], np.int32)
+
+
 class _StackFn(torch.autograd.Function):
     """A whole stacked LSTM: forward one compiled call, backward one compiled call."""
 
@@ -820,9 +828,10 @@ class _StackFn(torch.autograd.Function):
                 done = _stack_parallel(x_np, views, _packs(views, rows, True, pk), num_layers, D, bool(has_biases),
                                        proj_size > 0, bs, ys[-1], h_np, c_np, ys, gates, cs, nthreads)
         if not done:
-            with serial_blas(run_serial(B, 4 * H, max(P, x.shape[2]))), PackScratch() as pk:
+            serial, threads = _stack_threads(T, B, H, P, x.shape[2])
+            with serial_blas(serial), PackScratch() as pk:
                 packed = _packs(views, rows, True, pk)
-                S.stack_train_fwd(SGEMM, mkl, x_np, h0_np, c0_np, views, packed, num_layers, D,
+                S.stack_train_fwd(SGEMM, mkl, SET_THREADS, threads, x_np, h0_np, c0_np, views, packed, num_layers, D,
                                   bool(has_biases), proj_size > 0, bs, h_np, c_np, ys, gates, cs)
         out = torch.from_numpy(ys[-1])
         # saved for autograd's checks against in-place changes; backward uses the NumPy views
@@ -847,17 +856,18 @@ class _StackFn(torch.autograd.Function):
         dws = tuple(g.reshape(1, -1) if g.ndim == 1 else g for g in gw)
         mkl = HAVE_MKL and grad_out.dtype == torch.float32
         done = False
-        if nthreads > 1:
+        if nthreads > 1 and D == 2:
             with serial_blas(True), PackScratch() as pk:
                 done = _stack_parallel_bwd(x_np, h0_np, c0_np, views, _packs(views, rows, False, pk), num_layers, D,
                                            bool(has_biases), proj_size > 0, bs, ys, gates, cs, _np(grad_out),
                                            _np(grad_h), _np(grad_c), dx_np, dh0_np, dc0_np, dws, nthreads)
         if not done:
-            with serial_blas(run_serial(B, 4 * H, max(P, x_np.shape[2]))), PackScratch() as pk:
+            serial, threads = _stack_threads(x_np.shape[0], B, H, P, x_np.shape[2])
+            with serial_blas(serial), PackScratch() as pk:
                 wpbs = _packs(views, rows, False, pk)
-                S.stack_train_bwd(SGEMM, mkl, x_np, h0_np, c0_np, views, wpbs, num_layers, D,
-                                  bool(has_biases), proj_size > 0, bs, ys, gates, cs, _np(grad_out),
-                                  _np(grad_h), _np(grad_c), dx_np, dh0_np, dc0_np, dws)
+                S.stack_train_bwd(SGEMM, mkl, SET_THREADS, threads, x_np, h0_np, c0_np, views, wpbs, num_layers, D,
+                                  bool(has_biases), proj_size > 0, bs, ys, gates, cs, _np(grad_out), _np(grad_h),
+                                  _np(grad_c), dx_np, dh0_np, dc0_np, dws)
         return (None, dx, dh0, dc0, *map(torch.from_numpy, gw))
 
 

@@ -18,7 +18,9 @@ import ctypes
 import os
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 ROW_MAJOR = 101
 NO_TRANS = 111
@@ -64,6 +66,48 @@ if HAVE_MKL:
 else:  # same signature, so the kernels have one type; never called when HAVE_MKL is False
     _STUB_T = ctypes.CFUNCTYPE(None, *_COMPUTE_ARGS)
     SGEMM = _STUB_T(lambda *args: None)
+
+
+# Further C functions reach the kernels as addresses (int64 arguments, called through
+# :func:`call_int_int` / :func:`call_int_void`): a second ctypes function object among a kernel's
+# arguments defeats Numba's argument-type cache (~80 us a call instead of ~1 us).
+def _address(fn) -> int:
+    return ctypes.cast(fn, ctypes.c_void_p).value
+
+
+_libc = ctypes.CDLL(None)
+# sched_yield(): give the core to another runnable thread
+SCHED_YIELD = _address(_libc.sched_yield)
+# MKL_Set_Num_Threads_Local(n): MKL's thread count for calls from this thread (kernels switch between
+# one thread for per-step products and all for sequence-wide ones); 0 without MKL (never called)
+SET_THREADS = _address(_SYMS[3]) if HAVE_MKL else 0
+
+
+@intrinsic
+def call_int_int(typingctx, addr, arg):
+    """The C function ``int f(int)`` at address ``addr`` called with ``arg``."""
+    sig = types.int32(types.int64, arg)
+
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(ir.IntType(32), [ir.IntType(32)])
+        fn = builder.inttoptr(args[0], fnty.as_pointer())
+        return builder.call(fn, [builder.trunc(args[1], ir.IntType(32))
+                                 if args[1].type.width > 32 else args[1]])
+
+    return sig, codegen
+
+
+@intrinsic
+def call_int_void(typingctx, addr):
+    """The C function ``int f(void)`` at address ``addr`` called."""
+    sig = types.int32(types.int64)
+
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(ir.IntType(32), [])
+        fn = builder.inttoptr(args[0], fnty.as_pointer())
+        return builder.call(fn, [])
+
+    return sig, codegen
 
 # MKL's packed buffers are at least ~8 MB whatever the matrix; below this many elements packing
 # saves nothing worth that (a 512x128 matrix: ~10 us a step saved, 20 MB touched)

@@ -27,6 +27,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .numba_blas import call_int_void
 from .numba_lstm import _JIT, layer_bwd, layer_fwd, mm
 from .numba_stack import weight_grads
 from .numba_variants import layer_fwd as variant_layer_fwd
@@ -136,7 +137,7 @@ def stack_fwd_tasks(sgemm, mkl, sched_yield, sched, abort, chunk, x, ws, wps, nu
         if layer < 0:
             spins += 1
             if spins > SPINS_BEFORE_YIELD:
-                sched_yield()
+                call_int_void(sched_yield)
             continue
         spins = 0
         t0 = k * chunk
@@ -243,7 +244,7 @@ def stack_fwd_tasks_variants(sgemm, mkl, sched_yield, sched, abort, chunk, x, ws
         if layer < 0:
             spins += 1
             if spins > SPINS_BEFORE_YIELD:
-                sched_yield()
+                call_int_void(sched_yield)
             continue
         spins = 0
         t0 = k * chunk

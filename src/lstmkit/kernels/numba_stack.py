@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .numba_blas import NO_TRANS, ROW_MAJOR, TRANS
+from .numba_blas import NO_TRANS, ROW_MAJOR, TRANS, call_int_int
 from .numba_lstm import _JIT, SMALL_FLOPS, SMALL_FLOPS_MKL, layer_bwd, layer_fwd, mm
 
 _ZERO32 = np.float32(0.0)
@@ -59,9 +59,13 @@ def mm_tn(sgemm, mkl, a, b, out, acc):
 
 
 @njit(**_JIT)
-def stack_train_fwd(sgemm, mkl, x, h0, c0, ws, wps, num_layers, num_dirs, has_bias, has_proj, bs,
-                    h_n, c_n, ys, gates, cs):
+def stack_train_fwd(sgemm, mkl, set_threads, threads, x, h0, c0, ws, wps, num_layers, num_dirs, has_bias, has_proj,
+                    bs, h_n, c_n, ys, gates, cs):
     """The forward of a stacked (bidirectional) LSTM, saving what :func:`stack_train_bwd` needs.
+
+    set_threads, threads  with MKL, sequence-wide products run on ``threads[0]`` threads and the
+                          per-step ones on ``threads[1]`` (``set_threads``: the address
+                          ``numba_blas.SET_THREADS``); 0 leaves MKL's setting as it is
 
     x      (T, B, I)          input, C-contiguous
     h0     (L*D, B, P)        initial hidden states
@@ -90,7 +94,11 @@ def stack_train_fwd(sgemm, mkl, x, h0, c0, ws, wps, num_layers, num_dirs, has_bi
         for d in range(num_dirs):
             k = (layer * num_dirs + d) * per
             idx = layer * num_dirs + d
+            if mkl and threads[0] > 0:
+                call_int_int(set_threads, threads[0])
             mm(sgemm, mkl, inp, ws[k], wps[k], True, xg2)
+            if mkl and threads[1] > 0:
+                call_int_int(set_threads, threads[1])
             bias = ws[k + 2][0] + ws[k + 3][0] if has_bias else no_bias
             w_hr = ws[k + per - 1] if has_proj else no_proj
             w_hr_p = wps[k + per - 1] if has_proj else wps[k + 1]
@@ -163,9 +171,9 @@ def weight_grads(sgemm, mkl, dgates, inp, y, col0, h0, bs, reverse, hprev, dhs, 
 
 
 @njit(**_JIT)
-def stack_train_bwd(sgemm, mkl, x, h0, c0, ws, wpbs, num_layers, num_dirs, has_bias, has_proj, bs,
-                    ys, gates, cs, grad_out, grad_hn, grad_cn, dx, dh0, dc0, dws):
-    """Backward of :func:`stack_train_fwd`.
+def stack_train_bwd(sgemm, mkl, set_threads, threads, x, h0, c0, ws, wpbs, num_layers, num_dirs, has_bias, has_proj,
+                    bs, ys, gates, cs, grad_out, grad_hn, grad_cn, dx, dh0, dc0, dws):
+    """Backward of :func:`stack_train_fwd` (``set_threads``, ``threads`` as there).
 
     x, h0, c0, ws, bs      as given to the forward; ys, gates, cs: what it saved
     wpbs     tuple of 1-D  one per entry of ws: that matrix packed for ``a @ w`` (``pack_b`` with
@@ -220,8 +228,12 @@ def stack_train_bwd(sgemm, mkl, x, h0, c0, ws, wpbs, num_layers, num_dirs, has_b
             dc = dc0[idx]
             dh[:] = grad_hn[idx]
             dc[:] = grad_cn[idx]
+            if mkl and threads[1] > 0:
+                call_int_int(set_threads, threads[1])
             layer_bwd(sgemm, mkl, gates[idx], cs[idx], c0[idx], w_hh, wpbs[k + 1], w_hr, w_hr_p, gout, dh, dc,
                       bs, d == 1, dgates, dhs, hps)
+            if mkl and threads[0] > 0:
+                call_int_int(set_threads, threads[0])
             weight_grads(sgemm, mkl, dgates, inp, ys[layer], d * P, h0[idx], bs, d == 1, hprev, dhs, hps,
                          dws[k], dws[k + 1], dws[k + 2] if has_bias else dws[k], dws[k + 3] if has_bias else dws[k],
                          has_bias, dws[k + per - 1])
