@@ -1,6 +1,7 @@
 """The Numba backend's threaded paths (``kernels/numba_parallel.py``): a unidirectional stack as a
-pipeline of (layer, chunk) tasks, the two directions of bidirectional layers side by side. Forced
-on small shapes (``PARALLEL_MIN_MACS = 0``, two threads) and compared with torch.nn.LSTM (the oracle)."""
+pipeline of (layer, chunk) tasks, the two directions of bidirectional layers side by side, a single
+layer's hidden units shared by the threads. Forced on small shapes (thresholds 0, two threads) and
+compared with torch.nn.LSTM (the oracle)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ def threaded(monkeypatch):
     prev = torch.get_num_threads()
     torch.set_num_threads(2)
     monkeypatch.setattr(nb, "PARALLEL_MIN_MACS", 0)
+    monkeypatch.setattr(nb, "SPLIT_MIN_MACS", 0)
     monkeypatch.setattr(nb, "PIPE_MIN_ROWS", 1)  # many small chunks: every task ordering gets exercised
     ran = []
     real = nb._run_threads
@@ -106,6 +108,24 @@ def test_threaded_bidirectional_training_matches_torch(threaded, T, B, I, H, L, 
     for a, b, name in zip(got_g, want_g, names):
         assert_close(a, b, msg=name)
     assert len(threaded) == 2 * L, "forward and backward should each run the layers' directions on two threads"
+
+
+@pytest.mark.parametrize("T,B,I,H,bias,lengths", [
+    (9, 3, 4, 48, True, None),            # 32 + 16 units
+    (12, 1, 5, 32, False, None),
+    (8, 4, 3, 64, True, [8, 2, 5, 1]),
+    (3, 3, 3, 32, True, None),
+])
+def test_single_layer_units_on_threads_match_torch(threaded, T, B, I, H, bias, lengths):
+    """A single layer in inference: its hidden units shared by two threads meeting every step."""
+    ref, ours = _models(I, H, 1, False, 0, bias)
+    x, h0, c0 = _inputs(T, B, I, H, 1, 1, H)
+    with torch.no_grad():
+        want = _forward(ref, x, h0, c0, lengths)  # oracle
+        got = _forward(ours, x, h0, c0, lengths)
+    for a, b, name in zip(got, want, ("output", "h_n", "c_n")):
+        assert_close(a, b, msg=name)
+    assert threaded == [(2, True)], "the units were not shared by two threads"
 
 
 @pytest.mark.parametrize("T,B,I,H,L,proj,bias,lengths", [
@@ -219,6 +239,11 @@ def test_threaded_path_after_fork(threaded):
 
 def test_parallel_threads_choice(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert nb.unit_parts(50, 64, 128, 256, 256, 1, 1, torch.float32) == 2
+    assert nb.unit_parts(50, 64, 128, 256, 128, 1, 1, torch.float32) == 1     # projection
+    assert nb.unit_parts(50, 64, 128, 256, 256, 2, 1, torch.float32) == 1     # stacks: the pipeline
+    assert nb.unit_parts(100, 1, 32, 64, 64, 1, 1, torch.float32) == 1        # too small a step
+    assert nb._unit_bounds(48, 2) == [0, 32, 48] and nb._unit_bounds(512, 2) == [0, 256, 512]
     f32 = torch.float32
     assert nb.parallel_threads(100, 16, 32, 128, 128, 2, 1, f32) == 2          # layer pipeline
     assert nb.parallel_threads(100, 32, 64, 128, 128, 2, 2, f32) == 2          # directions

@@ -408,6 +408,14 @@ def lstm_stack(
         per = [T * B, B] + [0, 0] * bool(has_biases) + [B] * (proj_size > 0)
         views, packed = _prepared(weights, dtype, lambda: per * (len(weights) // len(per)))
         serial = run_serial(B, 4 * H, K_max)
+        nparts = unit_parts(T, B, I, H, P, num_layers, D, dtype)
+        if nparts > 1:
+            out, out_np = _new((T, B, P), dtype)
+            h_n, h_np = _new(tuple(h0.shape), dtype)
+            c_n, c_np = _new(tuple(c0.shape), dtype)
+            c_np[:] = _np(c0)
+            if _layer_units(_np(x), views, _np(h0)[0], c_np[0], _bs_np(batch_sizes), out_np, h_np[0], nparts):
+                return out, h_n, c_n
         nthreads = parallel_threads(T, B, I, H, P, num_layers, D, dtype)
         if nthreads > 1:
             out, out_np = _new((T, B, D * P), dtype)
@@ -440,6 +448,10 @@ def lstm_stack(
 
 # multiply-adds of one layer-direction (T * B * 4H * (I + P)) from which the threads pay off
 PARALLEL_MIN_MACS = 2 * 1024 * 1024
+# per-step multiply-adds (B * 4H * H) from which a single layer's units are shared by the threads
+# (a meeting per step), and the fewest units of a thread (slice bounds a multiple: whole vectors)
+SPLIT_MIN_MACS = 48 * 1024
+SPLIT_MIN_UNITS = 16
 # rows of a pipeline chunk's input product at least, and chunks per sequence at most
 PIPE_MIN_ROWS = 64
 PIPE_MAX_CHUNKS = 16
@@ -463,6 +475,56 @@ def parallel_threads(T: int, B: int, I: int, H: int, P: int, num_layers: int, D:
     if D == 1 and not run_serial(B, 4 * H, max(I, P)):
         return 1  # the single-threaded kernels' products already use every thread: the pipeline gains nothing
     return min(n, D if D > 1 else num_layers)
+
+
+def unit_parts(T: int, B: int, I: int, H: int, P: int, num_layers: int, D: int, dtype: torch.dtype) -> int:
+    """Threads sharing the hidden units of a single layer-direction (inference), 1: none."""
+    n = torch.get_num_threads()
+    if n < 2 or not HAVE_MKL or dtype != torch.float32 or num_layers != 1 or D != 1 or P != H:
+        return 1
+    if B * 4 * H * H < SPLIT_MIN_MACS or T * B * 4 * H * (I + H) < PARALLEL_MIN_MACS:
+        return 1
+    return min(n, H // SPLIT_MIN_UNITS)
+
+
+def _unit_bounds(H: int, nparts: int) -> list[int]:
+    q = SPLIT_MIN_UNITS
+    return [0] + [round(k * H / nparts / q) * q for k in range(1, nparts)] + [H]
+
+
+def _layer_units(x: np.ndarray, views: tuple, h0: np.ndarray, c: np.ndarray, bs: np.ndarray, out: np.ndarray,
+                 h_n: np.ndarray, nparts: int) -> bool:
+    """A single unidirectional layer (no projection) on nparts threads, each owning a slice of the
+    hidden units (``kernels.numba_parallel.layer_fwd_units``); c (B, H) is c0 on entry and c_n on
+    return; out (T, B, H) and h_n (B, H) are written. False when the pool was busy."""
+    T, B, _ = x.shape
+    H = c.shape[1]
+    bounds = _unit_bounds(H, nparts)
+    bias = (views[2] + views[3]).reshape(4 * H, 1) if len(views) == 4 else None
+    parts = []
+    for k in range(nparts):
+        u0, u1 = bounds[k], bounds[k + 1]
+        b = KP.gather_units(bias, u0, u1).reshape(-1) if bias is not None else np.zeros(0, x.dtype)
+        parts.append((u0, u1, KP.gather_units(views[0], u0, u1), KP.gather_units(views[1], u0, u1), b))
+    hbuf = np.empty((2, B, H), x.dtype)
+    hbuf[0] = h0
+    flags = np.zeros(nparts + 1, np.int64)
+    with PackScratch() as pk:
+        with serial_blas(True):
+            packs = [pk.pack(w_hh, B, True) for _, _, _, w_hh, _ in parts]
+
+        def job(k: int) -> Callable[[], None]:
+            u0, u1, w_ih, w_hh, b = parts[k]
+
+            def run() -> None:
+                KP.layer_fwd_units(SGEMM, True, SCHED_YIELD, flags, k, u0, u1, x, w_ih, w_hh, packs[k], b, hbuf, c,
+                                   bs, out)
+            return run
+
+        if not _run_threads([job(k) for k in range(nparts)], flags[nparts:]):
+            return False
+    h_n[:] = hbuf[T % 2]
+    return True
 
 
 def pipe_chunk(T: int, B: int) -> int:

@@ -8,7 +8,11 @@ A single layer-direction's recurrence is sequential, but the units of work aroun
 * layer l + 1 of a unidirectional stack can run step t as soon as layer l has produced its
   output for step t: the layers form a pipeline over time (a wavefront). The sequence is cut
   in chunks and every thread runs :func:`stack_fwd_tasks`, claiming (layer, chunk) tasks as
-  they become ready.
+  they become ready;
+* a single layer's step splits by hidden units: each thread multiplies the whole h_{t-1} with
+  the weight rows of its units and finishes their gates, then the threads meet before the next
+  step (:func:`layer_fwd_units`; h double-buffered so that no thread overwrites what another
+  still reads).
 
 The threads are Python threads calling these kernels, which release the GIL; their MKL calls
 run on the calling thread alone. Shared progress counters are int64 arrays accessed with
@@ -28,7 +32,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .numba_blas import call_int_void
-from .numba_lstm import _JIT, layer_bwd, layer_fwd, mm
+from .numba_lstm import _JIT, act_sigmoid, act_tanh, layer_bwd, layer_fwd, mm
 from .numba_stack import weight_grads
 from .numba_variants import layer_fwd as variant_layer_fwd
 
@@ -265,3 +269,95 @@ def stack_fwd_tasks_variants(sgemm, mkl, sched_yield, sched, abort, chunk, x, ws
                           ys[layer, t0:t1], masks[layer], pe[layer], ln_g[layer], lnc_w[layer], lnc_b[layer], zcl,
                           zc_fill[layer], zhl, zh_fill[layer], no_g, no_c, no_c, no_g, no_s)
         atomic_store(sched, L + layer, k + 1)
+
+
+@njit(**_JIT)
+def gather_units(w, u0, u1):
+    """The rows of w (G, K) (or a bias (1, G)'s entries, K = ...) for hidden units u0 .. u1 of all
+    four gates, gate-major: (4 (u1 - u0), K), blocks i, f, g, o of u1 - u0 rows each."""
+    G, K = w.shape
+    H = G // 4
+    hk = u1 - u0
+    out = np.empty((4 * hk, K), w.dtype)
+    for g in range(4):
+        out[g * hk:(g + 1) * hk] = w[g * H + u0:g * H + u1]
+    return out
+
+
+@njit(**_JIT)
+def layer_fwd_units(sgemm, mkl, sched_yield, flags, part, u0, u1, x, w_ih, w_hh, w_hh_p, bias, hbuf, c, bs, out):
+    """One thread's share of a single unidirectional layer without projection (inference): hidden
+    units u0 .. u1 of every step. All parts run at once and meet after every step.
+
+    flags  (nparts + 1,) int64   zeros on entry: each part's finished steps, then an abort flag
+    x      (T, B, I)             the input
+    w_ih   (4 Hk, I), w_hh (4 Hk, H)   :func:`gather_units` of the weights for u0 .. u1
+    w_hh_p (S,)                  w_hh prepared by ``pack_b`` for ``h @ w_hh.T``, or (0,)
+    bias   (4 Hk,) or (0,)       the gathered b_ih + b_hh
+    hbuf   (2, B, H)             h0 in hbuf[0]; step s reads hbuf[s % 2] and writes hbuf[(s+1) % 2]
+                                 (so a part ahead never overwrites the h another part still
+                                 reads); h_n ends in hbuf[T % 2]; shared
+    c      (B, H)                c0 in, c_n out (each part its own columns); shared
+    bs     (T,)                  active rows per step, or (0,)
+    out    (T, B, H)             columns u0 .. u1 written; zeros at inactive rows
+    """
+    T, B, I = x.shape
+    hk = u1 - u0
+    G4 = 4 * hk
+    xg = np.empty((T, B, G4), x.dtype)
+    mm(sgemm, mkl, x.reshape(T * B, I), w_ih, np.empty(0, x.dtype), True, xg.reshape(T * B, G4))
+    if bias.shape[0] > 0:
+        for t in range(T):
+            for b in range(B):
+                xr = xg[t, b]
+                for j in range(G4):
+                    xr[j] += bias[j]
+    z = np.empty((B, G4), x.dtype)
+    tc = np.empty(hk, x.dtype)
+    nparts = flags.shape[0] - 1
+    for t in range(T):
+        nb = B if bs.shape[0] == 0 else bs[t]
+        cur = hbuf[t % 2]
+        nxt = hbuf[(t + 1) % 2]
+        for b in range(nb, B):  # finished rows keep their h; their outputs are zero
+            nxt[b, u0:u1] = cur[b, u0:u1]
+            out[t, b, u0:u1] = 0
+        if nb > 0:
+            mm(sgemm, mkl, cur[:nb], w_hh, w_hh_p, True, z[:nb])
+            for b in range(nb):
+                zr = z[b]
+                xr = xg[t, b]
+                # short loops over few arrays each: they vectorize (see numba_lstm._step_bwd)
+                for j in range(G4):
+                    zr[j] += xr[j]
+                zi = zr[:hk]
+                for j in range(hk):
+                    zi[j] = act_sigmoid(zi[j])
+                zf = zr[hk:2 * hk]
+                for j in range(hk):
+                    zf[j] = act_sigmoid(zf[j])
+                zg = zr[2 * hk:3 * hk]
+                for j in range(hk):
+                    zg[j] = act_tanh(zg[j])
+                zo = zr[3 * hk:]
+                for j in range(hk):
+                    zo[j] = act_sigmoid(zo[j])
+                cr = c[b, u0:u1]
+                for j in range(hk):
+                    cr[j] = zf[j] * cr[j] + zi[j] * zg[j]
+                for j in range(hk):
+                    tc[j] = act_tanh(cr[j])
+                hn = nxt[b, u0:u1]
+                for j in range(hk):
+                    hn[j] = zo[j] * tc[j]
+                out[t, b, u0:u1] = hn
+        # meet the other parts: publish this step, wait for theirs
+        atomic_store(flags, part, t + 1)
+        spins = 0
+        for q in range(nparts):
+            while atomic_load(flags, q) < t + 1:
+                if atomic_load(flags, nparts) != 0:
+                    return
+                spins += 1
+                if spins > SPINS_BEFORE_YIELD:
+                    call_int_void(sched_yield)
