@@ -90,9 +90,14 @@ def test_threaded_inference_matches_torch(threaded, T, B, I, H, L, bid, proj, bi
     (6, 5, 4, 6, 3, 2, False, [4, 6, 2, 6, 1]),
 ])
 def test_threaded_bidirectional_training_matches_torch(threaded, T, B, I, H, L, proj, bias, lengths):
-    ref, ours = _models(I, H, L, True, proj, bias)
-    P = proj or H
-    x, h0, c0 = _inputs(T, B, I, H, L, 2, P)
+    _check_training(T, B, I, H, L, True, proj, bias, lengths)
+    assert len(threaded) == 2 * L, "forward and backward should each run the layers' directions on two threads"
+
+
+def _check_training(T, B, I, H, L, bid, proj, bias, lengths):
+    """Outputs and every gradient of a random projection of them, against torch.nn.LSTM."""
+    ref, ours = _models(I, H, L, bid, proj, bias)
+    x, h0, c0 = _inputs(T, B, I, H, L, 2 if bid else 1, proj or H)
     results = []
     for model in (ref, ours):
         xs, hs, cs = (t.clone().requires_grad_() for t in (x, h0, c0))
@@ -107,7 +112,6 @@ def test_threaded_bidirectional_training_matches_torch(threaded, T, B, I, H, L, 
     names = ["d input", "d h0", "d c0"] + [n for n, _ in sorted(ours.named_parameters())]
     for a, b, name in zip(got_g, want_g, names):
         assert_close(a, b, msg=name)
-    assert len(threaded) == 2 * L, "forward and backward should each run the layers' directions on two threads"
 
 
 @pytest.mark.parametrize("T,B,I,H,bias,lengths", [
@@ -135,22 +139,7 @@ def test_single_layer_units_on_threads_match_torch(threaded, T, B, I, H, bias, l
 def test_threaded_unidirectional_training_matches_torch(threaded, T, B, I, H, L, proj, bias, lengths):
     """Training a unidirectional stack: the forward runs as the threaded pipeline (saving what
     backward needs), the backward on one thread; every gradient is torch's."""
-    ref, ours = _models(I, H, L, False, proj, bias)
-    x, h0, c0 = _inputs(T, B, I, H, L, 1, proj or H)
-    results = []
-    for model in (ref, ours):
-        xs, hs, cs = (t.clone().requires_grad_() for t in (x, h0, c0))
-        outs = _forward(model, xs, hs, cs, lengths)
-        g = torch.Generator().manual_seed(6)
-        loss = sum((t * torch.randn(t.shape, generator=g)).sum() for t in outs)
-        params = [p for _, p in sorted(model.named_parameters())]
-        results.append((outs, torch.autograd.grad(loss, [xs, hs, cs, *params])))
-    (want, want_g), (got, got_g) = results
-    for a, b, name in zip(got, want, ("output", "h_n", "c_n")):
-        assert_close(a, b, msg=name)
-    names = ["d input", "d h0", "d c0"] + [n for n, _ in sorted(ours.named_parameters())]
-    for a, b, name in zip(got_g, want_g, names):
-        assert_close(a, b, msg=name)
+    _check_training(T, B, I, H, L, False, proj, bias, lengths)
     assert threaded == [(2, True)], "the forward should run on two threads, the backward on one"
 
 

@@ -105,6 +105,45 @@ def claim_task(sched, num_layers, nchunks):
 
 
 @njit(**_JIT)
+def wait_task(sched_yield, sched, abort, num_layers, nchunks):
+    """Claim the next ready (layer, chunk) task, spinning then yielding while none is ready;
+    (-1, 0) once the last layer is done or the abort flag is set."""
+    spins = 0
+    while atomic_load(sched, 2 * num_layers - 1) < nchunks:
+        if atomic_load(abort, 0) != 0:
+            break
+        layer, k = claim_task(sched, num_layers, nchunks)
+        if layer >= 0:
+            return layer, k
+        spins += 1
+        if spins > SPINS_BEFORE_YIELD:
+            call_int_void(sched_yield)
+    return -1, 0
+
+
+@njit(**_JIT)
+def chunk_input(sgemm, mkl, x, ys, layer, t0, t1, w_ih, w_ih_p, xg):
+    """The input projections of steps t0 .. t1 of a layer (x for layer 0, else the output of the
+    layer below in ys) into xg[:t1 - t0], which is returned."""
+    B = x.shape[1]
+    n = t1 - t0
+    inp = x[t0:t1] if layer == 0 else ys[layer - 1, t0:t1]
+    xc = xg[:n]
+    mm(sgemm, mkl, inp.reshape(n * B, inp.shape[2]), w_ih, w_ih_p, True, xc.reshape(n * B, xg.shape[2]))
+    return xc
+
+
+@njit(**_JIT)
+def layer_extras(ws, wps, w, per, has_bias, has_proj, no_bias, no_proj):
+    """(b_ih + b_hh or no_bias, w_hr or no_proj, w_hr prepared (or any prepared array)) of the
+    layer-direction whose weights start at ws[w] (``per`` weights each)."""
+    bias = ws[w + 2][0] + ws[w + 3][0] if has_bias else no_bias
+    if has_proj:
+        return bias, ws[w + per - 1], wps[w + per - 1]
+    return bias, no_proj, wps[w + 1]
+
+
+@njit(**_JIT)
 def stack_fwd_tasks(sgemm, mkl, sched_yield, sched, abort, chunk, x, ws, wps, num_layers, has_bias, has_proj, bs, h,
                     c, ys, gates, cs):
     """A unidirectional stack as a pipeline of (layer, chunk) tasks, run by every calling thread.
@@ -133,27 +172,15 @@ def stack_fwd_tasks(sgemm, mkl, sched_yield, sched, abort, chunk, x, ws, wps, nu
     xg = np.empty((chunk, B, G), x.dtype)
     no_bias = np.empty(0, x.dtype)
     no_proj = np.empty((0, H), x.dtype)
-    spins = 0
-    while atomic_load(sched, 2 * L - 1) < nchunks:
-        if atomic_load(abort, 0) != 0:
-            return
-        layer, k = claim_task(sched, L, nchunks)
+    while True:
+        layer, k = wait_task(sched_yield, sched, abort, L, nchunks)
         if layer < 0:
-            spins += 1
-            if spins > SPINS_BEFORE_YIELD:
-                call_int_void(sched_yield)
-            continue
-        spins = 0
+            return
         t0 = k * chunk
         t1 = min(T, t0 + chunk)
-        n = t1 - t0
-        w = (layer * per)
-        inp = x[t0:t1] if layer == 0 else ys[layer - 1, t0:t1]
-        xc = xg[:n]
-        mm(sgemm, mkl, inp.reshape(n * B, inp.shape[2]), ws[w], wps[w], True, xc.reshape(n * B, G))
-        bias = ws[w + 2][0] + ws[w + 3][0] if has_bias else no_bias
-        w_hr = ws[w + per - 1] if has_proj else no_proj
-        w_hr_p = wps[w + per - 1] if has_proj else wps[w + 1]
+        w = layer * per
+        xc = chunk_input(sgemm, mkl, x, ys, layer, t0, t1, ws[w], wps[w], xg)
+        bias, w_hr, w_hr_p = layer_extras(ws, wps, w, per, has_bias, has_proj, no_bias, no_proj)
         bs_c = bs[t0:t1] if bs.shape[0] > 0 else bs
         layer_fwd(sgemm, mkl, xc, bias, ws[w + 1], wps[w + 1], w_hr, w_hr_p, h[layer], c[layer], bs_c, False,
                   ys[layer, t0:t1], 0, gates[layer, t0:t1] if save else gates[layer],
@@ -240,28 +267,16 @@ def stack_fwd_tasks_variants(sgemm, mkl, sched_yield, sched, abort, chunk, x, ws
     no_g = np.empty((0, B, G), x.dtype)
     no_c = np.empty((0, B, H), x.dtype)
     no_s = np.empty((0, B, 2), x.dtype)
-    spins = 0
-    while atomic_load(sched, 2 * L - 1) < nchunks:
-        if atomic_load(abort, 0) != 0:
-            return
-        layer, k = claim_task(sched, L, nchunks)
+    while True:
+        layer, k = wait_task(sched_yield, sched, abort, L, nchunks)
         if layer < 0:
-            spins += 1
-            if spins > SPINS_BEFORE_YIELD:
-                call_int_void(sched_yield)
-            continue
-        spins = 0
+            return
         t0 = k * chunk
         t1 = min(T, t0 + chunk)
-        n = t1 - t0
         w = layer * per
-        inp = x[t0:t1] if layer == 0 else ys[layer - 1, t0:t1]
-        xc = xg[:n]
-        xc2 = xc.reshape(n * B, G)
-        mm(sgemm, mkl, inp.reshape(n * B, inp.shape[2]), ws[w], wps[w], True, xc2)
-        _input_rows(xc2, ws[w + 2][0] + ws[w + 3][0] if has_bias else no_bias, ln_ih[layer], eps)
-        w_hr = ws[w + per - 1] if has_proj else no_proj
-        w_hr_p = wps[w + per - 1] if has_proj else wps[w + 1]
+        xc = chunk_input(sgemm, mkl, x, ys, layer, t0, t1, ws[w], wps[w], xg)
+        bias, w_hr, w_hr_p = layer_extras(ws, wps, w, per, has_bias, has_proj, no_bias, no_proj)
+        _input_rows(xc.reshape(xc.shape[0] * B, G), bias, ln_ih[layer], eps)
         bs_c = bs[t0:t1] if bs.shape[0] > 0 else bs
         zcl = zc[layer, t0:t1] if zc.shape[1] > 0 else zc[layer]
         zhl = zh[layer, t0:t1] if zh.shape[1] > 0 else zh[layer]
