@@ -137,10 +137,10 @@ def test_single_layer_units_on_threads_match_torch(threaded, T, B, I, H, bias, l
     (7, 4, 3, 6, 3, 2, False, [7, 2, 5, 1]),
 ])
 def test_threaded_unidirectional_training_matches_torch(threaded, T, B, I, H, L, proj, bias, lengths):
-    """Training a unidirectional stack: the forward runs as the threaded pipeline (saving what
-    backward needs), the backward on one thread; every gradient is torch's."""
+    """Training a unidirectional stack: forward and backward recurrences run as threaded pipelines
+    (the weight gradients after, on MKL's threads); every gradient is torch's."""
     _check_training(T, B, I, H, L, False, proj, bias, lengths)
-    assert threaded == [(2, True)], "the forward should run on two threads, the backward on one"
+    assert threaded == [(2, True), (2, True)], "forward and backward should each run on two threads"
 
 
 def test_busy_pool_falls_back_to_one_thread(threaded):

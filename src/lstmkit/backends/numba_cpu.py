@@ -735,6 +735,46 @@ def lstm_step(
     return y[0], h_n, c_n
 
 
+def _stack_pipeline_bwd(x: np.ndarray, h0: np.ndarray, c0: np.ndarray, views: tuple, wpbs: tuple, num_layers: int,
+                        has_bias: bool, has_proj: bool, bs: np.ndarray, ys: np.ndarray, gates: np.ndarray,
+                        cs: np.ndarray, grad_out: np.ndarray, grad_h: np.ndarray, grad_c: np.ndarray, dx: np.ndarray,
+                        dh0: np.ndarray, dc0: np.ndarray, dws: tuple, nthreads: int) -> bool:
+    """Backward of a unidirectional stack: the recurrences as a pipeline of (layer, chunk) tasks on
+    nthreads threads (``kernels.numba_parallel.stack_bwd_tasks``), then each layer's weight
+    gradients as sequence-wide products on all of MKL's threads. Writes what
+    ``numba_stack.stack_train_bwd`` writes; False when the pool was busy (nothing computed)."""
+    T, B, _ = x.shape
+    P = h0.shape[2]
+    H = c0.shape[2]
+    per = 2 + 2 * has_bias + has_proj
+    dt = x.dtype
+    dh0[:] = grad_h
+    dc0[:] = grad_c
+    dys = np.empty((num_layers - 1, T, B, P), dt)
+    dgates = np.empty((num_layers, T, B, 4 * H), dt)
+    n_proj = T if has_proj else 0
+    dhs = np.empty((num_layers, n_proj, B, P), dt)
+    hps = np.empty((num_layers, n_proj, B, H), dt)
+    sched = np.zeros(2 * num_layers, np.int64)
+    abort = np.zeros(1, np.int64)
+    chunk = pipe_chunk(T, B)
+
+    def run() -> None:
+        KP.stack_bwd_tasks(SGEMM, True, SCHED_YIELD, sched, abort, chunk, views, wpbs, num_layers, has_bias, has_proj,
+                           bs, c0, gates, cs, grad_out, dys, dx, dh0, dc0, dgates, dhs, hps)
+
+    if not _run_threads([run] * nthreads, abort):
+        return False
+    hprev = np.empty((T, B, P), dt)
+    for layer in range(num_layers):
+        inp = x if layer == 0 else ys[layer - 1]
+        k = layer * per
+        S.weight_grads(SGEMM, True, dgates[layer], inp.reshape(T * B, inp.shape[2]), ys[layer], 0, h0[layer], bs,
+                       False, hprev, dhs[layer], hps[layer], dws[k], dws[k + 1], dws[k + 2] if has_bias else dws[k],
+                       dws[k + 3] if has_bias else dws[k], has_bias, dws[k + per - 1])
+    return True
+
+
 _NO_PACKS: dict = {}
 
 
@@ -918,7 +958,14 @@ class _StackFn(torch.autograd.Function):
         dws = tuple(g.reshape(1, -1) if g.ndim == 1 else g for g in gw)
         mkl = HAVE_MKL and grad_out.dtype == torch.float32
         done = False
-        if nthreads > 1 and D == 2:
+        if nthreads > 1 and D == 1:
+            with PackScratch() as pk:
+                with serial_blas(True):
+                    wpbs = _packs(views, rows, False, pk)
+                done = _stack_pipeline_bwd(x_np, h0_np, c0_np, views, wpbs, num_layers, bool(has_biases),
+                                           proj_size > 0, bs, ys, gates, cs, _np(grad_out), _np(grad_h), _np(grad_c),
+                                           dx_np, dh0_np, dc0_np, dws, nthreads)
+        elif nthreads > 1:
             with serial_blas(True), PackScratch() as pk:
                 done = _stack_parallel_bwd(x_np, h0_np, c0_np, views, _packs(views, rows, False, pk), num_layers, D,
                                            bool(has_biases), proj_size > 0, bs, ys, gates, cs, _np(grad_out),

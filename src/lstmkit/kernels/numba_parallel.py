@@ -376,3 +376,54 @@ def layer_fwd_units(sgemm, mkl, sched_yield, flags, part, u0, u1, x, w_ih, w_hh,
                 spins += 1
                 if spins > SPINS_BEFORE_YIELD:
                     call_int_void(sched_yield)
+
+
+@njit(**_JIT)
+def stack_bwd_tasks(sgemm, mkl, sched_yield, sched, abort, chunk, ws, wpbs, num_layers, has_bias, has_proj, bs, c0,
+                    gates, cs, grad_out, dys, dx, dh, dc, dgates, dhs, hps):
+    """The recurrent part of the backward of a unidirectional stack as (layer, chunk) tasks, run by
+    every calling thread: chunks from the last step back, the top layer ahead. Task (l, k) runs
+    ``numba_lstm.layer_bwd`` over its steps and the gradient of the layer's input there
+    (dgates @ W_ih), which task (l - 1, k) needs. The weight gradients are left to the caller
+    (sequence-wide products, best on all threads at once).
+
+    sched (2L,) int64   as :func:`stack_fwd_tasks`, with position p = L - 1 - l (the top layer is
+                        position 0, the one without an input to wait for)
+    ws, wpbs            the weights and their ``pack_b(..., transpose=False)`` forms
+    c0 (L, B, H); gates (L, T, B, G), cs (L, T, B, H): what the forward saved
+    grad_out (T, B, P)  gradient of the top layer's output
+    dys (L - 1, T, B, P)  written: gradient of every other layer's output
+    dx (T, B, I)        written: gradient of the input
+    dh (L, B, P), dc (L, B, H)  gradients of h_n, c_n in; of h0, c0 out
+    dgates (L, T, B, G) written; dhs (L, T, B, P), hps (L, T, B, H) written when projecting,
+                        else (L, 0, B, *)
+    """
+    L = num_layers
+    T, B, _ = grad_out.shape
+    per = 2 + (2 if has_bias else 0) + (1 if has_proj else 0)
+    nchunks = (T + chunk - 1) // chunk
+    no_proj = np.empty((0, c0.shape[2]), grad_out.dtype)
+    no_pack = np.empty(0, grad_out.dtype)
+    while True:
+        pos, k = wait_task(sched_yield, sched, abort, L, nchunks)
+        if pos < 0:
+            return
+        layer = L - 1 - pos
+        t1 = T - k * chunk
+        t0 = max(0, t1 - chunk)
+        w = layer * per
+        w_hr = ws[w + per - 1] if has_proj else no_proj
+        w_hr_p = wpbs[w + per - 1] if has_proj else no_pack
+        dy = grad_out if layer == L - 1 else dys[layer]
+        c_before = c0[layer] if t0 == 0 else cs[layer, t0 - 1]
+        bs_c = bs[t0:t1] if bs.shape[0] > 0 else bs
+        proj_rows = dhs.shape[1] > 0
+        layer_bwd(sgemm, mkl, gates[layer, t0:t1], cs[layer, t0:t1], c_before, ws[w + 1], wpbs[w + 1], w_hr, w_hr_p,
+                  dy[t0:t1], dh[layer], dc[layer], bs_c, False, dgates[layer, t0:t1],
+                  dhs[layer, t0:t1] if proj_rows else dhs[layer], hps[layer, t0:t1] if proj_rows else hps[layer])
+        dinp = dx[t0:t1] if layer == 0 else dys[layer - 1, t0:t1]
+        n = (t1 - t0) * B
+        w_ih = ws[w]
+        mm(sgemm, mkl, dgates[layer, t0:t1].reshape(n, w_ih.shape[0]), w_ih, no_pack, False,
+           dinp.reshape(n, w_ih.shape[1]))
+        atomic_store(sched, L + pos, k + 1)
