@@ -175,10 +175,12 @@ def test_lstm_stack_shapes_noncontiguous(T, B, I, H, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_layers,bidirectional,proj_size,bias", [
     (1, False, 0, True), (2, False, 0, False), (2, True, 0, True), (2, True, 3, True), (3, False, 2, False)])
-@pytest.mark.parametrize("T,B,I,H", [(1, 1, 5, 7), (3, 2, 4, 6), (7, 2, 9, 33), (1, 1, 150, 130)])
+@pytest.mark.parametrize("T,B,I,H", [(1, 1, 5, 7), (3, 2, 4, 6), (7, 2, 9, 33), (1, 1, 150, 130), (10, 5, 3, 5),
+                                     (8, 8, 4, 6)])
 def test_lstm_stack_short_calls(T, B, I, H, num_layers, bidirectional, proj_size, bias, dtype):
-    """Streaming-size calls (few steps, one or two rows) take the no-BLAS kernel on small weights
-    (``stack_fwd_short``) and the live-weights path of ``stack_fwd`` on larger ones (H=130)."""
+    """Streaming-size calls (few steps, one or two rows) and tiny models (the tutorial's) take the
+    no-BLAS kernel on small weights (``stack_fwd_short``), and streaming calls the live-weights path
+    of ``stack_fwd`` on larger ones (H=130)."""
     torch.manual_seed(11)
     m = torch.nn.LSTM(I, H, num_layers, bias=bias, bidirectional=bidirectional, proj_size=proj_size,
                       dtype=dtype)
