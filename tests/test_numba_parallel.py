@@ -27,6 +27,7 @@ def threaded(monkeypatch):
     torch.set_num_threads(2)
     monkeypatch.setattr(nb, "PARALLEL_MIN_MACS", 0)
     monkeypatch.setattr(nb, "SPLIT_MIN_MACS", 0)
+    monkeypatch.setattr(nb, "TINY_WEIGHTS", 0)  # these small models would take the no-BLAS kernel
     monkeypatch.setattr(nb, "PIPE_MIN_ROWS", 1)  # many small chunks: every task ordering gets exercised
     ran = []
     real = nb._run_threads
@@ -202,6 +203,7 @@ def test_failing_job_aborts_the_others():
 def _child(queue):
     torch.set_num_threads(2)
     nb.PARALLEL_MIN_MACS = 0
+    nb.TINY_WEIGHTS = 0
     _, ours = _models(4, 8, 2, True, 0, True)
     with torch.no_grad():
         out, _ = ours(torch.randn(9, 3, 4))
