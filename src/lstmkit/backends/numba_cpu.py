@@ -1023,13 +1023,14 @@ STACK_TRAIN_SERIAL_MACS = 8 * 1024 * 1024
 
 
 def prefers_stack_train(T: int, B: int, I: int, H: int, P: int) -> bool:
-    """Whether the fused training path beats the per-layer one (torch GEMMs around ``layer``).
+    """Whether the fused training path is taken for a shape the threaded paths do not run
+    (:func:`parallel_threads`), rather than the per-layer one (torch GEMMs around ``layer``).
 
     Single-threaded they run the same products and the fused path saves the per-layer overhead.
-    With more threads, the fused call runs all its products on the calling thread when the
-    per-step product is small (``run_serial``, to spare a barrier a step) -- the sequence-wide
-    GEMMs included, which the per-layer path runs on torch's threads: leave it those shapes
-    unless their sequence-wide GEMMs are small."""
+    With more threads and a small per-step product (``run_serial``), the fused call switches MKL
+    between one thread (per step) and all (sequence-wide products, ``_stack_threads``); measured
+    about even with the per-layer path on such shapes, which therefore stay there unless their
+    sequence-wide products are small."""
     if torch.get_num_threads() == 1 or not run_serial(B, 4 * H, max(P, I)):
         return True
     return T * B * 4 * H * (max(I, P) + P) <= STACK_TRAIN_SERIAL_MACS
