@@ -431,5 +431,5 @@ def test_step_state_errors():
             m.step(x, (good[0], torch.zeros(2, 2, 4, device="meta")))
         with pytest.raises(RuntimeError, match=r"state: expected \(3-D h, c\)"):
             m.step(x, (torch.zeros(2, 8), torch.zeros(2, 8)))
-        with pytest.raises(TypeError, match=r"hx: expected a tuple \(h_0, c_0\)"):
+        with pytest.raises(TypeError, match=r"state: expected a tuple \(h, c\) of two Tensors, got list of length 1"):
             m.step(x, [good[0]])

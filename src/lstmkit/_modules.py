@@ -48,10 +48,11 @@ def _check_state_tensor(name: str, t, like: Tensor) -> None:
         raise RuntimeError(f"{name}: expected device {like.device} (the input's), got {t.device}")
 
 
-def _unpack_hx(hx) -> State:
+def _unpack_hx(hx, name: str = "hx") -> State:
     if not isinstance(hx, (tuple, list)) or len(hx) != 2:
         got = f"{type(hx).__name__} of length {len(hx)}" if isinstance(hx, (tuple, list)) else type(hx).__name__
-        raise TypeError(f"hx: expected a tuple (h_0, c_0) of two Tensors, got {got}")
+        what = "(h_0, c_0)" if name == "hx" else "(h, c)"
+        raise TypeError(f"{name}: expected a tuple {what} of two Tensors, got {got}")
     return hx[0], hx[1]
 
 
@@ -443,7 +444,7 @@ class LSTM(nn.Module):
         if state is None:
             h0, c0 = self._zeros_state(x1, B)
         else:
-            h0, c0 = _unpack_hx(state)
+            h0, c0 = _unpack_hx(state, "state")
             if not batched:
                 h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
             _check_state_tensor("state[0] (h)", h0, x1)
@@ -484,7 +485,7 @@ class LSTM(nn.Module):
         ``rows``: a bool mask ``(B,)`` or a list/tensor of row indices. Returns a new ``(h, c)``; the
         argument is not modified.
         """
-        h, c = _unpack_hx(state)
+        h, c = _unpack_hx(state, "state")
         B = h.shape[1]
         r = torch.as_tensor(rows, device=h.device)
         if r.dtype == torch.bool:

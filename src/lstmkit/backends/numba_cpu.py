@@ -475,7 +475,7 @@ def parallel_threads(T: int, B: int, I: int, H: int, P: int, num_layers: int, D:
         return 1
     if D == 1 and not run_serial(B, 4 * H, max(I, P)):
         return 1  # the single-threaded kernels' products already use every thread: the pipeline gains nothing
-    return min(n, D if D > 1 else num_layers)
+    return max(1, min(n, os.cpu_count() or 1, D if D > 1 else num_layers))
 
 
 def unit_parts(T: int, B: int, I: int, H: int, P: int, num_layers: int, D: int, dtype: torch.dtype) -> int:
@@ -485,7 +485,10 @@ def unit_parts(T: int, B: int, I: int, H: int, P: int, num_layers: int, D: int, 
         return 1
     if B * 4 * H * H < SPLIT_MIN_MACS or T * B * 4 * H * (I + H) < PARALLEL_MIN_MACS:
         return 1
-    return min(n, H // SPLIT_MIN_UNITS)
+    # every part waits for the slowest at every step: never more parts than cores, nor parts
+    # whose share of a step is too small to cover a meeting
+    parts = min(n, os.cpu_count() or 1, H // SPLIT_MIN_UNITS, B * 4 * H * H // max(1, SPLIT_MIN_MACS // 2))
+    return max(1, parts)
 
 
 def _unit_bounds(H: int, nparts: int) -> list[int]:
