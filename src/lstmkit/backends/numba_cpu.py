@@ -743,14 +743,13 @@ def _stack_pipeline_bwd(x: np.ndarray, h0: np.ndarray, c0: np.ndarray, views: tu
                         has_bias: bool, has_proj: bool, bs: np.ndarray, ys: np.ndarray, gates: np.ndarray,
                         cs: np.ndarray, grad_out: np.ndarray, grad_h: np.ndarray, grad_c: np.ndarray, dx: np.ndarray,
                         dh0: np.ndarray, dc0: np.ndarray, dws: tuple, nthreads: int) -> bool:
-    """Backward of a unidirectional stack: the recurrences as a pipeline of (layer, chunk) tasks on
-    nthreads threads (``kernels.numba_parallel.stack_bwd_tasks``), then each layer's weight
-    gradients as sequence-wide products on all of MKL's threads. Writes what
-    ``numba_stack.stack_train_bwd`` writes; False when the pool was busy (nothing computed)."""
+    """Backward of a unidirectional stack on nthreads threads: the recurrences as a pipeline of
+    (layer, chunk) tasks, each layer's weight gradients as tasks once its recurrence is done
+    (``kernels.numba_parallel.stack_bwd_tasks``). Writes what ``numba_stack.stack_train_bwd``
+    writes; False when the pool was busy (nothing computed)."""
     T, B, _ = x.shape
     P = h0.shape[2]
     H = c0.shape[2]
-    per = 2 + 2 * has_bias + has_proj
     dt = x.dtype
     dh0[:] = grad_h
     dc0[:] = grad_c
@@ -760,23 +759,15 @@ def _stack_pipeline_bwd(x: np.ndarray, h0: np.ndarray, c0: np.ndarray, views: tu
     dhs = np.empty((num_layers, n_proj, B, P), dt)
     hps = np.empty((num_layers, n_proj, B, H), dt)
     sched = np.zeros(2 * num_layers, np.int64)
+    wg = np.zeros(2 * num_layers, np.int64)
     abort = np.zeros(1, np.int64)
     chunk = pipe_chunk(T, B)
 
     def run() -> None:
-        KP.stack_bwd_tasks(SGEMM, True, SCHED_YIELD, sched, abort, chunk, views, wpbs, num_layers, has_bias, has_proj,
-                           bs, c0, gates, cs, grad_out, dys, dx, dh0, dc0, dgates, dhs, hps)
+        KP.stack_bwd_tasks(SGEMM, True, SCHED_YIELD, sched, wg, abort, chunk, x, ys, h0, views, wpbs, num_layers,
+                           has_bias, has_proj, bs, c0, gates, cs, grad_out, dys, dx, dh0, dc0, dgates, dhs, hps, dws)
 
-    if not _run_threads([run] * nthreads, abort):
-        return False
-    hprev = np.empty((T, B, P), dt)
-    for layer in range(num_layers):
-        inp = x if layer == 0 else ys[layer - 1]
-        k = layer * per
-        S.weight_grads(SGEMM, True, dgates[layer], inp.reshape(T * B, inp.shape[2]), ys[layer], 0, h0[layer], bs,
-                       False, hprev, dhs[layer], hps[layer], dws[k], dws[k + 1], dws[k + 2] if has_bias else dws[k],
-                       dws[k + 3] if has_bias else dws[k], has_bias, dws[k + per - 1])
-    return True
+    return _run_threads([run] * nthreads, abort)
 
 
 # weights (4H * max(I, P) elements) and T * B rows up to which a call without lengths runs the

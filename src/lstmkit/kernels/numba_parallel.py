@@ -33,7 +33,7 @@ from numba.extending import intrinsic
 
 from .numba_blas import call_int_void
 from .numba_lstm import _JIT, act_sigmoid, act_tanh, layer_bwd, layer_fwd, mm
-from .numba_stack import weight_grads
+from .numba_stack import grads_hh, grads_ih, weight_grads
 from .numba_variants import layer_fwd as variant_layer_fwd
 
 
@@ -379,13 +379,37 @@ def layer_fwd_units(sgemm, mkl, sched_yield, flags, part, u0, u1, x, w_ih, w_hh,
 
 
 @njit(**_JIT)
-def stack_bwd_tasks(sgemm, mkl, sched_yield, sched, abort, chunk, ws, wpbs, num_layers, has_bias, has_proj, bs, c0,
-                    gates, cs, grad_out, dys, dx, dh, dc, dgates, dhs, hps):
-    """The recurrent part of the backward of a unidirectional stack as (layer, chunk) tasks, run by
-    every calling thread: chunks from the last step back, the top layer ahead. Task (l, k) runs
+def claim_grads(sched, wg, num_layers, nchunks):
+    """Claim a weight-gradient task of :func:`stack_bwd_tasks` whose layer's recurrence is done:
+    its index j (layer j // 2; j % 2 == 0: dW_hh, 1: dW_ih, biases, dW_hr); -1 when none is
+    ready now, -2 when every one is claimed."""
+    L = num_layers
+    left = False
+    for j in range(2 * L):
+        if atomic_load(wg, j) != 0:
+            continue
+        left = True
+        pos = L - 1 - j // 2
+        if atomic_load(sched, L + pos) >= nchunks and atomic_cas(wg, j, 0, 1):
+            return j
+    return -1 if left else -2
+
+
+@njit(**_JIT)
+def stack_bwd_tasks(sgemm, mkl, sched_yield, sched, wg, abort, chunk, x, ys, h0, ws, wpbs, num_layers, has_bias,
+                    has_proj, bs, c0, gates, cs, grad_out, dys, dx, dh, dc, dgates, dhs, hps, dws):
+    """The backward of a unidirectional stack as tasks, run by every calling thread.
+
+    Recurrence tasks (l, k): chunks from the last step back, the top layer ahead; each runs
     ``numba_lstm.layer_bwd`` over its steps and the gradient of the layer's input there
-    (dgates @ W_ih), which task (l - 1, k) needs. The weight gradients are left to the caller
-    (sequence-wide products, best on all threads at once).
+    (dgates @ W_ih), which task (l - 1, k) needs. Weight-gradient tasks (two per layer, see
+    :func:`claim_grads`) become ready when their layer's recurrence is done, so the top layers'
+    sequence-wide products overlap the lower layers' recurrences; each thread runs them with its
+    own single-threaded MKL (no OpenMP threads left spinning into the next step).
+
+    wg (2L,) int64        zeros on entry: the weight-gradient tasks claimed
+    x (T, B, I), ys (L, T, B, P), h0 (L, B, P): the forward's input, outputs and initial h
+    dws                   written: the gradient of each weight (as ``numba_stack.stack_train_bwd``)
 
     sched (2L,) int64   as :func:`stack_fwd_tasks`, with position p = L - 1 - l (the top layer is
                         position 0, the one without an input to wait for)
@@ -404,10 +428,31 @@ def stack_bwd_tasks(sgemm, mkl, sched_yield, sched, abort, chunk, ws, wpbs, num_
     nchunks = (T + chunk - 1) // chunk
     no_proj = np.empty((0, c0.shape[2]), grad_out.dtype)
     no_pack = np.empty(0, grad_out.dtype)
-    while True:
-        pos, k = wait_task(sched_yield, sched, abort, L, nchunks)
+    hprev = np.empty((T, B, h0.shape[2]), grad_out.dtype)
+    spins = 0
+    while atomic_load(abort, 0) == 0:
+        pos, k = claim_task(sched, L, nchunks)
         if pos < 0:
-            return
+            j = claim_grads(sched, wg, L, nchunks)
+            if j == -2:
+                return
+            if j == -1:
+                spins += 1
+                if spins > SPINS_BEFORE_YIELD:
+                    call_int_void(sched_yield)
+                continue
+            spins = 0
+            layer = j // 2
+            w = layer * per
+            if j % 2 == 0:
+                grads_hh(sgemm, mkl, dgates[layer], ys[layer], 0, h0[layer], bs, False, hprev, dws[w + 1])
+            else:
+                inp = x if layer == 0 else ys[layer - 1]
+                grads_ih(sgemm, mkl, dgates[layer], inp.reshape(T * B, inp.shape[2]), dhs[layer], hps[layer],
+                         dws[w], dws[w + 2] if has_bias else dws[w], dws[w + 3] if has_bias else dws[w], has_bias,
+                         dws[w + per - 1])
+            continue
+        spins = 0
         layer = L - 1 - pos
         t1 = T - k * chunk
         t0 = max(0, t1 - chunk)

@@ -151,12 +151,25 @@ def weight_grads(sgemm, mkl, dgates, inp, y, col0, h0, bs, reverse, hprev, dhs, 
     dw_ih (G, I), dw_hh (G, P), db_ih (1, G), db_hh (1, G), dw_hr (P, H): written (the biases
     only with has_bias, dw_hr only when projecting)
     """
+    grads_hh(sgemm, mkl, dgates, y, col0, h0, bs, reverse, hprev, dw_hh)
+    grads_ih(sgemm, mkl, dgates, inp, dhs, hps, dw_ih, db_ih, db_hh, has_bias, dw_hr)
+
+
+@njit(**_JIT)
+def grads_hh(sgemm, mkl, dgates, y, col0, h0, bs, reverse, hprev, dw_hh):
+    """dw_hh of :func:`weight_grads`: sum over steps of dgates_t^T h_{t-1}."""
     T, B, G = dgates.shape
     P = hprev.shape[2]
+    _prev_h(y, col0, h0, bs, reverse, hprev)
+    mm_tn(sgemm, mkl, dgates.reshape(T * B, G), hprev.reshape(T * B, P), dw_hh, False)
+
+
+@njit(**_JIT)
+def grads_ih(sgemm, mkl, dgates, inp, dhs, hps, dw_ih, db_ih, db_hh, has_bias, dw_hr):
+    """dw_ih, the biases and dw_hr of :func:`weight_grads`."""
+    T, B, G = dgates.shape
     n = T * B
     dg2 = dgates.reshape(n, G)
-    _prev_h(y, col0, h0, bs, reverse, hprev)
-    mm_tn(sgemm, mkl, dg2, hprev.reshape(n, P), dw_hh, False)
     mm_tn(sgemm, mkl, dg2, inp, dw_ih, False)
     if has_bias:
         db = db_ih[0]
@@ -167,7 +180,7 @@ def weight_grads(sgemm, mkl, dgates, inp, y, col0, h0, bs, reverse, hprev, dhs, 
                 db[j] += dgr[j]
         db_hh[0] = db
     if dhs.shape[0] > 0:
-        mm_tn(sgemm, mkl, dhs.reshape(n, P), hps.reshape(n, hps.shape[2]), dw_hr, False)
+        mm_tn(sgemm, mkl, dhs.reshape(n, dhs.shape[2]), hps.reshape(n, hps.shape[2]), dw_hr, False)
 
 
 @njit(**_JIT)
