@@ -320,6 +320,12 @@ class LSTM(nn.Module):
         if tuple(c.shape) != exp_c:
             raise RuntimeError(f"hx[1] (c_0): expected size {exp_c}, got {tuple(c.shape)}")
 
+    def _input_ok(self, x: Tensor) -> bool:
+        """True when x has the weights' dtype and device and input_size features (the per-call
+        check); False sends the caller through :meth:`_check_input`, which names what is wrong."""
+        w = self._parameters["weight_ih_l0"]  # straight from the dict: __getattr__ costs ~1 us
+        return x.dtype is w.dtype and x.device == w.device and x.shape[-1] == self.input_size
+
     def _state_ok(self, hx, x: Tensor, batch: int) -> bool:
         """True for a well-formed batched (h_0, c_0) (the per-call check of streaming loops); False
         sends the caller through the checks that name what is wrong."""
@@ -375,9 +381,7 @@ class LSTM(nn.Module):
         if input.dim() not in (2, 3):
             raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
         batched = input.dim() == 3
-        w = self._parameters["weight_ih_l0"]
-        if (input.dtype is not w.dtype or input.device != w.device or input.shape[-1] != self.input_size
-                or input.shape[1 if batched and self.batch_first else 0] == 0):
+        if not self._input_ok(input) or input.shape[1 if batched and self.batch_first else 0] == 0:
             self._check_input(input, packed=False)  # raises, or accepts a dtype under autocast
         if not batched:
             if lengths is not None:
@@ -463,10 +467,8 @@ class LSTM(nn.Module):
     def _step_fast(self, x: Tensor, state: tuple) -> Optional[tuple[Tensor, State]]:
         """step() of a batched x with a well-formed state straight into a backend's ``lstm_step``
         hook (plain LSTM, no gradient); None leaves the call to the general path."""
-        w = self._parameters["weight_ih_l0"]
         B = x.shape[0]
-        if (x.dtype is not w.dtype or x.device != w.device or x.shape[1] != self.input_size or B == 0
-                or not self._state_ok(state, x, B) or self.variants.active(self.training)):
+        if not self._input_ok(x) or B == 0 or not self._state_ok(state, x, B) or self.variants.active(self.training):
             return None
         weights = self._flat_weights
         if torch.is_grad_enabled() and functional.needs_grad([x, *state, *weights]):

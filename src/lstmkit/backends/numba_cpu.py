@@ -391,46 +391,37 @@ def lstm_stack(
     P = h0.shape[2]
     H = c0.shape[2]
     K_max = P if P > I else I
+    out, out_np = _new((T, B, D * P), dtype)
+    h_n, h_np = _new(tuple(h0.shape), dtype)
+    c_n, c_np = _new(tuple(c0.shape), dtype)
+    serial = run_serial(B, 4 * H, K_max)
     tiny = 4 * H * K_max <= TINY_WEIGHTS and T * B <= TINY_ROWS and batch_sizes is None
     if tiny or (T < SHORT_CALL_STEPS and B <= WT_MAX_ROWS):
         # streaming calls and tiny models: products on the live weights; a transposed copy would
         # have to be compared with them on every call (see _WCACHE), costing more than it saves
         views = _weight_views(weights, dtype)
         if 4 * H * K_max <= DOT_MAX_SIZE and batch_sizes is None:  # every product a loop, no BLAS
-            out, out_np = _new((T, B, D * P), dtype)
-            h_n, h_np = _new(tuple(h0.shape), dtype)
-            c_n, c_np = _new(tuple(c0.shape), dtype)
             K.stack_fwd_short(_np(x), _np(h0), _np(c0), views, num_layers, D, bool(has_biases), proj_size > 0,
                               out_np, h_np, c_np)
             return out, h_n, c_n
         packed = _no_packs(len(weights), dtype)
-        serial = run_serial(B, 4 * H, K_max)
     else:
         per = [T * B, B] + [0, 0] * bool(has_biases) + [B] * (proj_size > 0)
         views, packed = _prepared(weights, dtype, lambda: per * (len(weights) // len(per)))
-        serial = run_serial(B, 4 * H, K_max)
+        # the threaded paths take h0, c0 in the outputs and return False when the pool is busy
         nparts = unit_parts(T, B, I, H, P, num_layers, D, dtype)
         if nparts > 1:
-            out, out_np = _new((T, B, P), dtype)
-            h_n, h_np = _new(tuple(h0.shape), dtype)
-            c_n, c_np = _new(tuple(c0.shape), dtype)
             c_np[:] = _np(c0)
             if _layer_units(_np(x), views, _np(h0)[0], c_np[0], _bs_np(batch_sizes), out_np, h_np[0], nparts):
                 return out, h_n, c_n
         nthreads = parallel_threads(T, B, I, H, P, num_layers, D, dtype)
         if nthreads > 1:
-            out, out_np = _new((T, B, D * P), dtype)
-            h_n, h_np = _new(tuple(h0.shape), dtype)
-            c_n, c_np = _new(tuple(c0.shape), dtype)
             h_np[:] = _np(h0)
             c_np[:] = _np(c0)
             if _stack_parallel(_np(x), views, packed, num_layers, D, bool(has_biases), proj_size > 0,
                                _bs_np(batch_sizes), out_np, h_np, c_np, None, None, None, nthreads):
                 return out, h_n, c_n
     sync_threads()
-    out, out_np = _new((T, B, D * P), dtype)
-    h_n, h_np = _new(tuple(h0.shape), dtype)
-    c_n, c_np = _new(tuple(c0.shape), dtype)
     args = (SGEMM, HAVE_MKL and dtype == torch.float32, _np(x), _np(h0), _np(c0), views, packed,
             num_layers, D, bool(has_biases), proj_size > 0, _bs_np(batch_sizes), out_np, h_np, c_np)
     if serial:
@@ -464,10 +455,9 @@ _pool_lock = threading.Lock()
 
 def parallel_threads(T: int, B: int, I: int, H: int, P: int, num_layers: int, D: int, dtype: torch.dtype,
                      training: bool = False) -> int:
-    """Threads for a whole stack (1: the single-threaded kernels). In training, bidirectional stacks
-    run their directions side by side both ways; unidirectional ones run the layer pipeline
-    forward only (a pipelined backward, measured, gained nothing over one thread for the
-    recurrences and all threads for the sequence-wide products)."""
+    """Threads for a whole stack (1: the single-threaded kernels): bidirectional stacks run their
+    directions side by side, unidirectional ones the layer pipeline, in inference and both ways
+    in training."""
     n = torch.get_num_threads()
     if n < 2 or not HAVE_MKL or dtype != torch.float32 or (D == 1 and num_layers == 1):
         return 1
@@ -644,14 +634,14 @@ def _stack_parallel(x: np.ndarray, views: tuple, packed: tuple, num_layers: int,
     return True
 
 
-def _stack_parallel_bwd(x: np.ndarray, h0: np.ndarray, c0: np.ndarray, views: tuple, wpbs: tuple, num_layers: int,
-                        D: int, has_bias: bool, has_proj: bool, bs: np.ndarray, ys: np.ndarray, gates: np.ndarray,
-                        cs: np.ndarray, grad_out: np.ndarray, grad_h: np.ndarray, grad_c: np.ndarray, dx: np.ndarray,
-                        dh0: np.ndarray, dc0: np.ndarray, dws: tuple, nthreads: int) -> bool:
-    """Backward of :func:`_stack_parallel` (with saves) on nthreads threads: the layers of a
-    unidirectional stack as a pipeline from the last step back, the directions of a bidirectional
-    layer side by side. Writes dx, dh0, dc0 and dws (as ``numba_stack.stack_train_bwd``); False
-    when the thread pool was busy: nothing was computed."""
+def _directions_bwd(x: np.ndarray, h0: np.ndarray, c0: np.ndarray, views: tuple, wpbs: tuple, num_layers: int,
+                    has_bias: bool, has_proj: bool, bs: np.ndarray, ys: np.ndarray, gates: np.ndarray,
+                    cs: np.ndarray, grad_out: np.ndarray, grad_h: np.ndarray, grad_c: np.ndarray, dx: np.ndarray,
+                    dh0: np.ndarray, dc0: np.ndarray, dws: tuple) -> bool:
+    """Backward of a bidirectional stack run by :func:`_stack_parallel` (with saves): layer by layer
+    from the top, the two directions side by side. Writes dx, dh0, dc0 and dws (as
+    ``numba_stack.stack_train_bwd``); False when the thread pool was busy: nothing was computed."""
+    D = 2
     T, B, _ = x.shape
     P = h0.shape[2]
     H = c0.shape[2]
@@ -968,9 +958,9 @@ class _StackFn(torch.autograd.Function):
                                            dx_np, dh0_np, dc0_np, dws, nthreads)
         elif nthreads > 1:
             with serial_blas(True), PackScratch() as pk:
-                done = _stack_parallel_bwd(x_np, h0_np, c0_np, views, _packs(views, rows, False, pk), num_layers, D,
-                                           bool(has_biases), proj_size > 0, bs, ys, gates, cs, _np(grad_out),
-                                           _np(grad_h), _np(grad_c), dx_np, dh0_np, dc0_np, dws, nthreads)
+                done = _directions_bwd(x_np, h0_np, c0_np, views, _packs(views, rows, False, pk), num_layers,
+                                       bool(has_biases), proj_size > 0, bs, ys, gates, cs, _np(grad_out),
+                                       _np(grad_h), _np(grad_c), dx_np, dh0_np, dc0_np, dws)
         if not done:
             serial, threads = _stack_threads(x_np.shape[0], B, H, P, x_np.shape[2])
             with serial_blas(serial), PackScratch() as pk:

@@ -88,6 +88,15 @@ def atomic_cas(typingctx, arr, idx, expected, new):
 SPINS_BEFORE_YIELD = 200
 
 
+@njit(inline="always", **_JIT)
+def backoff(sched_yield, spins):
+    """One more idle spin (returned): past SPINS_BEFORE_YIELD each spin yields the core."""
+    spins += 1
+    if spins > SPINS_BEFORE_YIELD:
+        call_int_void(sched_yield)
+    return spins
+
+
 @njit(**_JIT)
 def claim_task(sched, num_layers, nchunks):
     """Claim a ready (layer, chunk) task of a pipeline (see :func:`stack_fwd_tasks`): the highest
@@ -115,9 +124,7 @@ def wait_task(sched_yield, sched, abort, num_layers, nchunks):
         layer, k = claim_task(sched, num_layers, nchunks)
         if layer >= 0:
             return layer, k
-        spins += 1
-        if spins > SPINS_BEFORE_YIELD:
-            call_int_void(sched_yield)
+        spins = backoff(sched_yield, spins)
     return -1, 0
 
 
@@ -288,8 +295,8 @@ def stack_fwd_tasks_variants(sgemm, mkl, sched_yield, sched, abort, chunk, x, ws
 
 @njit(**_JIT)
 def gather_units(w, u0, u1):
-    """The rows of w (G, K) (or a bias (1, G)'s entries, K = ...) for hidden units u0 .. u1 of all
-    four gates, gate-major: (4 (u1 - u0), K), blocks i, f, g, o of u1 - u0 rows each."""
+    """The rows of w (G, K) for hidden units u0 .. u1 of all four gates (a bias as (G, 1)),
+    gate-major: (4 (u1 - u0), K), blocks i, f, g, o of u1 - u0 rows each."""
     G, K = w.shape
     H = G // 4
     hk = u1 - u0
@@ -373,9 +380,7 @@ def layer_fwd_units(sgemm, mkl, sched_yield, flags, part, u0, u1, x, w_ih, w_hh,
             while atomic_load(flags, q) < t + 1:
                 if atomic_load(flags, nparts) != 0:
                     return
-                spins += 1
-                if spins > SPINS_BEFORE_YIELD:
-                    call_int_void(sched_yield)
+                spins = backoff(sched_yield, spins)
 
 
 @njit(**_JIT)
@@ -437,9 +442,7 @@ def stack_bwd_tasks(sgemm, mkl, sched_yield, sched, wg, abort, chunk, x, ys, h0,
             if j == -2:
                 return
             if j == -1:
-                spins += 1
-                if spins > SPINS_BEFORE_YIELD:
-                    call_int_void(sched_yield)
+                spins = backoff(sched_yield, spins)
                 continue
             spins = 0
             layer = j // 2
