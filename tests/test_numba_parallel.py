@@ -133,6 +133,67 @@ def test_single_layer_units_on_threads_match_torch(threaded, T, B, I, H, bias, l
     assert threaded == [(2, True)], "the units were not shared by two threads"
 
 
+@pytest.fixture
+def row_parts_seen(monkeypatch):
+    """The row ranges of every ``layer_rows_variants`` call (one per thread's share)."""
+    from lstmkit.kernels import numba_parallel as KP
+
+    seen = []
+    real = KP.layer_rows_variants
+
+    def spy(*args):
+        seen.append(args[-2:])
+        return real(*args)
+
+    monkeypatch.setattr(KP, "layer_rows_variants", spy)
+    return seen
+
+
+@pytest.mark.parametrize("T,B,I,H,proj,bias,lengths", [
+    (9, 9, 4, 8, 0, True, None),                          # rows 0..4 and 4..9
+    (7, 8, 3, 6, 2, False, [7, 2, 5, 1, 7, 3, 6, 4]),     # projections, variable lengths
+    (1, 8, 3, 8, 0, True, None),
+])
+def test_single_layer_rows_on_threads_match_torch(threaded, row_parts_seen, T, B, I, H, proj, bias, lengths):
+    """A single layer in inference with enough rows: its batch rows shared by two threads, each
+    with its own input projections and recurrence."""
+    ref, ours = _models(I, H, 1, False, proj, bias)
+    x, h0, c0 = _inputs(T, B, I, H, 1, 1, proj or H)
+    with torch.no_grad():
+        want = _forward(ref, x, h0, c0, lengths)  # oracle
+        got = _forward(ours, x, h0, c0, lengths)
+    for a, b, name in zip(got, want, ("output", "h_n", "c_n")):
+        assert_close(a, b, msg=name)
+    assert threaded == [(2, True)], "the rows were not shared by two threads"
+    assert sorted(row_parts_seen) == [(0, B // 2), (B // 2, B)] or sorted(row_parts_seen) == [(0, (B + 1) // 2),
+                                                                                             ((B + 1) // 2, B)]
+
+
+def test_single_layer_rows_busy_pool(threaded, row_parts_seen):
+    """A call finding the pool in use runs all the rows on its own thread, with the same numbers."""
+    ref, ours = _models(4, 8, 1, False, 0, True)
+    x, h0, c0 = _inputs(6, 8, 4, 8, 1, 1, 8)
+    with nb._pool_lock, torch.no_grad():
+        got = _forward(ours, x, h0, c0, None)
+    with torch.no_grad():
+        want = _forward(ref, x, h0, c0, None)  # oracle
+    for a, b in zip(got, want):
+        assert_close(a, b)
+    assert threaded == [(2, False)] and row_parts_seen == [(0, 8)]
+
+
+def test_row_choice(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    f32 = torch.float32
+    assert nb.row_parts(50, 64, 256, 256, f32) == 2
+    assert nb.row_parts(50, 7, 256, 256, f32) == 1            # fewer than ROW_MIN rows a thread
+    assert nb.row_parts(2, 8, 8, 8, f32) == 1                 # too little work
+    assert nb.row_parts(50, 64, 256, 256, torch.float64) == 1
+    assert nb.prefers_rows(256, 256) and not nb.prefers_rows(512, 512)   # 1 MB of weights, not 4 MB
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert nb.row_parts(50, 64, 256, 256, f32) == 1
+
+
 @pytest.mark.parametrize("T,B,I,H,L,proj,bias,lengths", [
     (9, 3, 4, 8, 2, 0, True, None),
     (7, 4, 3, 6, 3, 2, False, [7, 2, 5, 1]),
@@ -289,3 +350,29 @@ def test_threaded_variants_inference_matches_reference(threaded, variant, train_
     for a, b, name in zip(got, want, ("output", "h_n", "c_n")):
         assert_close(a, b, msg=name, table=TOL_NORMALIZED if variant in ("layer_norm", "all") else TOL)
     assert threaded and all(ok for _, ok in threaded), "the threaded path did not run"
+
+
+@pytest.mark.parametrize("variant", list(VARIANT_KW))
+@pytest.mark.parametrize("train_mode", [False, True])
+@pytest.mark.parametrize("proj,lengths", [(0, None), (3, [9, 4, 7, 9, 1, 8, 2, 5, 6])])
+def test_single_layer_variants_rows_match_reference(threaded, row_parts_seen, variant, train_mode, proj, lengths):
+    """A single layer with variants, without gradients: its rows shared by two threads (input
+    layer norm included), the reference backend's numbers."""
+    torch.manual_seed(0)
+    ours = lstmkit.LSTM(4, 8, 1, proj_size=proj, backend="numba", **VARIANT_KW[variant])
+    ref = lstmkit.LSTM(4, 8, 1, proj_size=proj, backend="reference", **VARIANT_KW[variant])
+    with torch.no_grad():
+        for p in ours.parameters():  # gains off 1, biases and peepholes off 0
+            p.add_(0.3 * torch.randn_like(p))
+    ref.load_state_dict(ours.state_dict())
+    ours.train(train_mode)
+    ref.train(train_mode)
+    x, h0, c0 = _inputs(9, 9, 4, 8, 1, 1, proj or 8)
+    with torch.no_grad():
+        torch.manual_seed(7)
+        want = _forward(ref, x, h0, c0, lengths)  # oracle: the reference backend
+        torch.manual_seed(7)
+        got = _forward(ours, x, h0, c0, lengths)
+    for a, b, name in zip(got, want, ("output", "h_n", "c_n")):
+        assert_close(a, b, msg=name, table=TOL_NORMALIZED if variant in ("layer_norm", "all") else TOL)
+    assert threaded == [(2, True)] and len(row_parts_seen) == 2, "the rows were not shared by two threads"

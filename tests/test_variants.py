@@ -433,3 +433,26 @@ def test_step_state_errors():
             m.step(x, (torch.zeros(2, 8), torch.zeros(2, 8)))
         with pytest.raises(TypeError, match=r"state: expected a tuple \(h, c\) of two Tensors, got list of length 1"):
             m.step(x, [good[0]])
+
+
+def test_bernoulli_masks_seeded_and_distributed():
+    """The CPU dropout / zoneout masks: fixed by torch.manual_seed, 0 or 1 with the asked
+    probability, neighbours uncorrelated, in the dtype asked for."""
+    from lstmkit._variants import bernoulli
+
+    like = torch.empty(0)
+    torch.manual_seed(3)
+    a = bernoulli((400, 50, 50), 0.3, like)
+    torch.manual_seed(3)
+    b = bernoulli((400, 50, 50), 0.3, like)
+    torch.manual_seed(4)
+    c = bernoulli((400, 50, 50), 0.3, like)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.dtype == torch.float32 and set(a.unique().tolist()) == {0.0, 1.0}
+    assert abs(a.mean().item() - 0.3) < 0.003  # 1M draws: standard deviation 0.00046
+    f = a.reshape(-1) - 0.3
+    assert abs((f[1:] * f[:-1]).mean().item()) < 0.003  # consecutive elements independent
+    assert not torch.equal(bernoulli((1000,), 0.5, like), bernoulli((1000,), 0.5, like))  # fresh draws
+    assert bernoulli((64,), 0.0, like).sum() == 0 and bernoulli((64,), 1.0, like).sum() == 64
+    d = bernoulli((2, 3), 0.5, torch.empty(0, dtype=torch.float64))
+    assert d.dtype == torch.float64 and d.shape == (2, 3)

@@ -128,7 +128,7 @@ class Variants:
             o.peephole = getattr(module, "weight_peephole" + sfx)
         if self.recurrent_dropout > 0 and training:
             keep = 1.0 - self.recurrent_dropout
-            o.rec_mask = torch.bernoulli(like.new_full((B, P), keep)) / keep
+            o.rec_mask = bernoulli((B, P), keep, like) / keep
         o.zoneout_c = _zoneout(self.zoneout_cell, (T, B, H), training, like)
         o.zoneout_h = _zoneout(self.zoneout_hidden, (T, B, P), training, like)
         return o
@@ -141,5 +141,20 @@ def _zoneout(p: float, shape: tuple[int, ...], training: bool, like: Tensor):
     if p == 0:
         return None
     if training:  # 1 where the unit keeps its previous value
-        return torch.bernoulli(like.new_full(shape, p))
+        return bernoulli(shape, p, like)
     return p  # evaluation: the expectation
+
+
+def bernoulli(shape: tuple[int, ...], p: float, like: Tensor) -> Tensor:
+    """A mask of the given shape, 1 with probability p, else 0 (dtype and device of ``like``),
+    drawn from torch's default generator (so ``torch.manual_seed`` fixes it). On CPU a compiled
+    SplitMix64 stream seeded from that generator fills it (~10x faster than ``torch.bernoulli``:
+    zoneout masks are (T, B, H), as large as the layer's output)."""
+    if like.device.type == "cpu" and like.dtype in (torch.float32, torch.float64):
+        from .kernels.numba_variants import bernoulli_fill
+
+        out = torch.empty(shape, dtype=like.dtype)
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+        bernoulli_fill(out.numpy().reshape(-1), float(p), seed)
+        return out
+    return torch.bernoulli(like.new_full(shape, p))

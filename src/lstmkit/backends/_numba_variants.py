@@ -101,7 +101,7 @@ def _forward(xg: Tensor, w_hh: Tensor, w_hr: Optional[Tensor], h0: Tensor, c0: T
         KV.layer_fwd(SGEMM, mkl, _plain._np(xg), w_hh_np, pk.pack(w_hh_np, n_pack, True), w_hr_np,
                      pk.pack(w_hr_np, n_pack, True), h_n.numpy(), c_n.numpy(), _plain._bs_np(batch_sizes),
                      bool(reverse), out.numpy(), *ko.args(), gates.numpy(), cs.numpy(), cts.numpy(),
-                     lnr.numpy(), lns.numpy())
+                     lnr.numpy(), lns.numpy(), 0, B)
     return out, h_n, c_n, (gates, cs, cts, lnr, lns)
 
 
@@ -191,6 +191,39 @@ def layer(
     return out, h_n, c_n
 
 
+def layer_rows(x: Tensor, views: tuple, packed: tuple, has_bias: bool, has_proj: bool, ln_gain: np.ndarray, ko: _Opts,
+               bs: np.ndarray, h: np.ndarray, c: np.ndarray, out: np.ndarray, nparts: int) -> None:
+    """A single unidirectional layer without gradients, its batch rows shared by nparts threads,
+    each running its rows' input projections and recurrence
+    (``kernels.numba_parallel.layer_rows_variants``); with every option off, the plain LSTM.
+
+    views, packed: the layer's weights as ``numba_cpu._prepared`` returns them; ln_gain (G,) or (0,);
+    h (B, P) and c (B, H) hold h0, c0 on entry and h_n, c_n on return; out (T, B, P) is written."""
+    T, B, _ = x.shape
+    H = c.shape[1]
+    npd = _plain._NP_DTYPE[x.dtype]
+    w_hr = views[-1] if has_proj else np.zeros((0, H), npd)
+    w_hr_p = packed[-1] if has_proj else packed[1]
+    bias = views[2][0] + views[3][0] if has_bias else np.zeros(0, npd)
+    xg = np.empty((T, B, 4 * H), npd)
+    x_np = _plain._np(x)
+
+    def part(k: int, r0: int, r1: int) -> None:
+        KP.layer_rows_variants(SGEMM, HAVE_MKL and x.dtype == torch.float32, x_np, views[0], packed[0], bias, ln_gain,
+                               LN_EPS, views[1], packed[1], w_hr, w_hr_p, h, c, bs, xg, out, *ko.args(), r0, r1)
+
+    _plain.run_rows(part, B, nparts)
+
+
+def plain_layer_rows(x: Tensor, views: tuple, packed: tuple, has_bias: bool, has_proj: bool, bs: np.ndarray,
+                     h: np.ndarray, c: np.ndarray, out: np.ndarray, nparts: int) -> None:
+    """:func:`layer_rows` for the plain LSTM (every option off)."""
+    T, B, _ = x.shape
+    ko = _Opts(LayerOptions(), T, B, c.shape[1], h.shape[1], x.dtype)
+    layer_rows(x, views, packed, has_bias, has_proj, np.zeros(0, _plain._NP_DTYPE[x.dtype]), ko, bs, h, c, out,
+               nparts)
+
+
 def lstm_stack_variants(
     x: Tensor,                                  # (T, B, I)
     h0: Tensor,                                 # (L, B, P)
@@ -221,10 +254,14 @@ def lstm_stack_variants(
     c_n, c_np = _plain._new(tuple(c0.shape), dtype)
     h_np[:] = _plain._np(h0)
     c_np[:] = _plain._np(c0)
+    bs = _plain._bs_np(batch_sizes)
+    if num_layers == 1:
+        layer_rows(x, views, packed, bool(has_biases), proj_size > 0, ln[0], kos[0], bs, h_np[0], c_np[0], out_np,
+                   _plain.row_parts(T, B, H, P, dtype))
+        return out, h_n, c_n
     ys = np.empty((num_layers, T, B, P), npd)
     sched = np.zeros(2 * num_layers, np.int64)
     abort = np.zeros(1, np.int64)
-    bs = _plain._bs_np(batch_sizes)
     chunk = _plain.pipe_chunk(T, B)
 
     def run() -> None:
@@ -241,4 +278,8 @@ def lstm_stack_variants(
 def prefers_stack_variants(T: int, B: int, I: int, H: int, P: int, num_layers: int, bidirectional: bool,
                            dtype: torch.dtype) -> bool:
     """Whether :func:`lstm_stack_variants` runs this shape (several threads pay off)."""
-    return not bidirectional and _plain.parallel_threads(T, B, I, H, P, num_layers, 1, dtype) > 1
+    if bidirectional:
+        return False
+    if num_layers == 1:
+        return _plain.row_parts(T, B, H, P, dtype) > 1 and _plain.prefers_rows(H, P)
+    return _plain.parallel_threads(T, B, I, H, P, num_layers, 1, dtype) > 1

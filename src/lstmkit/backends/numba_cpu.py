@@ -409,6 +409,16 @@ def lstm_stack(
         per = [T * B, B] + [0, 0] * bool(has_biases) + [B] * (proj_size > 0)
         views, packed = _prepared(weights, dtype, lambda: per * (len(weights) // len(per)))
         # the threaded paths take h0, c0 in the outputs and return False when the pool is busy
+        if num_layers == 1 and D == 1 and prefers_rows(H, P):
+            nparts = row_parts(T, B, H, P, dtype)
+            if nparts > 1:
+                h_np[:] = _np(h0)
+                c_np[:] = _np(c0)
+                from . import _numba_variants  # imports this module
+
+                _numba_variants.plain_layer_rows(x, views, packed, bool(has_biases), proj_size > 0,
+                                                 _bs_np(batch_sizes), h_np[0], c_np[0], out_np, nparts)
+                return out, h_n, c_n
         nparts = unit_parts(T, B, I, H, P, num_layers, D, dtype)
         if nparts > 1:
             c_np[:] = _np(c0)
@@ -447,6 +457,13 @@ SPLIT_MIN_UNITS = 16
 # rows of a pipeline chunk's input product at least, and chunks per sequence at most
 PIPE_MIN_ROWS = 64
 PIPE_MAX_CHUNKS = 16
+# fewest batch rows of a thread when a layer's rows are shared by the threads (no meetings: rows
+# are independent; each thread reads all of w_hh every step, so parts of fewer rows waste the read),
+# and the largest w_hh (4H * P values) for which that beats sharing the units (measured: 1 MB of
+# float32 weights, H=256, stays in each core's L2 and rows win by ~10%; at H=512, 4 MB, every
+# thread streams all of it each step and units win by ~20%)
+ROW_MIN = 4
+ROW_MAX_WEIGHTS = 256 * 1024
 
 _pool: Optional[ThreadPoolExecutor] = None
 _pool_pid: Optional[int] = None
@@ -479,6 +496,34 @@ def unit_parts(T: int, B: int, I: int, H: int, P: int, num_layers: int, D: int, 
     # whose share of a step is too small to cover a meeting
     parts = min(n, os.cpu_count() or 1, H // SPLIT_MIN_UNITS, B * 4 * H * H // max(1, SPLIT_MIN_MACS // 2))
     return max(1, parts)
+
+
+def row_parts(T: int, B: int, H: int, P: int, dtype: torch.dtype) -> int:
+    """Threads sharing the batch rows of one layer-direction's recurrence (1: none)."""
+    n = torch.get_num_threads()
+    if n < 2 or not HAVE_MKL or dtype != torch.float32 or T * B * 4 * H * P < PARALLEL_MIN_MACS:
+        return 1
+    return max(1, min(n, os.cpu_count() or 1, B // ROW_MIN))
+
+
+def prefers_rows(H: int, P: int) -> bool:
+    """Whether a single layer's threads share its batch rows (:func:`row_parts`) rather than its units."""
+    return 4 * H * P <= ROW_MAX_WEIGHTS
+
+
+def run_rows(kernel: Callable[[int, int, int], None], B: int, nparts: int) -> None:
+    """kernel(k, r0, r1) for nparts ranges of the B rows at once on the thread pool (one call
+    kernel(0, 0, B) here when nparts is 1 or the pool is busy). The calls must touch only their
+    rows (and part k's own accumulators)."""
+    if nparts > 1:
+        bounds = [round(k * B / nparts) for k in range(nparts + 1)]
+
+        def job(k: int) -> Callable[[], None]:
+            return lambda: kernel(k, bounds[k], bounds[k + 1])
+
+        if _run_threads([job(k) for k in range(nparts)], np.zeros(1, np.int64)):
+            return
+    kernel(0, 0, B)
 
 
 def _unit_bounds(H: int, nparts: int) -> list[int]:

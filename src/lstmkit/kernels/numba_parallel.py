@@ -289,8 +289,35 @@ def stack_fwd_tasks_variants(sgemm, mkl, sched_yield, sched, abort, chunk, x, ws
         zhl = zh[layer, t0:t1] if zh.shape[1] > 0 else zh[layer]
         variant_layer_fwd(sgemm, mkl, xc, ws[w + 1], wps[w + 1], w_hr, w_hr_p, h[layer], c[layer], bs_c, False,
                           ys[layer, t0:t1], masks[layer], pe[layer], ln_g[layer], lnc_w[layer], lnc_b[layer], zcl,
-                          zc_fill[layer], zhl, zh_fill[layer], no_g, no_c, no_c, no_g, no_s)
+                          zc_fill[layer], zhl, zh_fill[layer], no_g, no_c, no_c, no_g, no_s, 0, B)
         atomic_store(sched, L + layer, k + 1)
+
+
+@njit(**_JIT)
+def layer_rows_variants(sgemm, mkl, x, w_ih, w_ih_p, bias, ln_ih, eps, w_hh, w_hh_p, w_hr, w_hr_p, h, c, bs, xg, out,
+                        mask, pe, ln_g, lnc_w, lnc_b, zc, zc_fill, zh, zh_fill, r0, r1):
+    """One thread's share of a single unidirectional layer with variants (inference): batch rows
+    r0 .. r1 of every step, their input projections included. Rows are independent, so the parts
+    never wait for each other; each reads all of the weights.
+
+    x      (T, B, I)     the input;  w_ih (G, I), w_ih_p its packed form for ``x @ w_ih.T`` or (0,)
+    bias   (G,) or (0,)  b_ih + b_hh;  ln_ih (G,) or (0,) the input layer-norm gain (eps its epsilon)
+    xg     (T, B, G)     scratch for the input projections (each part writes its rows)
+    the rest as ``numba_variants.layer_fwd`` takes them (h, c, out: shared, each part its rows)
+    """
+    T = x.shape[0]
+    B = x.shape[1]
+    H = c.shape[1]
+    G = 4 * H
+    for t in range(T):
+        xt = xg[t][r0:r1]
+        mm(sgemm, mkl, x[t][r0:r1], w_ih, w_ih_p, True, xt)
+        _input_rows(xt, bias, ln_ih, eps)
+    no_g = np.empty((0, B, G), x.dtype)
+    no_c = np.empty((0, B, H), x.dtype)
+    no_s = np.empty((0, B, 2), x.dtype)
+    variant_layer_fwd(sgemm, mkl, xg, w_hh, w_hh_p, w_hr, w_hr_p, h, c, bs, False, out, mask, pe, ln_g, lnc_w,
+                      lnc_b, zc, zc_fill, zh, zh_fill, no_g, no_c, no_c, no_g, no_s, r0, r1)
 
 
 @njit(**_JIT)
