@@ -147,6 +147,11 @@ def lstm(
         if res is not NotImplemented:
             return res
 
+    # Training with variants: a backend may run each layer-direction, its input projection included,
+    # as one autograd node on several threads (``layer_rows_train``; NotImplemented: not this shape)
+    rows = getattr(be, "layer_rows_train", None)
+    if plain or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        rows = None
     x = input
     h_n: list[Tensor] = []
     c_n: list[Tensor] = []
@@ -155,9 +160,15 @@ def lstm(
         for d in range(D):
             idx = layer * D + d
             w_ih, w_hh, b_ih, b_hh, w_hr = _layer_weights(weights, has_biases, proj_size, D, layer, d)
-            xg = _input_projection(x, w_ih, b_ih, b_hh, None if ln_ih is None else ln_ih[idx])
+            ln = None if ln_ih is None else ln_ih[idx]
             opts = first_opts if idx == 0 else (None if opts_for is None else opts_for(layer, d, B, T))
-            out, h, c = be.layer(xg, w_hh, w_hr, h0[idx], c0[idx], batch_sizes, d == 1, opts)
+            res = NotImplemented
+            if rows is not None:
+                res = rows(x, w_ih, b_ih, b_hh, ln, w_hh, w_hr, h0[idx], c0[idx], batch_sizes, d == 1, opts)
+            if res is NotImplemented:
+                res = be.layer(_input_projection(x, w_ih, b_ih, b_hh, ln), w_hh, w_hr, h0[idx], c0[idx],
+                               batch_sizes, d == 1, opts)
+            out, h, c = res
             outs.append(out)
             h_n.append(h)
             c_n.append(c)

@@ -20,10 +20,11 @@ from typing import Optional, Union
 import numpy as np
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ..kernels import numba_parallel as KP
 from ..kernels import numba_variants as KV
-from ..kernels.numba_blas import HAVE_MKL, SGEMM, PackScratch
+from ..kernels.numba_blas import HAVE_MKL, SGEMM, PackScratch, serial_blas
 from . import numba_cpu as _plain  # attributes looked up at call time: numba_cpu imports this module
 from ._contract import LN_EPS, LayerOptions
 
@@ -136,7 +137,7 @@ def _backward(saved, out: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Op
                      _plain._np(c0), w_hh_np, pk.pack(w_hh_np, n_pack, False), w_hr_np,
                      pk.pack(w_hr_np, n_pack, False), *ko.args(), _plain._np(grad_out), dh.numpy(),
                      dc.numpy(), _plain._bs_np(batch_sizes), bool(reverse), dgates.numpy(), drs.numpy(),
-                     dhs.numpy(), hps.numpy(), dpe.numpy(), dln_g.numpy(), dlnc_w.numpy(), dlnc_b.numpy())
+                     dhs.numpy(), hps.numpy(), dpe.numpy(), dln_g.numpy(), dlnc_w.numpy(), dlnc_b.numpy(), 0, B)
     dw_hh = _plain.prev_h_product(drs if lnh else dgates, out, h0, mask, batch_sizes, reverse)
     dw_hr = torch.mm(dhs.reshape(-1, P).t(), hps.reshape(-1, H)) if proj else None
     return dgates, dw_hh, dw_hr, dh, dc, dpe, dln_g, dlnc_w, dlnc_b
@@ -195,24 +196,157 @@ def layer_rows(x: Tensor, views: tuple, packed: tuple, has_bias: bool, has_proj:
                bs: np.ndarray, h: np.ndarray, c: np.ndarray, out: np.ndarray, nparts: int) -> None:
     """A single unidirectional layer without gradients, its batch rows shared by nparts threads,
     each running its rows' input projections and recurrence
-    (``kernels.numba_parallel.layer_rows_variants``); with every option off, the plain LSTM.
+    (``kernels.numba_parallel.layer_rows_fwd``); with every option off, the plain LSTM.
 
     views, packed: the layer's weights as ``numba_cpu._prepared`` returns them; ln_gain (G,) or (0,);
     h (B, P) and c (B, H) hold h0, c0 on entry and h_n, c_n on return; out (T, B, P) is written."""
     T, B, _ = x.shape
     H = c.shape[1]
+    G = 4 * H
     npd = _plain._NP_DTYPE[x.dtype]
     w_hr = views[-1] if has_proj else np.zeros((0, H), npd)
     w_hr_p = packed[-1] if has_proj else packed[1]
     bias = views[2][0] + views[3][0] if has_bias else np.zeros(0, npd)
-    xg = np.empty((T, B, 4 * H), npd)
+    xg = np.empty((T, B, G), npd)
     x_np = _plain._np(x)
+    no_g, no_c, no_s = np.empty((0, B, G), npd), np.empty((0, B, H), npd), np.empty((0, B, 2), npd)
+    no_r = np.empty((0, B), npd)
 
     def part(k: int, r0: int, r1: int) -> None:
-        KP.layer_rows_variants(SGEMM, HAVE_MKL and x.dtype == torch.float32, x_np, views[0], packed[0], bias, ln_gain,
-                               LN_EPS, views[1], packed[1], w_hr, w_hr_p, h, c, bs, xg, out, *ko.args(), r0, r1)
+        KP.layer_rows_fwd(SGEMM, HAVE_MKL and x.dtype == torch.float32, x_np, views[0], packed[0], bias, ln_gain,
+                          LN_EPS, views[1], packed[1], w_hr, w_hr_p, h, c, bs, False, xg, out, *ko.args(), no_g, no_c,
+                          no_c, no_g, no_s, no_g, no_r, r0, r1)
 
     _plain.run_rows(part, B, nparts)
+
+
+class _RowsLayerFn(torch.autograd.Function):
+    """A layer-direction with variants and its input projection (input layer norm and biases
+    included), its batch rows shared by several threads, forward and backward
+    (``kernels.numba_parallel.layer_rows_fwd`` / ``layer_rows_bwd``; the weight products after
+    the backward recurrence split by steps, ``layer_rows_grads``). Every product runs on the
+    threads' own MKL: no OpenMP region of torch's runs between two such layers, whose idle
+    threads would keep spinning on the cores the row threads need."""
+
+    @staticmethod
+    def forward(ctx, x, w_ih, b_ih, b_hh, ln_ih, w_hh, w_hr, h0, c0, peephole, ln_hh, ln_cell_w, ln_cell_b,
+                batch_sizes, reverse, opts, nparts):
+        T, B, _ = x.shape
+        G = w_ih.shape[0]
+        H = G // 4
+        P = w_hh.shape[1]
+        dt = x.dtype
+        npd = _plain._NP_DTYPE[dt]
+        ko = _Opts(opts, T, B, H, P, dt)
+        x_np, w_ih_np, w_hh_np = _plain._np(x), _plain._np(w_ih), _plain._np(w_hh)
+        w_hr_np = _plain._np(w_hr) if w_hr is not None else np.zeros((0, H), npd)
+        bias = _plain._np(b_ih + b_hh) if b_ih is not None else np.zeros(0, npd)
+        ln = _plain._np(ln_ih) if ln_ih is not None else np.zeros(0, npd)
+        lnh = ko.ln_g.shape[0] > 0
+        out, out_np = _plain._new((T, B, P), dt)
+        h_n = h0.detach().clone(memory_format=torch.contiguous_format)
+        c_n = c0.detach().clone(memory_format=torch.contiguous_format)
+        xg = np.empty((T, B, G), npd)
+        gates = np.empty((T, B, G), npd)
+        cs = np.empty((T, B, H), npd)
+        cts = np.empty((T if ko.cell_zone else 0, B, H), npd)
+        lnr = np.empty((T if lnh else 0, B, G), npd)
+        lns = np.empty((lnr.shape[0], B, 2), npd)
+        xn = np.empty((T if ln.shape[0] else 0, B, G), npd)
+        xr = np.empty((xn.shape[0], B), npd)
+        bs = _plain._bs_np(batch_sizes)
+        mkl = HAVE_MKL and dt == torch.float32
+        with PackScratch() as pk:
+            with serial_blas(True):  # no OpenMP region (spinning threads) right before the row threads
+                packs = [pk.pack(w, B if w.shape[0] else 0, True) for w in (w_ih_np, w_hh_np, w_hr_np)]
+            args = (x_np, w_ih_np, packs[0], bias, ln, LN_EPS, w_hh_np, packs[1], w_hr_np, packs[2], h_n.numpy(),
+                    c_n.numpy(), bs, bool(reverse), xg, out_np, *ko.args(), gates, cs, cts, lnr, lns, xn, xr)
+            _plain.run_rows(lambda k, r0, r1: KP.layer_rows_fwd(SGEMM, mkl, *args, r0, r1), B, nparts)
+        ctx.save_for_backward(x, w_ih, b_ih, ln_ih, w_hh, w_hr, h0, c0, out, peephole, ln_hh, ln_cell_w, ln_cell_b)
+        ctx.saved = (x_np, w_ih_np, w_hh_np, w_hr_np, ln, bs, bool(reverse), ko, gates, cs, cts, lnr, lns, xn, xr,
+                     nparts)
+        return out, h_n, c_n
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, grad_h, grad_c):
+        x, w_ih, b_ih, ln_ih, w_hh, w_hr, h0, c0, out = ctx.saved_tensors[:9]
+        x_np, w_ih_np, w_hh_np, w_hr_np, ln, bs, reverse, ko, gates, cs, cts, lnr, lns, xn, xr, nparts = ctx.saved
+        T, B, G = gates.shape
+        H = G // 4
+        P = w_hh_np.shape[1]
+        I = x_np.shape[2]
+        dt = grad_out.dtype
+        npd = _plain._NP_DTYPE[dt]
+        proj = w_hr is not None
+        lnh = ko.ln_g.shape[0] > 0
+        ng = ctx.needs_input_grad
+        dgates = np.empty((T, B, G), npd)
+        drs = np.empty((T if lnh else 0, B, G), npd)
+        dhs = np.empty((T if proj else 0, B, P), npd)
+        hps = np.empty((T if proj else 0, B, H), npd)
+        hprev = np.empty((T, B, P), npd)
+        dp = np.empty((T, B, G), npd) if ln.shape[0] else dgates
+        dh = grad_h.detach().clone(memory_format=torch.contiguous_format)
+        dc = grad_c.detach().clone(memory_format=torch.contiguous_format)
+        shapes = (ko.pe.shape, ko.ln_g.shape, ko.lnc_w.shape, ko.lnc_b.shape, ln.shape,
+                  (G,) if b_ih is not None else (0,))
+        acc = [[np.zeros(sh, npd) for sh in shapes] for _ in range(nparts)]
+        mkl = HAVE_MKL and dt == torch.float32
+        with PackScratch() as pk:
+            with serial_blas(True):
+                wp_hh = pk.pack(w_hh_np, B, False)
+                wp_hr = pk.pack(w_hr_np, B if proj else 0, False)
+            args = (gates, cs, cts, lnr, lns, _plain._np(h0), _plain._np(c0), w_hh_np, wp_hh, w_hr_np, wp_hr,
+                    *ko.args(), _plain._np(grad_out), dh.numpy(), dc.numpy(), bs, reverse, out.numpy(), dgates, drs,
+                    dhs, hps, ln, xn, xr, dp, hprev)
+            _plain.run_rows(lambda k, r0, r1: KP.layer_rows_bwd(SGEMM, mkl, *args, *acc[k], r0, r1), B, nparts)
+        # the weight products, split by steps among the threads (each its own partial sums)
+        dx, dx_np = _plain._new((T, B, I) if ng[0] else (0, B, I), dt)
+        bounds = [round(k * T / nparts) for k in range(nparts + 1)]
+        spans = [(t0, t1) for t0, t1 in zip(bounds, bounds[1:]) if t1 > t0]
+        dws = [(np.zeros((G, I), npd), np.zeros((G, P), npd), np.zeros((P, H) if proj else (0, 0), npd))
+               for _ in spans]
+        dr = drs if lnh else dgates
+
+        def grads(k: int) -> None:
+            KP.layer_rows_grads(SGEMM, mkl, x_np, w_ih_np, dp, dr, hprev, dhs, hps, dx_np, *dws[k], *spans[k])
+
+        if len(spans) < 2 or not _plain._run_threads([lambda k=k: grads(k) for k in range(len(spans))],
+                                                      np.zeros(1, np.int64)):
+            for k in range(len(spans)):
+                grads(k)
+        dw_ih, dw_hh, dw_hr = (torch.from_numpy(sum(parts[1:], parts[0])) for parts in zip(*dws))
+        dpe, dln_g, dlnc_w, dlnc_b, dln_ih, db = (torch.from_numpy(sum(parts[1:], parts[0])) for parts in zip(*acc))
+        db2 = db.clone() if b_ih is not None else None  # b_ih and b_hh get the same gradient, not one tensor
+        return (dx if ng[0] else None, dw_ih, db if b_ih is not None else None, db2,
+                dln_ih if ln_ih is not None else None, dw_hh, dw_hr if proj else None, dh, dc,
+                dpe if ng[9] else None, dln_g if ng[10] else None, dlnc_w if ng[11] else None,
+                dlnc_b if ng[12] else None, None, None, None, None)
+
+
+def layer_rows_train(x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor], ln_ih: Optional[Tensor],
+                     w_hh: Tensor, w_hr: Optional[Tensor], h0: Tensor, c0: Tensor, batch_sizes: Optional[Tensor],
+                     reverse: bool, opts: Optional[LayerOptions]):
+    """A differentiable layer-direction with variants from its input (projection included), its rows
+    on several threads (:class:`_RowsLayerFn`): (out (T,B,P), h_n, c_n), or NotImplemented where
+    one thread would run it (:func:`numba_cpu.row_parts`, :func:`numba_cpu.prefers_rows`) or without
+    layer norm."""
+    T, B, _ = x.shape
+    H = c0.shape[1]
+    P = w_hh.shape[1]
+    nparts = _plain.row_parts(T, B, H, P, x.dtype)
+    # layer norm only: its per-row statistics make the elementwise work worth two threads; for the
+    # other variants the per-layer path (one input product, MKL's threads in each step's product)
+    # measured 5-15% faster than the rows (T=100, B=16, H=128 and T=50, B=64, H=256)
+    if nparts < 2 or not _plain.prefers_rows(H, P) or ln_ih is None:
+        return NotImplemented
+    for name, t in (("w_ih", w_ih), ("w_hh", w_hh), ("h0", h0), ("c0", c0)):
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name}: expected dtype {x.dtype}, got {t.dtype}")
+    o = opts if opts is not None else LayerOptions()
+    return _RowsLayerFn.apply(x, w_ih, b_ih, b_hh, ln_ih, w_hh, w_hr, h0, c0, o.peephole, o.ln_hh, o.ln_cell_w,
+                              o.ln_cell_b, batch_sizes, bool(reverse), o, nparts)
 
 
 def plain_layer_rows(x: Tensor, views: tuple, packed: tuple, has_bias: bool, has_proj: bool, bs: np.ndarray,

@@ -857,6 +857,14 @@ def lstm_stack_variants(*args, **kwargs):
     return _numba_variants.lstm_stack_variants(*args, **kwargs)
 
 
+def layer_rows_train(*args):
+    """A differentiable layer-direction with variants, its input projection included, its batch rows
+    on several threads (``_numba_variants``); NotImplemented where one thread would run it."""
+    from . import _numba_variants
+
+    return _numba_variants.layer_rows_train(*args)
+
+
 def prefers_stack_variants(*args) -> bool:
     from . import _numba_variants
 

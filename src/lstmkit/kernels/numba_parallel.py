@@ -33,7 +33,8 @@ from numba.extending import intrinsic
 
 from .numba_blas import call_int_void
 from .numba_lstm import _JIT, act_sigmoid, act_tanh, layer_bwd, layer_fwd, mm
-from .numba_stack import grads_hh, grads_ih, weight_grads
+from .numba_stack import grads_hh, grads_ih, mm_tn, weight_grads
+from .numba_variants import layer_bwd as variant_layer_bwd
 from .numba_variants import layer_fwd as variant_layer_fwd
 
 
@@ -294,30 +295,150 @@ def stack_fwd_tasks_variants(sgemm, mkl, sched_yield, sched, abort, chunk, x, ws
 
 
 @njit(**_JIT)
-def layer_rows_variants(sgemm, mkl, x, w_ih, w_ih_p, bias, ln_ih, eps, w_hh, w_hh_p, w_hr, w_hr_p, h, c, bs, xg, out,
-                        mask, pe, ln_g, lnc_w, lnc_b, zc, zc_fill, zh, zh_fill, r0, r1):
-    """One thread's share of a single unidirectional layer with variants (inference): batch rows
-    r0 .. r1 of every step, their input projections included. Rows are independent, so the parts
-    never wait for each other; each reads all of the weights.
+def layer_rows_fwd(sgemm, mkl, x, w_ih, w_ih_p, bias, ln_ih, eps, w_hh, w_hh_p, w_hr, w_hr_p, h, c, bs, reverse, xg,
+                   out, mask, pe, ln_g, lnc_w, lnc_b, zc, zc_fill, zh, zh_fill, gates, cs, cts, lnr, lns, xn, xr,
+                   r0, r1):
+    """One thread's share of a layer-direction with variants: batch rows r0 .. r1 of every step,
+    their input projections included. Rows are independent, so the parts never wait for each
+    other; each reads all of the weights.
 
     x      (T, B, I)     the input;  w_ih (G, I), w_ih_p its packed form for ``x @ w_ih.T`` or (0,)
     bias   (G,) or (0,)  b_ih + b_hh;  ln_ih (G,) or (0,) the input layer-norm gain (eps its epsilon)
-    xg     (T, B, G)     scratch for the input projections (each part writes its rows)
-    the rest as ``numba_variants.layer_fwd`` takes them (h, c, out: shared, each part its rows)
+    xg     (T, B, G)     written: the input projections (layer norm and bias applied)
+    xn     (T, B, G)     written with ln_ih: the normalized projections (before the gain), else (0, B, G)
+    xr     (T, B)        written with ln_ih: their 1 / std, else (0, B)
+    the rest as ``numba_variants.layer_fwd`` takes them (h, c, out and the saved arrays: shared,
+    each part its rows; gates ... lns of zero steps to save nothing)
     """
     T = x.shape[0]
-    B = x.shape[1]
-    H = c.shape[1]
-    G = 4 * H
+    G = xg.shape[2]
+    lni = ln_ih.shape[0] > 0
+    save_n = xn.shape[0] > 0
     for t in range(T):
         xt = xg[t][r0:r1]
         mm(sgemm, mkl, x[t][r0:r1], w_ih, w_ih_p, True, xt)
-        _input_rows(xt, bias, ln_ih, eps)
-    no_g = np.empty((0, B, G), x.dtype)
-    no_c = np.empty((0, B, H), x.dtype)
-    no_s = np.empty((0, B, 2), x.dtype)
-    variant_layer_fwd(sgemm, mkl, xg, w_hh, w_hh_p, w_hr, w_hr_p, h, c, bs, False, out, mask, pe, ln_g, lnc_w,
-                      lnc_b, zc, zc_fill, zh, zh_fill, no_g, no_c, no_c, no_g, no_s, r0, r1)
+        if lni:
+            for b in range(r1 - r0):
+                row = xt[b]
+                # statistics accumulated in float64, as in _input_rows
+                mean = 0.0
+                for j in range(G):
+                    mean += row[j]
+                mean /= G
+                var = 0.0
+                for j in range(G):
+                    d = row[j] - mean
+                    var += d * d
+                rstd = xg.dtype.type(1.0 / np.sqrt(var / G + eps))
+                mean = xg.dtype.type(mean)
+                if save_n:
+                    nr = xn[t, r0 + b]
+                    for j in range(G):
+                        nr[j] = (row[j] - mean) * rstd
+                    xr[t, r0 + b] = rstd
+                for j in range(G):
+                    row[j] = (row[j] - mean) * rstd * ln_ih[j]
+        if bias.shape[0] > 0:
+            for b in range(r1 - r0):
+                row = xt[b]
+                for j in range(G):
+                    row[j] += bias[j]
+    variant_layer_fwd(sgemm, mkl, xg, w_hh, w_hh_p, w_hr, w_hr_p, h, c, bs, reverse, out, mask, pe, ln_g, lnc_w,
+                      lnc_b, zc, zc_fill, zh, zh_fill, gates, cs, cts, lnr, lns, r0, r1)
+
+
+@njit(**_JIT)
+def layer_rows_bwd(sgemm, mkl, gates, cs, cts, lnr, lns, h0, c0, w_hh, w_hh_p, w_hr, w_hr_p, mask, pe, ln_g, lnc_w,
+                   lnc_b, zc, zc_fill, zh, zh_fill, grad_out, dh, dc, bs, reverse, out, dgates, drs, dhs, hps,
+                   ln_ih, xn, xr, dp, hprev, dpe, dln_g, dlnc_w, dlnc_b, dln_ih, db, r0, r1):
+    """Backward of :func:`layer_rows_fwd` for batch rows r0 .. r1, all but the weight products
+    (:func:`layer_rows_grads`, split by steps once every part is done).
+
+    gates ... grad_out, dh, dc, dgates ... hps, and dpe ... dlnc_b as ``numba_variants.layer_bwd``
+    takes them (dpe ... dlnc_b, dln_ih and db: this part's own accumulators)
+    h0     (B, P)      the initial h;  out (T, B, P) the forward's output
+    ln_ih, xn, xr      as :func:`layer_rows_fwd` took and saved them
+    dp     (T, B, G)   written with ln_ih: the gradient of the raw input projections (else dgates is)
+    hprev  (T, B, P)   written: the h each step started from, times the dropout mask (zeros at
+                       inactive rows), for dW_hh
+    dln_ih (G,)        input layer-norm gain gradient, accumulated, or (0,)
+    db     (G,)        bias gradient (sum of dgates), accumulated, or (0,)
+    """
+    variant_layer_bwd(sgemm, mkl, gates, cs, cts, lnr, lns, c0, w_hh, w_hh_p, w_hr, w_hr_p, mask, pe, ln_g, lnc_w,
+                      lnc_b, zc, zc_fill, zh, zh_fill, grad_out, dh, dc, bs, reverse, dgates, drs, dhs, hps, dpe,
+                      dln_g, dlnc_w, dlnc_b, r0, r1)
+    T, B, G = dgates.shape
+    P = hprev.shape[2]
+    lni = ln_ih.shape[0] > 0
+    masked = mask.shape[0] > 0
+    inv = dgates.dtype.type(1.0) / dgates.dtype.type(G)
+    for t in range(T):
+        nb = B if bs.shape[0] == 0 else bs[t]
+        hi = min(nb, r1)
+        for row in range(r0, hi):
+            dg = dgates[t, row]
+            if db.shape[0] > 0:
+                for j in range(G):
+                    db[j] += dg[j]
+            if lni:
+                nr = xn[t, row]
+                s1 = dgates.dtype.type(0.0)
+                s2 = dgates.dtype.type(0.0)
+                for j in range(G):
+                    dy = dg[j] * ln_ih[j]
+                    s1 += dy
+                    s2 += dy * nr[j]
+                for j in range(G):
+                    dln_ih[j] += dg[j] * nr[j]
+                m1 = s1 * inv
+                m2 = s2 * inv
+                rstd = xr[t, row]
+                dpr = dp[t, row]
+                for j in range(G):
+                    dpr[j] = rstd * (dg[j] * ln_ih[j] - m1 - nr[j] * m2)
+            # the h step t started from: h0 at the row's first step, else the output of the step
+            # before in processing order
+            if reverse:
+                first = t == T - 1 or row >= (B if bs.shape[0] == 0 else bs[t + 1])
+                src = h0[row] if first else out[t + 1, row]
+            else:
+                src = h0[row] if t == 0 else out[t - 1, row]
+            hr = hprev[t, row]
+            if masked:
+                mr = mask[row]
+                for j in range(P):
+                    hr[j] = src[j] * mr[j]
+            else:
+                for j in range(P):
+                    hr[j] = src[j]
+        for row in range(max(hi, r0), r1):
+            hprev[t, row] = 0
+            if lni:
+                dp[t, row] = 0
+
+
+@njit(**_JIT)
+def layer_rows_grads(sgemm, mkl, x, w_ih, dp, dr, hprev, dhs, hps, dx, dw_ih, dw_hh, dw_hr, t0, t1):
+    """The weight products of :func:`layer_rows_bwd` over steps t0 .. t1 (all rows): dw_ih, dw_hh
+    and dw_hr (when projecting: dhs, hps of t1 > t0 steps) written with this range's sums, and
+    dx[t0:t1] (unless dx has zero steps).
+
+    x (T, B, I) the input; w_ih (G, I); dp (T, B, G) gradient of the raw input projections;
+    dr (T, B, G) gradient of the recurrent pre-activations; hprev (T, B, P) from layer_rows_bwd
+    """
+    B = x.shape[1]
+    I = x.shape[2]
+    G = dp.shape[2]
+    P = hprev.shape[2]
+    n = (t1 - t0) * B
+    dp2 = dp[t0:t1].reshape(n, G)
+    mm_tn(sgemm, mkl, dp2, x[t0:t1].reshape(n, I), dw_ih, False)
+    mm_tn(sgemm, mkl, dr[t0:t1].reshape(n, G), hprev[t0:t1].reshape(n, P), dw_hh, False)
+    if dhs.shape[0] > 0:
+        H = hps.shape[2]
+        mm_tn(sgemm, mkl, dhs[t0:t1].reshape(n, P), hps[t0:t1].reshape(n, H), dw_hr, False)
+    if dx.shape[0] > 0:
+        mm(sgemm, mkl, dp2, w_ih, np.empty(0, x.dtype), False, dx[t0:t1].reshape(n, I))
 
 
 @njit(**_JIT)

@@ -534,7 +534,7 @@ def layer_fwd(sgemm, mkl, xg, w_hh, w_hh_p, w_hr, w_hr_p, h, c, bs, reverse, out
 @njit(**_JIT)
 def layer_bwd(sgemm, mkl, gates, cs, cts, lnr, lns, c0, w_hh, w_hh_p, w_hr, w_hr_p,
               mask, pe, ln_g, lnc_w, lnc_b, zc, zc_fill, zh, zh_fill, grad_out, dh, dc, bs, reverse,
-              dgates, drs, dhs, hps, dpe, dln_g, dlnc_w, dlnc_b):
+              dgates, drs, dhs, hps, dpe, dln_g, dlnc_w, dlnc_b, r0, r1):
     """Backward of :func:`layer_fwd` through all steps (the recurrent part).
 
     gates ... lns       saved by :func:`layer_fwd` (cts, lnr, lns may be (0, ...) as there)
@@ -558,6 +558,8 @@ def layer_bwd(sgemm, mkl, gates, cs, cts, lnr, lns, c0, w_hh, w_hh_p, w_hr, w_hr
     dln_g   (G,)        recurrent layer-norm gain gradient, accumulated, or (0,)
     dlnc_w  (H,)        cell layer-norm gain and bias gradients, accumulated, or (0,)
     dlnc_b  (H,)
+    r0, r1              the batch rows [r0, r1) this call runs, as for :func:`layer_fwd` (calls on
+                        disjoint rows at once need their own dpe ... dlnc_b)
     """
     T, B, G = gates.shape
     H = G // 4
@@ -571,39 +573,52 @@ def layer_bwd(sgemm, mkl, gates, cs, cts, lnr, lns, c0, w_hh, w_hh_p, w_hr, w_hr
     zone_c = zc_arr or _any_nonzero(zc_fill)
     zone_h = zh_arr or _any_nonzero(zh_fill)
     peep = pe.shape[0] > 0
-    dht = np.empty((B, P), gates.dtype)    # gradient of h~ (after the hidden zoneout)
-    keep = np.empty((B, P), gates.dtype)   # the part of dh_t that goes straight to h_{t-1}
-    dhp = np.empty((B, H), gates.dtype)
-    dhin = np.empty((B, P), gates.dtype)
+    R = r1 - r0
+    dht = np.empty((R, P), gates.dtype)    # gradient of h~ (after the hidden zoneout)
+    keep = np.empty((R, P), gates.dtype)   # the part of dh_t that goes straight to h_{t-1}
+    dhp = np.empty((R, H), gates.dtype)
+    dhin = np.empty((R, P), gates.dtype)
     no_hp = np.empty((0, H), gates.dtype)
     no_zc = np.empty((0, H), gates.dtype)
-    tc = np.empty((B, H), gates.dtype)
-    dct = np.empty((B, H), gates.dtype)
-    xh = np.empty((B, H), gates.dtype)
-    rsb = np.empty(B, gates.dtype)
+    no_zh = np.empty((0, P), gates.dtype)
+    tc = np.empty((R, H), gates.dtype)
+    dct = np.empty((R, H), gates.dtype)
+    xh = np.empty((R, H), gates.dtype)
+    rsb = np.empty(R, gates.dtype)
+    # this call's rows; below, row b is batch row r0 + b
+    dhv = dh[r0:r1]
+    dcv = dc[r0:r1]
+    c0v = c0[r0:r1]
+    mv = mask[r0:r1] if masked else mask
     for s in range(T):
         t = s if reverse else T - 1 - s
-        nb = B if bs.shape[0] == 0 else bs[t]
-        for b in range(nb, B):
+        nb = R if bs.shape[0] == 0 else min(max(bs[t] - r0, 0), R)
+        dg = dgates[t][r0:r1]
+        for b in range(nb, R):
             for j in range(G):
-                dgates[t, b, j] = 0
+                dg[b, j] = 0
+        dr = drs[t][r0:r1] if lnh else dg
         if lnh:
-            for b in range(nb, B):
+            for b in range(nb, R):
                 for j in range(G):
-                    drs[t, b, j] = 0
+                    dr[b, j] = 0
+        dhst = dhs[t][r0:r1] if proj else no_hp
+        hpst = hps[t][r0:r1] if proj else no_hp
         if proj:
-            for b in range(nb, B):
+            for b in range(nb, R):
                 for j in range(P):
-                    dhs[t, b, j] = 0
+                    dhst[b, j] = 0
                 for j in range(H):
-                    hps[t, b, j] = 0
+                    hpst[b, j] = 0
         if nb == 0:
             continue
+        got = grad_out[t][r0:r1]
         if zone_h:
+            zht = zh[t][r0:r1] if zh_arr else no_zh
             for b in range(nb):
-                d = zh[t, b] if zh_arr else zh_fill
-                go = grad_out[t, b]
-                db = dh[b]
+                d = zht[b] if zh_arr else zh_fill
+                go = got[b]
+                db = dhv[b]
                 kb = keep[b]
                 tb = dht[b]
                 for j in range(P):
@@ -612,50 +627,48 @@ def layer_bwd(sgemm, mkl, gates, cs, cts, lnr, lns, c0, w_hh, w_hh_p, w_hr, w_hr
                     tb[j] = db[j] + go[j] - kb[j]
         else:
             for b in range(nb):
-                go = grad_out[t, b]
-                db = dh[b]
+                go = got[b]
+                db = dhv[b]
                 tb = dht[b]
                 for j in range(P):
                     tb[j] = db[j] + go[j]
         if proj:
-            dhs[t, :nb] = dht[:nb]
+            dhst[:nb] = dht[:nb]
             mm(sgemm, mkl, dht[:nb], w_hr, w_hr_p, False, dhp[:nb])
             src = dhp
         else:
             src = dht
         if reverse:
-            cprev = c0 if t == T - 1 else cs[t + 1]
+            cprev = c0v if t == T - 1 else cs[t + 1][r0:r1]
         else:
-            cprev = c0 if t == 0 else cs[t - 1]
-        ctil = cts[t] if sep_ct else cs[t]
-        dg = dgates[t]
-        _bwd_rows(gates[t], cprev, ctil, src, dc, zone_c, zc[t] if zc_arr else no_zc, zc_fill, peep, pe,
-                  lnc_w, lnc_b, dg, hps[t] if proj else no_hp, tc, dct, xh, rsb, dpe, dlnc_w, dlnc_b, nb)
+            cprev = c0v if t == 0 else cs[t - 1][r0:r1]
+        ctil = cts[t][r0:r1] if sep_ct else cs[t][r0:r1]
+        _bwd_rows(gates[t][r0:r1], cprev, ctil, src, dcv, zone_c, zc[t][r0:r1] if zc_arr else no_zc, zc_fill,
+                  peep, pe, lnc_w, lnc_b, dg, hpst, tc, dct, xh, rsb, dpe, dlnc_w, dlnc_b, nb)
         if lnh:
-            _ln_rec_bwd_rows(dg, lnr[t], lns[t], ln_g, drs[t], dln_g, nb)
-        dr = drs[t] if lnh else dg
+            _ln_rec_bwd_rows(dg, lnr[t][r0:r1], lns[t][r0:r1], ln_g, dr, dln_g, nb)
         if not (masked or zone_h):
-            mm(sgemm, mkl, dr[:nb], w_hh, w_hh_p, False, dh[:nb])
+            mm(sgemm, mkl, dr[:nb], w_hh, w_hh_p, False, dhv[:nb])
             continue
         mm(sgemm, mkl, dr[:nb], w_hh, w_hh_p, False, dhin[:nb])
         if masked and zone_h:
             for b in range(nb):
-                db = dh[b]
+                db = dhv[b]
                 ib = dhin[b]
-                mb = mask[b]
+                mb = mv[b]
                 kb = keep[b]
                 for j in range(P):
                     db[j] = kb[j] + mb[j] * ib[j]
         elif masked:
             for b in range(nb):
-                db = dh[b]
+                db = dhv[b]
                 ib = dhin[b]
-                mb = mask[b]
+                mb = mv[b]
                 for j in range(P):
                     db[j] = mb[j] * ib[j]
         else:
             for b in range(nb):
-                db = dh[b]
+                db = dhv[b]
                 ib = dhin[b]
                 kb = keep[b]
                 for j in range(P):
