@@ -189,7 +189,8 @@ def test_row_choice(monkeypatch):
     assert nb.row_parts(50, 7, 256, 256, f32) == 1            # fewer than ROW_MIN rows a thread
     assert nb.row_parts(2, 8, 8, 8, f32) == 1                 # too little work
     assert nb.row_parts(50, 64, 256, 256, torch.float64) == 1
-    assert nb.prefers_rows(256, 256) and not nb.prefers_rows(512, 512)   # 1 MB of weights, not 4 MB
+    assert nb.prefers_rows(16, 256, 256) and not nb.prefers_rows(16, 512, 512)   # 1 MB of weights, not 4 MB
+    assert nb.prefers_rows(64, 512, 512)                                        # unless rows are many
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert nb.row_parts(50, 64, 256, 256, f32) == 1
 
@@ -432,9 +433,35 @@ def test_layer_norm_training_rows_match_reference(threaded, rows_train_seen, kw,
     assert len(rows_train_seen) == 2 * L * D and (0, 4) in rows_train_seen and (4, 9) in rows_train_seen
 
 
-def test_rows_training_only_with_layer_norm(threaded, rows_train_seen):
-    """Without layer norm the per-layer path trains (measured faster there): no row threads."""
+def test_rows_training_choice(threaded, rows_train_seen, monkeypatch):
+    """Variants without layer norm train on the per-layer path (measured faster there), and so do
+    plain layers with small steps: no row threads."""
     m = lstmkit.LSTM(4, 8, 2, peephole=True, zoneout=0.1, backend="numba")
     out, (h, c) = m(torch.randn(5, 9, 4))
     out.sum().backward()
     assert rows_train_seen == [] and m.weight_ih_l0.grad is not None
+    m = lstmkit.LSTM(4, 8, 1, backend="numba")
+    m(torch.randn(5, 9, 4))[0].sum().backward()
+    assert rows_train_seen == []
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    f32 = torch.float32
+    assert nb.rows_train(50, 64, 256, 256, f32, False, True) == 2       # 16M multiply-adds a step
+    assert nb.rows_train(200, 64, 512, 512, f32, False, True) == 2
+    assert nb.rows_train(100, 16, 128, 128, f32, False, True) == 1      # 1M: MKL's threads per step win
+    assert nb.rows_train(100, 16, 128, 128, f32, True, False) == 2      # layer norm
+    assert nb.rows_train(100, 16, 128, 128, f32, False, False) == 1     # other variants
+    assert nb.rows_train(50, 64, 256, 256, torch.float64, True, False) == 1
+
+
+@pytest.mark.parametrize("T,B,I,H,L,proj,bias,lengths", [
+    (7, 9, 4, 8, 1, 0, True, None),
+    (6, 8, 3, 6, 1, 2, False, [6, 2, 5, 1, 6, 3, 4, 4]),
+    (5, 8, 3, 8, 2, 0, True, [5, 2, 5, 1, 3, 3, 4, 4]),
+])
+def test_plain_training_rows_match_torch(threaded, rows_train_seen, monkeypatch, T, B, I, H, L, proj, bias, lengths):
+    """Training plain unidirectional layers with large steps: each layer's batch rows on two threads,
+    forward and backward; the output and every gradient are torch.nn.LSTM's."""
+    monkeypatch.setattr(nb, "ROW_TRAIN_MIN_STEP_MACS", 0)
+    _check_training(T, B, I, H, L, False, proj, bias, lengths)
+    half = (B + 1) // 2 if sorted(rows_train_seen)[-1][0] == (B + 1) // 2 else B // 2
+    assert sorted(rows_train_seen) == [(0, half)] * L + [(half, B)] * L

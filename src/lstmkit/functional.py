@@ -147,10 +147,10 @@ def lstm(
         if res is not NotImplemented:
             return res
 
-    # Training with variants: a backend may run each layer-direction, its input projection included,
-    # as one autograd node on several threads (``layer_rows_train``; NotImplemented: not this shape)
+    # Training: a backend may run each layer-direction, its input projection included, as one
+    # autograd node on several threads (``layer_rows_train``; NotImplemented: not this shape)
     rows = getattr(be, "layer_rows_train", None)
-    if plain or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         rows = None
     x = input
     h_n: list[Tensor] = []

@@ -328,18 +328,14 @@ class _RowsLayerFn(torch.autograd.Function):
 def layer_rows_train(x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor], ln_ih: Optional[Tensor],
                      w_hh: Tensor, w_hr: Optional[Tensor], h0: Tensor, c0: Tensor, batch_sizes: Optional[Tensor],
                      reverse: bool, opts: Optional[LayerOptions]):
-    """A differentiable layer-direction with variants from its input (projection included), its rows
-    on several threads (:class:`_RowsLayerFn`): (out (T,B,P), h_n, c_n), or NotImplemented where
-    one thread would run it (:func:`numba_cpu.row_parts`, :func:`numba_cpu.prefers_rows`) or without
-    layer norm."""
+    """A differentiable layer-direction from its input (projection included), its rows on several
+    threads (:class:`_RowsLayerFn`): (out (T,B,P), h_n, c_n), or NotImplemented where
+    :func:`numba_cpu.rows_train` leaves it to the other paths."""
     T, B, _ = x.shape
     H = c0.shape[1]
     P = w_hh.shape[1]
-    nparts = _plain.row_parts(T, B, H, P, x.dtype)
-    # layer norm only: its per-row statistics make the elementwise work worth two threads; for the
-    # other variants the per-layer path (one input product, MKL's threads in each step's product)
-    # measured 5-15% faster than the rows (T=100, B=16, H=128 and T=50, B=64, H=256)
-    if nparts < 2 or not _plain.prefers_rows(H, P) or ln_ih is None:
+    nparts = _plain.rows_train(T, B, H, P, x.dtype, ln_ih is not None, opts is None and ln_ih is None)
+    if nparts < 2:
         return NotImplemented
     for name, t in (("w_ih", w_ih), ("w_hh", w_hh), ("h0", h0), ("c0", c0)):
         if t.dtype != x.dtype:
@@ -415,5 +411,5 @@ def prefers_stack_variants(T: int, B: int, I: int, H: int, P: int, num_layers: i
     if bidirectional:
         return False
     if num_layers == 1:
-        return _plain.row_parts(T, B, H, P, dtype) > 1 and _plain.prefers_rows(H, P)
+        return _plain.row_parts(T, B, H, P, dtype) > 1 and _plain.prefers_rows(B, H, P)
     return _plain.parallel_threads(T, B, I, H, P, num_layers, 1, dtype) > 1
