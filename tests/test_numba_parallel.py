@@ -465,3 +465,22 @@ def test_plain_training_rows_match_torch(threaded, rows_train_seen, monkeypatch,
     _check_training(T, B, I, H, L, False, proj, bias, lengths)
     half = (B + 1) // 2 if sorted(rows_train_seen)[-1][0] == (B + 1) // 2 else B // 2
     assert sorted(rows_train_seen) == [(0, half)] * L + [(half, B)] * L
+
+
+def test_stack_rows_two_layers_match_torch(threaded, row_parts_seen):
+    """``stack_rows`` runs each thread's rows through every layer of a stack (the module uses it for
+    single layers; a stack measured about even with the pipeline): torch.nn.LSTM's numbers."""
+    from lstmkit.backends import _numba_variants as NV
+
+    ref, ours = _models(4, 8, 2, False, 3, True)
+    T, B = 6, 9
+    x, h0, c0 = _inputs(T, B, 4, 8, 2, 1, 3)
+    views, packed = nb._prepared(list(ours._flat_weights), torch.float32, lambda: [T * B, B, 0, 0, B] * 2)
+    h, c = h0.numpy().copy(), c0.numpy().copy()
+    out = np.empty((T, B, 3), np.float32)
+    NV.plain_stack_rows(x, views, packed, 2, True, True, np.zeros(0, np.int64), h, c, out, 2)
+    with torch.no_grad():
+        want, (h_n, c_n) = ref(x, (h0, c0))  # oracle
+    for a, b, name in ((out, want, "output"), (h, h_n, "h_n"), (c, c_n, "c_n")):
+        assert_close(torch.from_numpy(a), b, msg=name)
+    assert sorted(row_parts_seen) == [(0, 4), (0, 4), (4, 9), (4, 9)]

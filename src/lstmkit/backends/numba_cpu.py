@@ -416,8 +416,8 @@ def lstm_stack(
                 c_np[:] = _np(c0)
                 from . import _numba_variants  # imports this module
 
-                _numba_variants.plain_layer_rows(x, views, packed, bool(has_biases), proj_size > 0,
-                                                 _bs_np(batch_sizes), h_np[0], c_np[0], out_np, nparts)
+                _numba_variants.plain_stack_rows(x, views, packed, 1, bool(has_biases), proj_size > 0,
+                                                 _bs_np(batch_sizes), h_np, c_np, out_np, nparts)
                 return out, h_n, c_n
         nparts = unit_parts(T, B, I, H, P, num_layers, D, dtype)
         if nparts > 1:
