@@ -399,8 +399,8 @@ def rows_train_seen(monkeypatch):
                                 dict(layer_norm=True, peephole=True, recurrent_dropout=0.25, zoneout=(0.2, 0.1))])
 @pytest.mark.parametrize("L,bid,proj,bias,lengths", [
     (2, False, 0, True, None),
-    (1, True, 0, False, [7, 2, 5, 1, 7, 3, 6, 4, 7]),   # reverse direction, variable lengths
-    (2, False, 3, True, [7, 6, 5, 7, 1, 3, 2, 4, 7]),   # projections
+    (1, True, 0, False, [11, 2, 5, 1, 11, 3, 9, 4, 11]),   # reverse direction, variable lengths
+    (2, False, 3, True, [11, 6, 5, 11, 1, 3, 2, 9, 11]),   # projections
 ])
 def test_layer_norm_training_rows_match_reference(threaded, rows_train_seen, kw, L, bid, proj, bias, lengths):
     """Training with layer norm: each layer-direction (its input projection and input layer norm
@@ -418,7 +418,7 @@ def test_layer_norm_training_rows_match_reference(threaded, rows_train_seen, kw,
             p.add_(0.3 * torch.randn_like(p))
     ref.load_state_dict(ours.state_dict())
     D = 2 if bid else 1
-    x, h0, c0 = _inputs(7, 9, 4, 16, L, D, proj or 16)
+    x, h0, c0 = _inputs(11, 9, 4, 16, L, D, proj or 16)  # two chunks of steps (ROWS_CHUNK 8)
     results = []
     for m in (ref, ours):
         xs, hs, cs = (t.clone().requires_grad_() for t in (x, h0, c0))
@@ -454,7 +454,7 @@ def test_rows_training_choice(threaded, rows_train_seen, monkeypatch):
 
 
 @pytest.mark.parametrize("T,B,I,H,L,proj,bias,lengths", [
-    (7, 9, 4, 8, 1, 0, True, None),
+    (11, 9, 4, 8, 1, 0, True, None),                       # two chunks of steps (ROWS_CHUNK 8)
     (6, 8, 3, 6, 1, 2, False, [6, 2, 5, 1, 6, 3, 4, 4]),
     (5, 8, 3, 8, 2, 0, True, [5, 2, 5, 1, 3, 3, 4, 4]),
 ])

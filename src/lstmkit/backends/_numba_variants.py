@@ -219,7 +219,6 @@ def stack_rows(x: Tensor, views: tuple, packed: tuple, num_layers: int, has_bias
         bias = w[2][0] + w[3][0] if has_bias else np.zeros(0, npd)
         layers.append((w[0], wp[0], bias, ln[layer], w[1], wp[1], w[-1] if has_proj else no_hr,
                        wp[-1] if has_proj else wp[1]))
-    xg = np.empty((T, B, G), npd)
     ys = [np.empty((T, B, P), npd) for _ in range(num_layers - 1)] + [out]
     x_np = _plain._np(x)
     no_g, no_c, no_s = np.empty((0, B, G), npd), np.empty((0, B, H), npd), np.empty((0, B, 2), npd)
@@ -229,7 +228,7 @@ def stack_rows(x: Tensor, views: tuple, packed: tuple, num_layers: int, has_bias
     def part(k: int, r0: int, r1: int) -> None:
         for layer, (w_ih, w_ih_p, bias, ln_g, w_hh, w_hh_p, w_hr, w_hr_p) in enumerate(layers):
             KP.layer_rows_fwd(SGEMM, mkl, x_np if layer == 0 else ys[layer - 1], w_ih, w_ih_p, bias, ln_g, LN_EPS,
-                              w_hh, w_hh_p, w_hr, w_hr_p, h[layer], c[layer], bs, False, xg, ys[layer],
+                              w_hh, w_hh_p, w_hr, w_hr_p, h[layer], c[layer], bs, False, ys[layer],
                               *kos[layer].args(), no_g, no_c, no_c, no_g, no_s, no_g, no_r, r0, r1)
 
     _plain.run_rows(part, B, nparts)
@@ -261,7 +260,6 @@ class _RowsLayerFn(torch.autograd.Function):
         out, out_np = _plain._new((T, B, P), dt)
         h_n = h0.detach().clone(memory_format=torch.contiguous_format)
         c_n = c0.detach().clone(memory_format=torch.contiguous_format)
-        xg = np.empty((T, B, G), npd)
         gates = np.empty((T, B, G), npd)
         cs = np.empty((T, B, H), npd)
         cts = np.empty((T if ko.cell_zone else 0, B, H), npd)
@@ -275,7 +273,7 @@ class _RowsLayerFn(torch.autograd.Function):
             with serial_blas(True):  # no OpenMP region (spinning threads) right before the row threads
                 packs = [pk.pack(w, B if w.shape[0] else 0, True) for w in (w_ih_np, w_hh_np, w_hr_np)]
             args = (x_np, w_ih_np, packs[0], bias, ln, LN_EPS, w_hh_np, packs[1], w_hr_np, packs[2], h_n.numpy(),
-                    c_n.numpy(), bs, bool(reverse), xg, out_np, *ko.args(), gates, cs, cts, lnr, lns, xn, xr)
+                    c_n.numpy(), bs, bool(reverse), out_np, *ko.args(), gates, cs, cts, lnr, lns, xn, xr)
             _plain.run_rows(lambda k, r0, r1: KP.layer_rows_fwd(SGEMM, mkl, *args, r0, r1), B, nparts)
         ctx.save_for_backward(x, w_ih, b_ih, ln_ih, w_hh, w_hr, h0, c0, out, peephole, ln_hh, ln_cell_w, ln_cell_b)
         ctx.saved = (x_np, w_ih_np, w_hh_np, w_hr_np, ln, bs, bool(reverse), ko, gates, cs, cts, lnr, lns, xn, xr,

@@ -217,8 +217,9 @@ from lstmkit.bench._cpu import Case, _models, _inputs
 torch.set_num_threads({threads})
 case = Case(**{case!r})
 which = {which!r}
-# load libraries and JIT code on a tiny shape first, so the step below only allocates its tensors
-small = Case(3, 2, 4, 4, 1, case.bidirectional, min(case.proj_size, 2))
+# load libraries and JIT code on a short sequence of the same shape first (the same code paths),
+# so the step below only allocates its tensors
+small = Case(2, case.B, case.I, case.H, case.layers, case.bidirectional, case.proj_size)
 base, ours = _models(small, torch.float32)
 m = base if which == "torch" else ours
 x, h0, c0 = _inputs(small, torch.float32)

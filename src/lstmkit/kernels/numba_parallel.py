@@ -294,57 +294,74 @@ def stack_fwd_tasks_variants(sgemm, mkl, sched_yield, sched, abort, chunk, x, ws
         atomic_store(sched, L + layer, k + 1)
 
 
+# steps whose input projections a row thread computes at once before their recurrence (its scratch:
+# ROWS_CHUNK x B x 4H, instead of the whole sequence's projections)
+ROWS_CHUNK = 8
+
+
 @njit(**_JIT)
-def layer_rows_fwd(sgemm, mkl, x, w_ih, w_ih_p, bias, ln_ih, eps, w_hh, w_hh_p, w_hr, w_hr_p, h, c, bs, reverse, xg,
+def layer_rows_fwd(sgemm, mkl, x, w_ih, w_ih_p, bias, ln_ih, eps, w_hh, w_hh_p, w_hr, w_hr_p, h, c, bs, reverse,
                    out, mask, pe, ln_g, lnc_w, lnc_b, zc, zc_fill, zh, zh_fill, gates, cs, cts, lnr, lns, xn, xr,
                    r0, r1):
     """One thread's share of a layer-direction with variants: batch rows r0 .. r1 of every step,
-    their input projections included. Rows are independent, so the parts never wait for each
-    other; each reads all of the weights.
+    their input projections included (:data:`ROWS_CHUNK` steps at a time, then their recurrence).
+    Rows are independent, so the parts never wait for each other; each reads all of the weights.
 
     x      (T, B, I)     the input;  w_ih (G, I), w_ih_p its packed form for ``x @ w_ih.T`` or (0,)
     bias   (G,) or (0,)  b_ih + b_hh;  ln_ih (G,) or (0,) the input layer-norm gain (eps its epsilon)
-    xg     (T, B, G)     written: the input projections (layer norm and bias applied)
     xn     (T, B, G)     written with ln_ih: the normalized projections (before the gain), else (0, B, G)
     xr     (T, B)        written with ln_ih: their 1 / std, else (0, B)
     the rest as ``numba_variants.layer_fwd`` takes them (h, c, out and the saved arrays: shared,
     each part its rows; gates ... lns of zero steps to save nothing)
     """
     T = x.shape[0]
-    G = xg.shape[2]
+    B = x.shape[1]
+    G = w_ih.shape[0]
     lni = ln_ih.shape[0] > 0
     save_n = xn.shape[0] > 0
-    for t in range(T):
-        xt = xg[t][r0:r1]
-        mm(sgemm, mkl, x[t][r0:r1], w_ih, w_ih_p, True, xt)
-        if lni:
-            for b in range(r1 - r0):
-                row = xt[b]
-                # statistics accumulated in float64, as in _input_rows
-                mean = 0.0
-                for j in range(G):
-                    mean += row[j]
-                mean /= G
-                var = 0.0
-                for j in range(G):
-                    d = row[j] - mean
-                    var += d * d
-                rstd = xg.dtype.type(1.0 / np.sqrt(var / G + eps))
-                mean = xg.dtype.type(mean)
-                if save_n:
-                    nr = xn[t, r0 + b]
+    save = gates.shape[0] > 0
+    C = min(T, ROWS_CHUNK)
+    xgc = np.empty((C, B, G), x.dtype)  # this thread's rows only
+    nch = (T + C - 1) // C
+    for s in range(nch):
+        k = nch - 1 - s if reverse else s
+        t0 = k * C
+        t1 = min(T, t0 + C)
+        for t in range(t0, t1):
+            xt = xgc[t - t0][r0:r1]
+            mm(sgemm, mkl, x[t][r0:r1], w_ih, w_ih_p, True, xt)
+            if lni:
+                for b in range(r1 - r0):
+                    row = xt[b]
+                    # statistics accumulated in float64, as in _input_rows
+                    mean = 0.0
                     for j in range(G):
-                        nr[j] = (row[j] - mean) * rstd
-                    xr[t, r0 + b] = rstd
-                for j in range(G):
-                    row[j] = (row[j] - mean) * rstd * ln_ih[j]
-        if bias.shape[0] > 0:
-            for b in range(r1 - r0):
-                row = xt[b]
-                for j in range(G):
-                    row[j] += bias[j]
-    variant_layer_fwd(sgemm, mkl, xg, w_hh, w_hh_p, w_hr, w_hr_p, h, c, bs, reverse, out, mask, pe, ln_g, lnc_w,
-                      lnc_b, zc, zc_fill, zh, zh_fill, gates, cs, cts, lnr, lns, r0, r1)
+                        mean += row[j]
+                    mean /= G
+                    var = 0.0
+                    for j in range(G):
+                        d = row[j] - mean
+                        var += d * d
+                    rstd = x.dtype.type(1.0 / np.sqrt(var / G + eps))
+                    mean = x.dtype.type(mean)
+                    if save_n:
+                        nr = xn[t, r0 + b]
+                        for j in range(G):
+                            nr[j] = (row[j] - mean) * rstd
+                        xr[t, r0 + b] = rstd
+                    for j in range(G):
+                        row[j] = (row[j] - mean) * rstd * ln_ih[j]
+            if bias.shape[0] > 0:
+                for b in range(r1 - r0):
+                    row = xt[b]
+                    for j in range(G):
+                        row[j] += bias[j]
+        variant_layer_fwd(sgemm, mkl, xgc[:t1 - t0], w_hh, w_hh_p, w_hr, w_hr_p, h, c,
+                          bs[t0:t1] if bs.shape[0] > 0 else bs, reverse, out[t0:t1], mask, pe, ln_g, lnc_w, lnc_b,
+                          zc[t0:t1] if zc.shape[0] > 0 else zc, zc_fill, zh[t0:t1] if zh.shape[0] > 0 else zh,
+                          zh_fill, gates[t0:t1] if save else gates, cs[t0:t1] if save else cs,
+                          cts[t0:t1] if cts.shape[0] > 0 else cts, lnr[t0:t1] if lnr.shape[0] > 0 else lnr,
+                          lns[t0:t1] if lns.shape[0] > 0 else lns, r0, r1)
 
 
 @njit(**_JIT)
