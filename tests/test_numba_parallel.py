@@ -484,3 +484,42 @@ def test_stack_rows_two_layers_match_torch(threaded, row_parts_seen):
     for a, b, name in ((out, want, "output"), (h, h_n, "h_n"), (c, c_n, "c_n")):
         assert_close(torch.from_numpy(a), b, msg=name)
     assert sorted(row_parts_seen) == [(0, 4), (0, 4), (4, 9), (4, 9)]
+
+
+def _thread_names(n=2):
+    names = [None] * n
+
+    def job(k):
+        def run():
+            names[k] = threading.current_thread().name
+        return run
+
+    abort = np.zeros(1, np.int64)
+    assert nb._run_threads([job(k) for k in range(n)], abort)
+    return names
+
+
+@pytest.mark.skipif(nb._find_omp() is None, reason="torch's OpenMP runtime not found (not Linux/OpenMP)")
+def test_jobs_run_on_torchs_openmp_threads(monkeypatch):
+    """The threaded paths run on torch's own OpenMP team (no second set of threads competing with
+    its spinning ones); with LSTMKIT_OPENMP=0, or a team with fewer threads than jobs, on lstmkit's
+    Python threads; a job's error is raised in the caller either way."""
+    names = _thread_names()
+    assert names[0] == threading.current_thread().name and not names[1].startswith("lstmkit")
+    # a team smaller than the jobs: nothing runs there, the Python threads take all of them
+    gomp, num, _size, cb = nb._omp
+    monkeypatch.setattr(nb, "_omp", (gomp, num, lambda: 1, cb))
+    assert _thread_names()[1].startswith("lstmkit")
+    monkeypatch.setattr(nb, "_omp", None)  # as found with LSTMKIT_OPENMP=0
+    monkeypatch.setenv("LSTMKIT_OPENMP", "0")
+    assert nb._find_omp() is None
+    assert _thread_names()[1].startswith("lstmkit")
+    monkeypatch.undo()
+
+    def bad():
+        raise ValueError("job failed")
+
+    abort = np.zeros(1, np.int64)
+    with pytest.raises(ValueError, match="job failed"):
+        nb._run_threads([lambda: None, bad], abort)
+    assert abort[0] == 1

@@ -597,11 +597,16 @@ def pipe_chunk(T: int, B: int) -> int:
 def _run_threads(jobs: Sequence[Callable[[], None]], abort: np.ndarray) -> bool:
     """Run the jobs at once, jobs[0] on this thread; False (nothing run) when another call is using the
     pool. A job that raises sets ``abort``, so that jobs waiting for it return, then its error is
-    raised here."""
+    raised here.
+
+    The jobs run on torch's own OpenMP threads when they can (:func:`_omp_run`), else on a small
+    pool of Python threads."""
     global _pool, _pool_pid
     if not _pool_lock.acquire(blocking=False):
         return False
     try:
+        if _omp_run(jobs, abort):
+            return True
         workers = len(jobs) - 1
         if _pool is None or _pool_pid != os.getpid() or _pool._max_workers < workers:
             # a pool inherited through fork has no threads: start a new one
@@ -625,6 +630,87 @@ def _run_threads(jobs: Sequence[Callable[[], None]], abort: np.ndarray) -> bool:
     finally:
         _pool_lock.release()
     return True
+
+
+# --- torch's OpenMP threads -------------------------------------------------------------------
+# After each parallel torch op, torch's OpenMP threads keep spinning for a few milliseconds waiting
+# for more work (GNU libgomp's default), each on a core; a Python thread of lstmkit's own woken
+# then shares a core with one of them, and measured starting up to ~3 ms late. Running the jobs on
+# those very threads (GOMP_parallel of the libgomp torch loaded, the jobs as a ctypes callback that
+# takes the GIL only to start a job: the kernels release it) avoids that: training with the
+# threaded paths measured 8-20% faster (2 layers T=100 B=16 H=128: 16.9-18.5 -> 13.9 ms).
+# Linux with torch's OpenMP backend only; never in a forked child (libgomp is not fork-safe);
+# LSTMKIT_OPENMP=0 turns it off. The jobs run only when the team has one thread per job (some jobs
+# meet every step), else nothing runs and the Python threads take them.
+
+_omp: Optional[tuple] = None          # (GOMP_parallel, omp_get_thread_num, omp_get_num_threads, callback)
+_omp_pid: Optional[int] = None
+_omp_call: list = []                  # [jobs, abort, errors, short-team flag] of the running call
+
+
+def _omp_callback(_data) -> None:
+    jobs, abort, errors, short = _omp_call
+    omp = _omp
+    if omp[2]() != len(jobs):
+        short.append(True)            # fewer threads than jobs: run none here
+        return
+    try:
+        with serial_blas(True):
+            jobs[omp[1]()]()
+    except BaseException as e:  # noqa: BLE001 -- raised again by the calling thread
+        abort[0] = 1
+        errors.append(e)
+
+
+def _find_omp() -> Optional[tuple]:
+    """GOMP_parallel and friends from the libgomp that torch loaded, or None."""
+    if os.environ.get("LSTMKIT_OPENMP", "1") == "0" or not os.path.exists("/proc/self/maps"):
+        return None
+    import ctypes
+
+    if "OpenMP" not in torch.__config__.parallel_info():
+        return None
+    torch_dir = os.path.dirname(torch.__file__)
+    with open("/proc/self/maps") as fh:
+        paths = {line.split()[-1] for line in fh if "libgomp" in line}
+    ours = [p for p in paths if p.startswith(torch_dir)] or sorted(paths)
+    if len(ours) != 1:
+        return None
+    try:
+        lib = ctypes.CDLL(ours[0])
+        cb_type = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+        gomp = lib.GOMP_parallel
+        gomp.argtypes = [cb_type, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+        gomp.restype = None
+        num = lib.omp_get_thread_num
+        size = lib.omp_get_num_threads
+        num.restype = size.restype = ctypes.c_int
+    except (OSError, AttributeError):
+        return None
+    return gomp, num, size, cb_type(_omp_callback)
+
+
+def _omp_run(jobs: Sequence[Callable[[], None]], abort: np.ndarray) -> bool:
+    """Run the jobs on torch's OpenMP threads (one per job, jobs[0] on this thread); False when that
+    is not possible (nothing ran). The caller holds ``_pool_lock``."""
+    global _omp, _omp_pid, _omp_call
+    if len(jobs) < 2:
+        return False
+    pid = os.getpid()
+    if _omp_pid is None:
+        _omp, _omp_pid = _find_omp(), pid
+    if _omp is None or _omp_pid != pid:  # a forked child: the Python threads
+        return False
+    errors: list = []
+    short: list = []
+    _omp_call = [list(jobs), abort, errors, short]
+    try:
+        _omp[0](_omp[3], None, len(jobs), 0)
+    finally:
+        _omp_call = []
+    if errors:
+        raise errors[0]
+    return not short
 
 
 def _stack_parallel(x: np.ndarray, views: tuple, packed: tuple, num_layers: int, D: int, has_bias: bool,
