@@ -347,7 +347,7 @@ def layer_rows_train(x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], b_hh: Opti
     T, B, _ = x.shape
     H = c0.shape[1]
     P = w_hh.shape[1]
-    nparts = _plain.rows_train(T, B, H, P, x.dtype, ln_ih is not None, opts is None and ln_ih is None)
+    nparts = _plain.rows_train(T, B, H, P, x.dtype, opts is None and ln_ih is None)
     if nparts < 2:
         return NotImplemented
     for name, t in (("w_ih", w_ih), ("w_hh", w_hh), ("h0", h0), ("c0", c0)):

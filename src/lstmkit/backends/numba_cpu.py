@@ -517,21 +517,21 @@ def prefers_rows(B: int, H: int, P: int) -> bool:
     return 4 * H * P <= ROW_MAX_WEIGHTS or B >= ROW_MIN_ROWS_LARGE
 
 
-def rows_train(T: int, B: int, H: int, P: int, dtype: torch.dtype, layer_norm: bool, plain: bool) -> int:
+def rows_train(T: int, B: int, H: int, P: int, dtype: torch.dtype, plain: bool) -> int:
     """Threads sharing the batch rows of a layer-direction in training, its input projection and
     weight products included (``_numba_variants.layer_rows_train``), or 1: not this way.
 
-    Measured against the other paths (2 threads, ms): with layer norm, T=100 B=16 H=128 L=2 18.2 vs
-    21.0-23.7; plain single layers T=50 B=64 H=256 33 vs 39.5, T=100 B=32 H=256 proj=128 25-29 vs
-    30, T=200 B=64 H=512 516-522 vs 694-733, 2 layers T=50 B=64 H=256 73 vs 83-89, but T=100 B=16
-    H=128 8.7 vs 7.6 (small steps: one thread's MKL per step wins); peephole, dropout and zoneout
-    alone 5-15% slower than per layer."""
+    Measured against the other paths (2 threads, jobs on torch's OpenMP team, ms): every variant,
+    T=100 B=16 H=128 L=2: layer norm 17-18 vs 22-24, peephole 14.1 vs 17.5, recurrent dropout 14.6
+    vs 17.7, zoneout 15.0 vs 18.5, all of them 18-19 vs 26-29; T=50 B=64 H=256: peephole 37 vs 41-46,
+    all 49-54 vs 60-63. Plain layers only with large steps: T=50 B=64 H=256 33-35 vs 39.5-47,
+    T=100 B=32 H=256 proj=128 25-29 vs 30, T=200 B=64 H=512 516-522 vs 694-733, 2 layers T=50 B=64
+    H=256 73 vs 83-89; at T=100 B=16 H=128 (1M multiply-adds a step) even with the pipeline of the
+    fused stack path (13-14 ms) and behind a single layer's fused path (8.7 vs 7.6)."""
     nparts = row_parts(T, B, H, P, dtype)
-    if nparts < 2:
+    if nparts < 2 or (plain and B * 4 * H * P < ROW_TRAIN_MIN_STEP_MACS):
         return 1
-    if layer_norm or (plain and B * 4 * H * P >= ROW_TRAIN_MIN_STEP_MACS):
-        return nparts
-    return 1
+    return nparts
 
 
 def run_rows(kernel: Callable[[int, int, int], None], B: int, nparts: int) -> None:
@@ -1155,7 +1155,7 @@ def lstm_stack_train(
             raise TypeError(f"{name}: expected dtype {x.dtype}, got {t.dtype}")
     T, B, I = x.shape
     D = 2 if bidirectional else 1
-    if D == 1 and rows_train(T, B, c0.shape[2], h0.shape[2], x.dtype, False, True) > 1:
+    if D == 1 and rows_train(T, B, c0.shape[2], h0.shape[2], x.dtype, True) > 1:
         return NotImplemented  # the per-layer path runs each layer by rows (layer_rows_train)
     nthreads = parallel_threads(T, B, I, c0.shape[2], h0.shape[2], num_layers, D, x.dtype, training=True)
     if nthreads == 1 and not prefers_stack_train(T, B, I, c0.shape[2], h0.shape[2]):
