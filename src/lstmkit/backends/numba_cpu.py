@@ -444,8 +444,9 @@ def lstm_stack(
 
 # --- layers and directions on several threads --------------------------------------------------
 # With torch.get_num_threads() > 1, the two directions of a bidirectional layer run side by side,
-# and the layers of a unidirectional stack run as a pipeline over time (``kernels.numba_parallel``),
-# on a small pool of Python threads plus the calling one. Float32 with MKL only: each thread's
+# the layers of a unidirectional stack run as a pipeline over time, and a layer's batch rows or
+# hidden units are shared (``kernels.numba_parallel``), on torch's OpenMP team or a small pool of
+# Python threads plus the calling one (:func:`_run_threads`). Float32 with MKL only: each thread's
 # products go to MKL on that thread alone (SciPy's BLAS, for float64, has one shared pool).
 
 # multiply-adds of one layer-direction (T * B * 4H * (I + P)) from which the threads pay off

@@ -12,13 +12,17 @@ A single layer-direction's recurrence is sequential, but the units of work aroun
 * a single layer's step splits by hidden units: each thread multiplies the whole h_{t-1} with
   the weight rows of its units and finishes their gates, then the threads meet before the next
   step (:func:`layer_fwd_units`; h double-buffered so that no thread overwrites what another
-  still reads).
+  still reads);
+* the batch rows of a layer are independent at every step: each thread runs its rows' input
+  projections and recurrence without ever meeting the others (:func:`layer_rows_fwd`), and in
+  training their backward (:func:`layer_rows_bwd`), the weight products then split by steps
+  (:func:`layer_rows_grads`).
 
-The threads are Python threads calling these kernels, which release the GIL; their MKL calls
-run on the calling thread alone. Shared progress counters are int64 arrays accessed with
-atomic loads (acquire), stores (release) and compare-and-swap; a thread with nothing ready
-spins, then yields its core (``sched_yield``), and returns when the driver sets the abort flag
-(another thread failed).
+The threads (torch's OpenMP team, or Python threads; ``backends.numba_cpu._run_threads``) call
+these kernels, which release the GIL; their MKL calls run on the calling thread alone. Shared
+progress counters are int64 arrays accessed with atomic loads (acquire), stores (release) and
+compare-and-swap; a thread with nothing ready spins, then yields its core (``sched_yield``), and
+returns when the driver sets the abort flag (another thread failed).
 
 Dimension legend: T steps, B rows, I input features of a layer, H hidden size, G = 4H,
 P = proj_size or H, Q = D * P (a layer's output width).
