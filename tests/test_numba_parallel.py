@@ -327,22 +327,19 @@ VARIANT_KW = {
 }
 
 
-@pytest.mark.parametrize("variant", list(VARIANT_KW))
-@pytest.mark.parametrize("train_mode", [False, True])
-@pytest.mark.parametrize("proj,lengths", [(0, None), (3, [9, 4, 7])])
-def test_threaded_variants_inference_matches_reference(threaded, variant, train_mode, proj, lengths):
-    """Variants of a unidirectional stack without gradients run as the threaded pipeline and give
-    the reference backend's numbers (in training mode with the same seeded masks)."""
+def _check_variant_inference(variant, train_mode, L, B, proj, lengths):
+    """A numba LSTM with a variant, without gradients, against the reference backend with the same
+    (perturbed) parameters and, in training mode, the same seeded masks."""
     torch.manual_seed(0)
-    ours = lstmkit.LSTM(4, 8, 3, proj_size=proj, backend="numba", **VARIANT_KW[variant])
-    ref = lstmkit.LSTM(4, 8, 3, proj_size=proj, backend="reference", **VARIANT_KW[variant])
+    ours = lstmkit.LSTM(4, 8, L, proj_size=proj, backend="numba", **VARIANT_KW[variant])
+    ref = lstmkit.LSTM(4, 8, L, proj_size=proj, backend="reference", **VARIANT_KW[variant])
     with torch.no_grad():
         for p in ours.parameters():  # gains off 1, biases and peepholes off 0
             p.add_(0.3 * torch.randn_like(p))
     ref.load_state_dict(ours.state_dict())
     ours.train(train_mode)
     ref.train(train_mode)
-    x, h0, c0 = _inputs(9, 3, 4, 8, 3, 1, proj or 8)
+    x, h0, c0 = _inputs(9, B, 4, 8, L, 1, proj or 8)
     with torch.no_grad():
         torch.manual_seed(7)
         want = _forward(ref, x, h0, c0, lengths)  # oracle: the reference backend
@@ -350,6 +347,15 @@ def test_threaded_variants_inference_matches_reference(threaded, variant, train_
         got = _forward(ours, x, h0, c0, lengths)
     for a, b, name in zip(got, want, ("output", "h_n", "c_n")):
         assert_close(a, b, msg=name, table=TOL_NORMALIZED if variant in ("layer_norm", "all") else TOL)
+
+
+@pytest.mark.parametrize("variant", list(VARIANT_KW))
+@pytest.mark.parametrize("train_mode", [False, True])
+@pytest.mark.parametrize("proj,lengths", [(0, None), (3, [9, 4, 7])])
+def test_threaded_variants_inference_matches_reference(threaded, variant, train_mode, proj, lengths):
+    """Variants of a unidirectional stack without gradients run as the threaded pipeline and give
+    the reference backend's numbers (in training mode with the same seeded masks)."""
+    _check_variant_inference(variant, train_mode, 3, 3, proj, lengths)
     assert threaded and all(ok for _, ok in threaded), "the threaded path did not run"
 
 
@@ -359,23 +365,7 @@ def test_threaded_variants_inference_matches_reference(threaded, variant, train_
 def test_single_layer_variants_rows_match_reference(threaded, row_parts_seen, variant, train_mode, proj, lengths):
     """A single layer with variants, without gradients: its rows shared by two threads (input
     layer norm included), the reference backend's numbers."""
-    torch.manual_seed(0)
-    ours = lstmkit.LSTM(4, 8, 1, proj_size=proj, backend="numba", **VARIANT_KW[variant])
-    ref = lstmkit.LSTM(4, 8, 1, proj_size=proj, backend="reference", **VARIANT_KW[variant])
-    with torch.no_grad():
-        for p in ours.parameters():  # gains off 1, biases and peepholes off 0
-            p.add_(0.3 * torch.randn_like(p))
-    ref.load_state_dict(ours.state_dict())
-    ours.train(train_mode)
-    ref.train(train_mode)
-    x, h0, c0 = _inputs(9, 9, 4, 8, 1, 1, proj or 8)
-    with torch.no_grad():
-        torch.manual_seed(7)
-        want = _forward(ref, x, h0, c0, lengths)  # oracle: the reference backend
-        torch.manual_seed(7)
-        got = _forward(ours, x, h0, c0, lengths)
-    for a, b, name in zip(got, want, ("output", "h_n", "c_n")):
-        assert_close(a, b, msg=name, table=TOL_NORMALIZED if variant in ("layer_norm", "all") else TOL)
+    _check_variant_inference(variant, train_mode, 1, 9, proj, lengths)
     assert threaded == [(2, True)] and len(row_parts_seen) == 2, "the rows were not shared by two threads"
 
 
