@@ -272,12 +272,18 @@ def _child(queue):
     queue.put(tuple(out.shape))
 
 
-def test_threaded_path_after_fork(threaded):
-    """A process forked after the pool started gets a new pool (the inherited one has no threads)."""
-    _, ours = _models(4, 8, 2, True, 0, True)
-    with torch.no_grad():
-        ours(torch.randn(9, 3, 4))
-    assert threaded and threaded[-1][1]
+@pytest.mark.parametrize("parent_ran_threads", [True, False])
+def test_threaded_path_after_fork(threaded, parent_ran_threads):
+    """A process forked after the threads started gets a new pool (the inherited one has no
+    threads), and never torch's OpenMP team: in a child forked after an OpenMP region, libgomp
+    hangs (even torch.mm does), also when the parent's region was torch's own."""
+    if parent_ran_threads:
+        _, ours = _models(4, 8, 2, True, 0, True)
+        with torch.no_grad():
+            ours(torch.randn(9, 3, 4))
+        assert threaded and threaded[-1][1]
+    else:
+        torch.mm(torch.randn(256, 256), torch.randn(256, 256))  # an OpenMP region of torch's only
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(queue,))

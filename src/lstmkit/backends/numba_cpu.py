@@ -645,7 +645,10 @@ def _run_threads(jobs: Sequence[Callable[[], None]], abort: np.ndarray) -> bool:
 # meet every step), else nothing runs and the Python threads take them.
 
 _omp: Optional[tuple] = None          # (GOMP_parallel, omp_get_thread_num, omp_get_num_threads, callback)
-_omp_pid: Optional[int] = None
+_omp_found = False
+# libgomp is not fork-safe (in a child forked after the parent ran an OpenMP region, torch's own
+# torch.mm hangs): never used in a process forked after this module was imported
+_OMP_PID = os.getpid()
 _omp_call: list = []                  # [jobs, abort, errors, short-team flag] of the running call
 
 
@@ -694,13 +697,12 @@ def _find_omp() -> Optional[tuple]:
 def _omp_run(jobs: Sequence[Callable[[], None]], abort: np.ndarray) -> bool:
     """Run the jobs on torch's OpenMP threads (one per job, jobs[0] on this thread); False when that
     is not possible (nothing ran). The caller holds ``_pool_lock``."""
-    global _omp, _omp_pid, _omp_call
-    if len(jobs) < 2:
+    global _omp, _omp_found, _omp_call
+    if len(jobs) < 2 or os.getpid() != _OMP_PID:  # a forked child: the Python threads
         return False
-    pid = os.getpid()
-    if _omp_pid is None:
-        _omp, _omp_pid = _find_omp(), pid
-    if _omp is None or _omp_pid != pid:  # a forked child: the Python threads
+    if not _omp_found:
+        _omp, _omp_found = _find_omp(), True
+    if _omp is None:
         return False
     errors: list = []
     short: list = []
