@@ -402,9 +402,14 @@ def test_step_errors():
 
 @pytest.mark.parametrize("B,I,H,proj_size,bias", [(1, 3, 5, 0, True), (2, 4, 6, 3, False), (3, 4, 6, 0, True),
                                                    (1, 150, 130, 0, True)])
-def test_step_without_grad_matches_torch(B, I, H, proj_size, bias):
+def test_step_without_grad_matches_torch(B, I, H, proj_size, bias, monkeypatch):
     """step() under no_grad (the streaming fast path: straight into the backend's lstm_step) gives
     torch.nn.LSTM's numbers, one step at a time, for small and large weights and batches."""
+    from lstmkit.backends import numba_cpu
+
+    calls = []
+    real = numba_cpu.lstm_step
+    monkeypatch.setattr(numba_cpu, "lstm_step", lambda *a, **k: calls.append(1) or real(*a, **k))
     torch.manual_seed(4)
     ref = torch.nn.LSTM(I, H, 2, proj_size=proj_size, bias=bias)
     m = lstmkit.LSTM(I, H, 2, proj_size=proj_size, bias=bias)
@@ -418,6 +423,7 @@ def test_step_without_grad_matches_torch(B, I, H, proj_size, bias):
             assert_close(y, want[0])
     assert_close(state[0], want_state[0])
     assert_close(state[1], want_state[1])
+    assert len(calls) == 4, "steps 2-5 (a state tuple given) should take the lstm_step fast path"
 
 
 def test_step_state_errors():
