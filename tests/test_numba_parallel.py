@@ -518,3 +518,21 @@ def test_jobs_run_on_torchs_openmp_threads(monkeypatch):
     with pytest.raises(ValueError, match="job failed"):
         nb._run_threads([lambda: None, bad], abort)
     assert abort[0] == 1
+
+
+@pytest.mark.parametrize("variant", [None, "all"])
+def test_two_layer_inference_by_rows(threaded, row_parts_seen, variant):
+    """A 2-layer unidirectional stack in inference with enough rows: each thread runs its rows
+    through both layers (torch.nn.LSTM's numbers; with variants, the reference backend's)."""
+    if variant is not None:
+        _check_variant_inference(variant, False, 2, 9, 0, [9, 4, 7, 9, 1, 8, 2, 5, 6])
+    else:
+        ref, ours = _models(4, 8, 2, False, 0, True)
+        x, h0, c0 = _inputs(9, 9, 4, 8, 2, 1, 8)
+        with torch.no_grad():
+            want = _forward(ref, x, h0, c0, None)  # oracle
+            got = _forward(ours, x, h0, c0, None)
+        for a, b, name in zip(got, want, ("output", "h_n", "c_n")):
+            assert_close(a, b, msg=name)
+    assert sorted(row_parts_seen) == [(0, 4), (0, 4), (4, 9), (4, 9)]
+    assert nb.stack_rows_parts(100, 16, 128, 128, 3, 1, torch.float32) == 1   # deeper: the pipeline

@@ -198,9 +198,8 @@ def stack_rows(x: Tensor, views: tuple, packed: tuple, num_layers: int, has_bias
     """A unidirectional stack without gradients, its batch rows shared by nparts threads, each running
     its rows through every layer (input projections and recurrence,
     ``kernels.numba_parallel.layer_rows_fwd``): rows are independent at every layer, so the threads
-    never wait for each other. With every option off, the plain LSTM. Used for single layers: for
-    stacks it measured about even with the layer pipeline (T=100 B=16 H=128: 2 layers 4.3 vs 4.4 ms,
-    3 layers 6.3 vs 5.4 ms).
+    never wait for each other. With every option off, the plain LSTM. Used for stacks of up to
+    ``numba_cpu.ROWS_MAX_LAYERS`` layers (:func:`numba_cpu.stack_rows_parts`).
 
     views, packed: the weights as ``numba_cpu._prepared`` returns them; ln (L, G) or (L, 0) input
     layer-norm gains; kos: per-layer :class:`_Opts`; h (L, B, P) and c (L, B, H) hold h0, c0 on entry
@@ -380,8 +379,9 @@ def lstm_stack_variants(
     proj_size: int,
     batch_sizes: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """A unidirectional stack with variants, without gradients, as a pipeline of (layer, chunk) tasks
-    on several threads (``kernels.numba_parallel.stack_fwd_tasks_variants``): (out, h_n, c_n)."""
+    """A unidirectional stack with variants, without gradients, on several threads: by batch rows
+    (:func:`stack_rows`) or as a pipeline of (layer, chunk) tasks
+    (``kernels.numba_parallel.stack_fwd_tasks_variants``): (out, h_n, c_n)."""
     dtype = x.dtype
     T, B, I = x.shape
     H = c0.shape[2]
@@ -398,9 +398,10 @@ def lstm_stack_variants(
     h_np[:] = _plain._np(h0)
     c_np[:] = _plain._np(c0)
     bs = _plain._bs_np(batch_sizes)
-    if num_layers == 1:
+    nparts = _plain.stack_rows_parts(T, B, H, P, num_layers, 1, dtype)
+    if nparts > 1 or num_layers == 1:
         stack_rows(x, views, packed, num_layers, bool(has_biases), proj_size > 0, ln, kos, bs, h_np, c_np, out_np,
-                   _plain.row_parts(T, B, H, P, dtype))
+                   nparts)
         return out, h_n, c_n
     ys = np.empty((num_layers, T, B, P), npd)
     sched = np.zeros(2 * num_layers, np.int64)
@@ -423,6 +424,6 @@ def prefers_stack_variants(T: int, B: int, I: int, H: int, P: int, num_layers: i
     """Whether :func:`lstm_stack_variants` runs this shape (several threads pay off)."""
     if bidirectional:
         return False
-    if num_layers == 1:
-        return _plain.row_parts(T, B, H, P, dtype) > 1 and _plain.prefers_rows(B, H, P)
-    return _plain.parallel_threads(T, B, I, H, P, num_layers, 1, dtype) > 1
+    if _plain.stack_rows_parts(T, B, H, P, num_layers, 1, dtype) > 1:
+        return True
+    return num_layers > 1 and _plain.parallel_threads(T, B, I, H, P, num_layers, 1, dtype) > 1
