@@ -65,6 +65,17 @@ def _forward(model, x, h0, c0, lengths):
     return pad_packed_sequence(out, total_length=x.shape[0])[0], h, c
 
 
+def _check_inference(T, B, I, H, L, bid, proj, bias, lengths):
+    """Output, h_n and c_n without gradients, against torch.nn.LSTM with the same weights."""
+    ref, ours = _models(I, H, L, bid, proj, bias)
+    x, h0, c0 = _inputs(T, B, I, H, L, 2 if bid else 1, proj or H)
+    with torch.no_grad():
+        want = _forward(ref, x, h0, c0, lengths)  # oracle
+        got = _forward(ours, x, h0, c0, lengths)
+    for a, b, name in zip(got, want, ("output", "h_n", "c_n")):
+        assert_close(a, b, msg=name)
+
+
 @pytest.mark.parametrize("T,B,I,H,L,bid,proj,bias,lengths", [
     (9, 3, 4, 8, 2, False, 0, True, None),
     (9, 3, 4, 8, 3, False, 0, False, None),          # three layers on two threads
@@ -75,14 +86,7 @@ def _forward(model, x, h0, c0, lengths):
     (1, 3, 4, 8, 2, False, 0, True, None),
 ])
 def test_threaded_inference_matches_torch(threaded, T, B, I, H, L, bid, proj, bias, lengths):
-    D = 2 if bid else 1
-    ref, ours = _models(I, H, L, bid, proj, bias)
-    x, h0, c0 = _inputs(T, B, I, H, L, D, proj or H)
-    with torch.no_grad():
-        want = _forward(ref, x, h0, c0, lengths)  # oracle
-        got = _forward(ours, x, h0, c0, lengths)
-    for a, b, name in zip(got, want, ("output", "h_n", "c_n")):
-        assert_close(a, b, msg=name)
+    _check_inference(T, B, I, H, L, bid, proj, bias, lengths)
     assert threaded and all(ok for _, ok in threaded), "the threaded path did not run"
 
 
@@ -123,30 +127,29 @@ def _check_training(T, B, I, H, L, bid, proj, bias, lengths):
 ])
 def test_single_layer_units_on_threads_match_torch(threaded, T, B, I, H, bias, lengths):
     """A single layer in inference: its hidden units shared by two threads meeting every step."""
-    ref, ours = _models(I, H, 1, False, 0, bias)
-    x, h0, c0 = _inputs(T, B, I, H, 1, 1, H)
-    with torch.no_grad():
-        want = _forward(ref, x, h0, c0, lengths)  # oracle
-        got = _forward(ours, x, h0, c0, lengths)
-    for a, b, name in zip(got, want, ("output", "h_n", "c_n")):
-        assert_close(a, b, msg=name)
+    _check_inference(T, B, I, H, 1, False, 0, bias, lengths)
     assert threaded == [(2, True)], "the units were not shared by two threads"
 
 
-@pytest.fixture
-def row_parts_seen(monkeypatch):
-    """The row ranges of every ``layer_rows_fwd`` call (one per thread's share)."""
+def _spy_row_ranges(monkeypatch, kernel: str) -> list:
+    """Record the row range (its last two arguments) of every call of a rows kernel."""
     from lstmkit.kernels import numba_parallel as KP
 
     seen = []
-    real = KP.layer_rows_fwd
+    real = getattr(KP, kernel)
 
     def spy(*args):
         seen.append(args[-2:])
         return real(*args)
 
-    monkeypatch.setattr(KP, "layer_rows_fwd", spy)
+    monkeypatch.setattr(KP, kernel, spy)
     return seen
+
+
+@pytest.fixture
+def row_parts_seen(monkeypatch):
+    """The row ranges of every ``layer_rows_fwd`` call (one per thread's share)."""
+    return _spy_row_ranges(monkeypatch, "layer_rows_fwd")
 
 
 @pytest.mark.parametrize("T,B,I,H,proj,bias,lengths", [
@@ -157,13 +160,7 @@ def row_parts_seen(monkeypatch):
 def test_single_layer_rows_on_threads_match_torch(threaded, row_parts_seen, T, B, I, H, proj, bias, lengths):
     """A single layer in inference with enough rows: its batch rows shared by two threads, each
     with its own input projections and recurrence."""
-    ref, ours = _models(I, H, 1, False, proj, bias)
-    x, h0, c0 = _inputs(T, B, I, H, 1, 1, proj or H)
-    with torch.no_grad():
-        want = _forward(ref, x, h0, c0, lengths)  # oracle
-        got = _forward(ours, x, h0, c0, lengths)
-    for a, b, name in zip(got, want, ("output", "h_n", "c_n")):
-        assert_close(a, b, msg=name)
+    _check_inference(T, B, I, H, 1, False, proj, bias, lengths)
     assert threaded == [(2, True)], "the rows were not shared by two threads"
     assert sorted(row_parts_seen) == [(0, B // 2), (B // 2, B)] or sorted(row_parts_seen) == [(0, (B + 1) // 2),
                                                                                              ((B + 1) // 2, B)]
@@ -378,17 +375,7 @@ def test_single_layer_variants_rows_match_reference(threaded, row_parts_seen, va
 @pytest.fixture
 def rows_train_seen(monkeypatch):
     """Row ranges of every ``layer_rows_bwd`` call (a training layer's backward, per thread)."""
-    from lstmkit.kernels import numba_parallel as KP
-
-    seen = []
-    real = KP.layer_rows_bwd
-
-    def spy(*args):
-        seen.append(args[-2:])
-        return real(*args)
-
-    monkeypatch.setattr(KP, "layer_rows_bwd", spy)
-    return seen
+    return _spy_row_ranges(monkeypatch, "layer_rows_bwd")
 
 
 @pytest.mark.parametrize("kw", [dict(layer_norm=True),
@@ -527,12 +514,6 @@ def test_two_layer_inference_by_rows(threaded, row_parts_seen, variant):
     if variant is not None:
         _check_variant_inference(variant, False, 2, 9, 0, [9, 4, 7, 9, 1, 8, 2, 5, 6])
     else:
-        ref, ours = _models(4, 8, 2, False, 0, True)
-        x, h0, c0 = _inputs(9, 9, 4, 8, 2, 1, 8)
-        with torch.no_grad():
-            want = _forward(ref, x, h0, c0, None)  # oracle
-            got = _forward(ours, x, h0, c0, None)
-        for a, b, name in zip(got, want, ("output", "h_n", "c_n")):
-            assert_close(a, b, msg=name)
+        _check_inference(9, 9, 4, 8, 2, False, 0, True, None)
     assert sorted(row_parts_seen) == [(0, 4), (0, 4), (4, 9), (4, 9)]
     assert nb.stack_rows_parts(100, 16, 128, 128, 3, 1, torch.float32) == 1   # deeper: the pipeline
