@@ -517,3 +517,22 @@ def test_two_layer_inference_by_rows(threaded, row_parts_seen, variant):
         _check_inference(9, 9, 4, 8, 2, False, 0, True, None)
     assert sorted(row_parts_seen) == [(0, 4), (0, 4), (4, 9), (4, 9)]
     assert nb.stack_rows_parts(100, 16, 128, 128, 3, 1, torch.float32) == 1   # deeper: the pipeline
+
+
+def test_rows_training_batch_first(threaded, rows_train_seen):
+    """Training by rows from a batch-first (non-contiguous time-first) input: the input gradient
+    reaches the batch-first tensor; every number is the reference backend's."""
+    torch.manual_seed(0)
+    ours = lstmkit.LSTM(4, 16, 1, batch_first=True, peephole=True, backend="numba")
+    ref = lstmkit.LSTM(4, 16, 1, batch_first=True, peephole=True, backend="reference")
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(9, 6, 4)  # (B, T, I)
+    results = []
+    for m in (ref, ours):
+        xs = x.clone().requires_grad_()
+        out, (h, c) = m(xs)
+        (out.square().sum() + h.sum() + c.sum()).backward()
+        results.append([out, h, c, xs.grad] + [p.grad for p in m.parameters()])
+    for want, got in zip(*results):  # results[0]: the oracle (reference backend)
+        assert_close(got, want)
+    assert len(rows_train_seen) == 2
