@@ -315,7 +315,7 @@ class _RowsLayerFn(torch.autograd.Function):
             _plain.run_rows(lambda k, r0, r1: KP.layer_rows_bwd(SGEMM, mkl, *args, *acc[k], r0, r1), B, nparts)
         # the weight products, split by steps among the threads (each its own partial sums)
         dx, dx_np = _plain._new((T, B, I) if ng[0] else (0, B, I), dt)
-        bounds = [round(k * T / nparts) for k in range(nparts + 1)]
+        bounds = _plain.even_bounds(T, nparts)
         spans = [(t0, t1) for t0, t1 in zip(bounds, bounds[1:]) if t1 > t0]
         dws = [(np.zeros((G, I), npd), np.zeros((G, P), npd), np.zeros((P, H) if proj else (0, 0), npd))
                for _ in spans]

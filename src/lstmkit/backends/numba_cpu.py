@@ -546,12 +546,17 @@ def rows_train(T: int, B: int, H: int, P: int, dtype: torch.dtype, plain: bool) 
     return nparts
 
 
+def even_bounds(n: int, nparts: int) -> list[int]:
+    """nparts + 1 bounds splitting range(n) into nearly equal consecutive parts."""
+    return [round(k * n / nparts) for k in range(nparts + 1)]
+
+
 def run_rows(kernel: Callable[[int, int, int], None], B: int, nparts: int) -> None:
     """kernel(k, r0, r1) for nparts ranges of the B rows at once on the thread pool (one call
     kernel(0, 0, B) here when nparts is 1 or the pool is busy). The calls must touch only their
     rows (and part k's own accumulators)."""
     if nparts > 1:
-        bounds = [round(k * B / nparts) for k in range(nparts + 1)]
+        bounds = even_bounds(B, nparts)
 
         def job(k: int) -> Callable[[], None]:
             return lambda: kernel(k, bounds[k], bounds[k + 1])

@@ -40,6 +40,7 @@ from .numba_lstm import _JIT, act_sigmoid, act_tanh, layer_bwd, layer_fwd, mm
 from .numba_stack import grads_hh, grads_ih, mm_tn, weight_grads
 from .numba_variants import layer_bwd as variant_layer_bwd
 from .numba_variants import layer_fwd as variant_layer_fwd
+from .numba_variants import ln_bwd_row
 
 
 @intrinsic
@@ -134,25 +135,32 @@ def wait_task(sched_yield, sched, abort, num_layers, nchunks):
 
 
 @njit(**_JIT)
-def chunk_input(sgemm, mkl, x, ys, layer, t0, t1, w_ih, w_ih_p, xg):
-    """The input projections of steps t0 .. t1 of a layer (x for layer 0, else the output of the
-    layer below in ys) into xg[:t1 - t0], which is returned."""
-    B = x.shape[1]
+def next_chunk(sgemm, mkl, sched_yield, sched, abort, chunk, x, ys, ws, wps, has_bias, has_proj, bs, xg):
+    """The next ready (layer, chunk) task of a pipeline (:func:`wait_task`) with the input projections
+    of its steps done (x for layer 0, else the output of the layer below in ys; into xg):
+    (layer, k, t0, t1, xc, bias, w_hh, w_hh_p, w_hr, w_hr_p, bs_c), with bias b_ih + b_hh or (0,),
+    w_hr (0, H) and any prepared array without projection, bs_c the steps' active rows; layer < 0
+    once every task is done or the abort flag is set."""
+    T, B, _ = x.shape
+    G = xg.shape[2]
+    per = 2 + (2 if has_bias else 0) + (1 if has_proj else 0)
+    no_bias = np.empty(0, x.dtype)
+    no_proj = np.empty((0, G // 4), x.dtype)
+    layer, k = wait_task(sched_yield, sched, abort, ys.shape[0], (T + chunk - 1) // chunk)
+    if layer < 0:
+        return layer, k, 0, 0, xg, no_bias, ws[0], wps[0], no_proj, wps[0], bs
+    t0 = k * chunk
+    t1 = min(T, t0 + chunk)
     n = t1 - t0
+    w = layer * per
     inp = x[t0:t1] if layer == 0 else ys[layer - 1, t0:t1]
     xc = xg[:n]
-    mm(sgemm, mkl, inp.reshape(n * B, inp.shape[2]), w_ih, w_ih_p, True, xc.reshape(n * B, xg.shape[2]))
-    return xc
-
-
-@njit(**_JIT)
-def layer_extras(ws, wps, w, per, has_bias, has_proj, no_bias, no_proj):
-    """(b_ih + b_hh or no_bias, w_hr or no_proj, w_hr prepared (or any prepared array)) of the
-    layer-direction whose weights start at ws[w] (``per`` weights each)."""
+    mm(sgemm, mkl, inp.reshape(n * B, inp.shape[2]), ws[w], wps[w], True, xc.reshape(n * B, G))
     bias = ws[w + 2][0] + ws[w + 3][0] if has_bias else no_bias
-    if has_proj:
-        return bias, ws[w + per - 1], wps[w + per - 1]
-    return bias, no_proj, wps[w + 1]
+    w_hr = ws[w + per - 1] if has_proj else no_proj
+    w_hr_p = wps[w + per - 1] if has_proj else wps[w + 1]
+    bs_c = bs[t0:t1] if bs.shape[0] > 0 else bs
+    return layer, k, t0, t1, xc, bias, ws[w + 1], wps[w + 1], w_hr, w_hr_p, bs_c
 
 
 @njit(**_JIT)
@@ -174,27 +182,16 @@ def stack_fwd_tasks(sgemm, mkl, sched_yield, sched, abort, chunk, x, ws, wps, nu
     ys (L, T, B, P)     written: every layer's output (ys[L - 1] is the stack's)
     gates (L, T, B, G), cs (L, T, B, H): saved for backward, or (L, 0, B, *) to save nothing
     """
-    T, B, I = x.shape
+    B = x.shape[1]
     L = num_layers
-    H = c.shape[2]
-    G = 4 * H
-    per = 2 + (2 if has_bias else 0) + (1 if has_proj else 0)
-    nchunks = (T + chunk - 1) // chunk
     save = gates.shape[1] > 0
-    xg = np.empty((chunk, B, G), x.dtype)
-    no_bias = np.empty(0, x.dtype)
-    no_proj = np.empty((0, H), x.dtype)
+    xg = np.empty((chunk, B, 4 * c.shape[2]), x.dtype)
     while True:
-        layer, k = wait_task(sched_yield, sched, abort, L, nchunks)
+        layer, k, t0, t1, xc, bias, w_hh, w_hh_p, w_hr, w_hr_p, bs_c = next_chunk(
+            sgemm, mkl, sched_yield, sched, abort, chunk, x, ys, ws, wps, has_bias, has_proj, bs, xg)
         if layer < 0:
             return
-        t0 = k * chunk
-        t1 = min(T, t0 + chunk)
-        w = layer * per
-        xc = chunk_input(sgemm, mkl, x, ys, layer, t0, t1, ws[w], wps[w], xg)
-        bias, w_hr, w_hr_p = layer_extras(ws, wps, w, per, has_bias, has_proj, no_bias, no_proj)
-        bs_c = bs[t0:t1] if bs.shape[0] > 0 else bs
-        layer_fwd(sgemm, mkl, xc, bias, ws[w + 1], wps[w + 1], w_hr, w_hr_p, h[layer], c[layer], bs_c, False,
+        layer_fwd(sgemm, mkl, xc, bias, w_hh, w_hh_p, w_hr, w_hr_p, h[layer], c[layer], bs_c, False,
                   ys[layer, t0:t1], 0, gates[layer, t0:t1] if save else gates[layer],
                   cs[layer, t0:t1] if save else cs[layer])
         atomic_store(sched, L + layer, k + 1)
@@ -267,32 +264,23 @@ def stack_fwd_tasks_variants(sgemm, mkl, sched_yield, sched, abort, chunk, x, ws
     epsilon), masks (L, B, P), pe (L, 3, H), ln_g (L, G), lnc_w (L, H), lnc_b (L, H),
     zc (L, T, B, H), zc_fill (L, H), zh (L, T, B, P), zh_fill (L, P).
     """
-    T, B, I = x.shape
+    B = x.shape[1]
     L = num_layers
     H = c.shape[2]
     G = 4 * H
-    per = 2 + (2 if has_bias else 0) + (1 if has_proj else 0)
-    nchunks = (T + chunk - 1) // chunk
     xg = np.empty((chunk, B, G), x.dtype)
-    no_bias = np.empty(0, x.dtype)
-    no_proj = np.empty((0, H), x.dtype)
     no_g = np.empty((0, B, G), x.dtype)
     no_c = np.empty((0, B, H), x.dtype)
     no_s = np.empty((0, B, 2), x.dtype)
     while True:
-        layer, k = wait_task(sched_yield, sched, abort, L, nchunks)
+        layer, k, t0, t1, xc, bias, w_hh, w_hh_p, w_hr, w_hr_p, bs_c = next_chunk(
+            sgemm, mkl, sched_yield, sched, abort, chunk, x, ys, ws, wps, has_bias, has_proj, bs, xg)
         if layer < 0:
             return
-        t0 = k * chunk
-        t1 = min(T, t0 + chunk)
-        w = layer * per
-        xc = chunk_input(sgemm, mkl, x, ys, layer, t0, t1, ws[w], wps[w], xg)
-        bias, w_hr, w_hr_p = layer_extras(ws, wps, w, per, has_bias, has_proj, no_bias, no_proj)
         _input_rows(xc.reshape(xc.shape[0] * B, G), bias, ln_ih[layer], eps)
-        bs_c = bs[t0:t1] if bs.shape[0] > 0 else bs
         zcl = zc[layer, t0:t1] if zc.shape[1] > 0 else zc[layer]
         zhl = zh[layer, t0:t1] if zh.shape[1] > 0 else zh[layer]
-        variant_layer_fwd(sgemm, mkl, xc, ws[w + 1], wps[w + 1], w_hr, w_hr_p, h[layer], c[layer], bs_c, False,
+        variant_layer_fwd(sgemm, mkl, xc, w_hh, w_hh_p, w_hr, w_hr_p, h[layer], c[layer], bs_c, False,
                           ys[layer, t0:t1], masks[layer], pe[layer], ln_g[layer], lnc_w[layer], lnc_b[layer], zcl,
                           zc_fill[layer], zhl, zh_fill[layer], no_g, no_c, no_c, no_g, no_s, 0, B)
         atomic_store(sched, L + layer, k + 1)
@@ -392,7 +380,6 @@ def layer_rows_bwd(sgemm, mkl, gates, cs, cts, lnr, lns, h0, c0, w_hh, w_hh_p, w
     P = hprev.shape[2]
     lni = ln_ih.shape[0] > 0
     masked = mask.shape[0] > 0
-    inv = dgates.dtype.type(1.0) / dgates.dtype.type(G)
     for t in range(T):
         nb = B if bs.shape[0] == 0 else bs[t]
         hi = min(nb, r1)
@@ -402,21 +389,7 @@ def layer_rows_bwd(sgemm, mkl, gates, cs, cts, lnr, lns, h0, c0, w_hh, w_hh_p, w
                 for j in range(G):
                     db[j] += dg[j]
             if lni:
-                nr = xn[t, row]
-                s1 = dgates.dtype.type(0.0)
-                s2 = dgates.dtype.type(0.0)
-                for j in range(G):
-                    dy = dg[j] * ln_ih[j]
-                    s1 += dy
-                    s2 += dy * nr[j]
-                for j in range(G):
-                    dln_ih[j] += dg[j] * nr[j]
-                m1 = s1 * inv
-                m2 = s2 * inv
-                rstd = xr[t, row]
-                dpr = dp[t, row]
-                for j in range(G):
-                    dpr[j] = rstd * (dg[j] * ln_ih[j] - m1 - nr[j] * m2)
+                ln_bwd_row(dg, xn[t, row], ln_ih, xr[t, row], dp[t, row], dln_ih)
             # the h step t started from: h0 at the row's first step, else the output of the step
             # before in processing order
             if reverse:

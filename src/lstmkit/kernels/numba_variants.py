@@ -200,6 +200,26 @@ def _zone_rows(old, new, zt, fill, nb):
 
 
 @njit(inline="always", **_JIT)
+def ln_bwd_row(dy, nrm, gain, rstd, out, dgain):
+    """Backward of one row of a layer norm y = nrm * gain (+ bias), nrm = (v - mean) * rstd:
+    dgain (X,) += dy * nrm, and out (X,) = the gradient of v (out may be dy itself)."""
+    X = dy.shape[0]
+    inv = dy.dtype.type(1.0) / dy.dtype.type(X)
+    for j in range(X):
+        dgain[j] += dy[j] * nrm[j]
+    s1 = dy.dtype.type(0.0)
+    s2 = dy.dtype.type(0.0)
+    for j in range(X):
+        dx = dy[j] * gain[j]
+        s1 += dx
+        s2 += dx * nrm[j]
+    m1 = s1 * inv
+    m2 = s2 * inv
+    for j in range(X):
+        out[j] = rstd * (dy[j] * gain[j] - m1 - nrm[j] * m2)
+
+
+@njit(inline="always", **_JIT)
 def _bwd_rows(gt, cprev, ctil, dhp, dc, zone, zt, fill, peep, pe, lnc_w, lnc_b, dg, hps, tc, dct, xh,
               rsb, dpe, dlnc_w, dlnc_b, nb):
     """Backward of :func:`_gates_rows`, :func:`_hp_rows` and the cell zoneout for nb rows.
@@ -218,7 +238,6 @@ def _bwd_rows(gt, cprev, ctil, dhp, dc, zone, zt, fill, peep, pe, lnc_w, lnc_b, 
     """
     H = ctil.shape[1]
     one = gt.dtype.type(1.0)
-    inv = one / gt.dtype.type(H)
     lnc = lnc_w.shape[0] > 0
     # one short loop per result: each reads few arrays, so the compiler's overlap checks stay
     # within its limit and the loop vectorizes (see numba_lstm._step_bwd)
@@ -264,19 +283,8 @@ def _bwd_rows(gt, cprev, ctil, dhp, dc, zone, zt, fill, peep, pe, lnc_w, lnc_b, 
             for j in range(H):
                 dr[j] = dhr[j] * og[j] * (one - tr[j] * tr[j])  # gradient of LN_c(c~)
             for j in range(H):
-                dlnc_w[j] += dr[j] * xr[j]
-            for j in range(H):
                 dlnc_b[j] += dr[j]
-            s1 = gt.dtype.type(0.0)
-            s2 = gt.dtype.type(0.0)
-            for j in range(H):
-                dx = dr[j] * lnc_w[j]
-                s1 += dx
-                s2 += dx * xr[j]
-            m1 = s1 * inv
-            m2 = s2 * inv
-            for j in range(H):
-                dr[j] = rs * (dr[j] * lnc_w[j] - m1 - xr[j] * m2)
+            ln_bwd_row(dr, xr, lnc_w, rs, dr, dlnc_w)
     else:
         for b in range(nb):
             og = gt[b, 3 * H:]
