@@ -234,14 +234,12 @@ def test_cell_step_matches_torch(B, I, H, bias, dtype):
 # --- through lstmkit.LSTM ---------------------------------------------------------------------
 
 def test_module_inference_uses_the_stack_hook(monkeypatch):
+    """Inference calls go to the backend's lstm_stack; one-step calls given a state (streaming) to
+    its lstm_step."""
     calls = []
-    real = nb.lstm_stack
-
-    def spy(*a, **kw):
-        calls.append(1)
-        return real(*a, **kw)
-
-    monkeypatch.setattr(nb, "lstm_stack", spy)
+    for name in ("lstm_stack", "lstm_step"):
+        real = getattr(nb, name)
+        monkeypatch.setattr(nb, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
     torch.manual_seed(4)
     ours = lstmkit.LSTM(3, 5, 2, backend="numba")
     oracle = torch.nn.LSTM(3, 5, 2)
@@ -254,9 +252,12 @@ def test_module_inference_uses_the_stack_hook(monkeypatch):
             y, state = ours(x[t:t + 1], state)
             want_y, want_state = oracle(x[t:t + 1], want_state)
             assert_close(y, want_y)
+        y, state = ours(x[3:], state)
+        want_y, want_state = oracle(x[3:], want_state)
+        assert_close(y, want_y)
     assert_close(state[0], want_state[0])
     assert_close(state[1], want_state[1])
-    assert len(calls) == 3
+    assert calls == ["lstm_stack", "lstm_step", "lstm_step", "lstm_stack"]
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -392,3 +393,25 @@ def test_inference_sees_writes_through_data(T, B, H):
         m.weight_hh_l1.data.copy_(torch.randn_like(m.weight_hh_l1))
         ref.load_state_dict(m.state_dict())
         assert_close(m(x)[0], ref(x)[0])
+
+
+@pytest.mark.parametrize("T,B,L,proj", [(1, 16, 2, 0), (4, 16, 1, 3), (7, 9, 2, 0), (1, 5, 2, 4)])
+def test_short_calls_use_live_weights(T, B, L, proj, monkeypatch):
+    """Short calls of up to SHORT_CALL_ROWS rows in all (streaming chunks of a batch) compute on the
+    weights as stored: no prepared copy to check against the weights (which cost more than the call)."""
+    prepared = []
+    real = nb._prepared
+    monkeypatch.setattr(nb, "_prepared", lambda *a, **k: prepared.append(1) or real(*a, **k))
+    torch.manual_seed(8)
+    ref = torch.nn.LSTM(40, 48, L, proj_size=proj)
+    ours = lstmkit.LSTM(40, 48, L, proj_size=proj)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(T, B, 40)
+    state = (torch.randn(L, B, proj or 48), torch.randn(L, B, 48))
+    with torch.no_grad():
+        got, (h, c) = ours(x, state)
+        want, (wh, wc) = ref(x, state)  # oracle
+    assert_close(got, want)
+    assert_close(h, wh)
+    assert_close(c, wc)
+    assert not prepared

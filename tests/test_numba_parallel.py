@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -28,6 +29,8 @@ def threaded(monkeypatch):
     monkeypatch.setattr(nb, "PARALLEL_MIN_MACS", 0)
     monkeypatch.setattr(nb, "SPLIT_MIN_MACS", 0)
     monkeypatch.setattr(nb, "TINY_WEIGHTS", 0)  # these small models would take the no-BLAS kernel
+    monkeypatch.setattr(nb, "SHORT_CALL_ROWS", 0)  # ... and these short calls the unthreaded one
+    monkeypatch.setattr(nb, "lstm_step", None)  # one-step calls with a state: the stack, not the step path
     monkeypatch.setattr(nb, "PIPE_MIN_ROWS", 1)  # many small chunks: every task ordering gets exercised
     ran = []
     real = nb._run_threads
@@ -536,3 +539,146 @@ def test_rows_training_batch_first(threaded, rows_train_seen):
     for want, got in zip(*results):  # results[0]: the oracle (reference backend)
         assert_close(got, want)
     assert len(rows_train_seen) == 2
+
+
+# -- one step on torch's OpenMP team (kernels.numba_step) -------------------------------------------
+needs_team = pytest.mark.skipif(nb._step_team() is None, reason="torch's OpenMP runtime not found")
+
+
+@pytest.fixture
+def team_steps(monkeypatch):
+    """Two threads, the team split taken at any size and idle gap; records the team sizes asked for."""
+    from lstmkit.kernels import numba_step
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    monkeypatch.setattr(nb, "STEP_TEAM_MIN", 0)
+    monkeypatch.setattr(nb, "STEP_TEAM_HOT_S", 1e9)
+    monkeypatch.setattr(nb, "STEP_TEAM_UNITS", 1)
+    seen = []
+    real = numba_step.stack_step_team
+    monkeypatch.setattr(numba_step, "stack_step_team", lambda team, n, *a: seen.append(n) or real(team, n, *a))
+    yield seen
+    torch.set_num_threads(prev)
+
+
+@needs_team
+@pytest.mark.parametrize("B,I,H,proj,bias,dtype", [
+    (1, 5, 7, 0, True, torch.float32),     # units split 3 + 4
+    (2, 6, 33, 0, False, torch.float32),
+    (8, 4, 10, 3, True, torch.float32),    # projection: a second meeting per layer, 8 rows
+    (3, 9, 12, 5, True, torch.float64),
+    (1, 130, 128, 0, True, torch.float32),  # the streaming benchmark's size
+])
+def test_step_on_team_matches_torch(team_steps, B, I, H, proj, bias, dtype):
+    """step() and one-step forward() split over the team give torch.nn.LSTM's numbers, step after
+    step with the state carried, for 1 to 3 layers."""
+    for L in (1, 3):
+        torch.manual_seed(L)
+        ref = torch.nn.LSTM(I, H, L, proj_size=proj, bias=bias, dtype=dtype)
+        ours = lstmkit.LSTM(I, H, L, proj_size=proj, bias=bias, dtype=dtype)
+        ours.load_state_dict(ref.state_dict())
+        x = torch.randn(4, B, I, dtype=dtype)
+        state = want = (torch.randn(L, B, proj or H, dtype=dtype), torch.randn(L, B, H, dtype=dtype))
+        team_steps.clear()
+        with torch.no_grad():
+            for t in range(4):
+                y, state = ours.step(x[t], state) if t % 2 else ours(x[t:t + 1], state)
+                y_ref, want = ref(x[t:t + 1], want)  # oracle
+                assert_close(y.reshape(B, -1), y_ref[0])
+        assert_close(state[0], want[0])
+        assert_close(state[1], want[1])
+        assert team_steps == [2] * 4
+
+
+@needs_team
+@pytest.mark.parametrize("nthreads", [1, 3])
+def test_step_team_of_other_sizes(nthreads):
+    """The kernel on a team of one thread and of three (more threads than cores; uneven unit and
+    projection splits; every thread must wait for the others at each meeting)."""
+    from lstmkit.kernels import numba_step
+
+    torch.manual_seed(7)
+    B, I, H, P, L = 2, 5, 11, 4, 3
+    ref = torch.nn.LSTM(I, H, L, proj_size=P)
+    ours = lstmkit.LSTM(I, H, L, proj_size=P)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(B, I)
+    h0, c0 = torch.randn(L, B, P), torch.randn(L, B, H)
+    y = np.empty((B, P), np.float32)
+    h_n = np.empty((L, B, P), np.float32)
+    c_n = np.empty((L, B, H), np.float32)
+    addresses = nb._weight_addresses(ours._flat_weights, torch.float32)
+    numba_step.stack_step_team(nb._step_team(), nthreads, x.data_ptr(), h0.data_ptr(), c0.data_ptr(), addresses,
+                               L, B, I, H, P, True, True, y, h_n, c_n)
+    with torch.no_grad():
+        want, (wh, wc) = ref(x[None], (h0, c0))  # oracle
+    assert_close(torch.from_numpy(y), want[0])
+    assert_close(torch.from_numpy(h_n), wh)
+    assert_close(torch.from_numpy(c_n), wc)
+
+
+def test_step_team_choice(monkeypatch):
+    """The split is taken for large steps always, for medium ones only in a streaming loop (the
+    previous step call moments ago: the team's threads still spin), never for small ones or one thread."""
+    from lstmkit.kernels import numba_step
+
+    if nb._step_team() is None:
+        pytest.skip("torch's OpenMP runtime not found")
+    seen = []
+    real = numba_step.stack_step_team
+    monkeypatch.setattr(numba_step, "stack_step_team", lambda team, n, *a: seen.append(n) or real(team, n, *a))
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        small, medium, large = (lstmkit.LSTM(H, H, 2).eval() for H in (32, 128, 256))
+
+        def step(m, idle_s=0.0):
+            H = m.hidden_size
+            if idle_s:
+                time.sleep(idle_s)
+            with torch.no_grad():
+                m.step(torch.randn(1, H), (torch.zeros(2, 1, H), torch.zeros(2, 1, H)))
+            return seen.pop() if seen else None
+
+        step(small)
+        assert step(small) is None
+        step(medium)
+        assert step(medium) in (2, None)  # None only if this process was descheduled for 200 us
+        assert step(medium, idle_s=0.01) is None
+        assert step(large, idle_s=0.01) == 2
+        torch.set_num_threads(1)
+        assert step(large) is None
+    finally:
+        torch.set_num_threads(prev)
+
+
+def _step_child(queue):
+    torch.set_num_threads(2)
+    m = lstmkit.LSTM(256, 256, 2).eval()
+    with torch.no_grad():
+        y, _ = m.step(torch.randn(1, 256), (torch.zeros(2, 1, 256), torch.zeros(2, 1, 256)))
+    queue.put((tuple(y.shape), nb._step_team() is None))
+
+
+@needs_team
+def test_step_after_fork():
+    """A process forked after the parent's steps ran on the team never enters libgomp (it would hang)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        m = lstmkit.LSTM(256, 256, 2).eval()
+        with torch.no_grad():
+            m.step(torch.randn(1, 256), (torch.zeros(2, 1, 256), torch.zeros(2, 1, 256)))
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_step_child, args=(queue,))
+        proc.start()
+        proc.join(timeout=120)
+        if proc.is_alive():
+            proc.kill()
+            pytest.fail("the forked child hung in a step")
+        assert proc.exitcode == 0
+        assert queue.get(timeout=5) == ((1, 256), True)
+    finally:
+        torch.set_num_threads(prev)

@@ -426,6 +426,84 @@ def test_step_without_grad_matches_torch(B, I, H, proj_size, bias, monkeypatch):
     assert len(calls) == 4, "steps 2-5 (a state tuple given) should take the lstm_step fast path"
 
 
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("dtype,proj_size,bias", [(torch.float32, 0, True), (torch.float64, 3, False)])
+def test_one_step_forward_takes_step_path(batch_first, dtype, proj_size, bias, monkeypatch):
+    """forward() of one-step chunks with a state (streaming loops through the plain module call)
+    goes straight into lstm_step, in either layout, and gives torch.nn.LSTM's numbers and shapes."""
+    from lstmkit.backends import numba_cpu
+
+    calls = []
+    real = numba_cpu.lstm_step
+    monkeypatch.setattr(numba_cpu, "lstm_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(5)
+    kw = dict(proj_size=proj_size, bias=bias, batch_first=batch_first, dtype=dtype)
+    ref = torch.nn.LSTM(4, 6, 2, **kw)
+    m = lstmkit.LSTM(4, 6, 2, **kw)
+    m.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 5, 4, dtype=dtype)  # (B, T, I) if batch_first else (T, B, I)
+    state = want_state = (torch.zeros(2, 5 if not batch_first else 3, proj_size or 6, dtype=dtype),
+                          torch.zeros(2, 5 if not batch_first else 3, 6, dtype=dtype))
+    with torch.no_grad():
+        for t in range(5 if batch_first else 3):
+            xt = x[:, t:t + 1] if batch_first else x[t:t + 1]
+            y, state = m(xt, state)
+            want, want_state = ref(xt, want_state)  # oracle
+            assert y.shape == want.shape
+            assert_close(y, want)
+    assert_close(state[0], want_state[0])
+    assert_close(state[1], want_state[1])
+    assert len(calls) == (5 if batch_first else 3)
+
+
+def test_step_path_follows_replaced_and_noncontiguous_weights():
+    """The step path's cached weight addresses follow a parameter whose storage is replaced, and
+    weights that are not contiguous are read through their strides, not their addresses."""
+    torch.manual_seed(6)
+    ref = torch.nn.LSTM(4, 6, 2)
+    m = lstmkit.LSTM(4, 6, 2)
+    m.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 4)
+    st = (torch.randn(2, 2, 6), torch.randn(2, 2, 6))
+    with torch.no_grad():
+        m.step(x, st)
+        for mod in (ref, m):
+            mod.weight_hh_l1.data = torch.ones(6, 24).mul_(0.05).t()  # a new, non-contiguous storage
+        y, (h, c) = m.step(x, st)
+        want, (wh, wc) = ref(x[None], st)  # oracle
+        assert_close(y, want[0])
+        assert_close(c, wc)
+        new = torch.randn(24, 6)
+        for mod in (ref, m):
+            mod.weight_hh_l1.data = new.clone()  # contiguous again, another storage
+        y, (h, c) = m.step(x, st)
+        want, (wh, wc) = ref(x[None], st)
+        assert_close(y, want[0])
+        assert_close(h, wh)
+
+
+def test_step_in_training_mode_keeps_dropout_between_layers():
+    """Without gradients but in training mode, step() and one-step forward() still apply the dropout
+    between layers (they must not take the plain step path, which has none)."""
+    m = lstmkit.LSTM(4, 8, 2, dropout=0.5).train()
+    x = torch.randn(3, 4)
+    st = (torch.zeros(2, 3, 8), torch.zeros(2, 3, 8))
+    with torch.no_grad():
+        torch.manual_seed(1)
+        a, _ = m.step(x, st)
+        torch.manual_seed(2)
+        b, _ = m.step(x, st)
+        torch.manual_seed(1)
+        a2, _ = m(x[None], st)
+        m.eval()
+        e, _ = m.step(x, st)
+        e2, _ = m(x[None], st)
+    assert not torch.equal(a, b), "different seeds should draw different dropout masks"
+    assert_close(a2[0], a)  # the same mask under the same seed
+    assert not torch.equal(a, e)
+    assert_close(e2[0], e)
+
+
 def test_step_state_errors():
     m = lstmkit.LSTM(3, 4, 2)
     x = torch.zeros(2, 3)

@@ -25,6 +25,9 @@ __all__ = ["LSTM", "LSTMCell"]
 
 State = tuple[Tensor, Tensor]
 
+# (backend name, dtype) -> the backend module that runs CPU tensors of that dtype (step calls)
+_STEP_BACKENDS: dict = {}
+
 
 def _check_int(name: str, value, minimum: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool):
@@ -372,6 +375,11 @@ class LSTM(nn.Module):
         *,
         lengths: Optional[Union[Tensor, list[int]]] = None,
     ):
+        if (type(input) is Tensor and type(hx) is tuple and lengths is None and input.dim() == 3
+                and not self.bidirectional and input.shape[1 if self.batch_first else 0] == 1):
+            fast = self._step_fast(input, hx)  # one-step calls of streaming loops
+            if fast is not None:
+                return fast
         if isinstance(input, PackedSequence):
             if lengths is not None:
                 raise ValueError("lengths: must be None for a PackedSequence input (it carries its lengths)")
@@ -433,7 +441,7 @@ class LSTM(nn.Module):
         In training mode, recurrent dropout and zoneout masks are drawn per call.
         """
         if type(x) is Tensor and type(state) is tuple and x.dim() == 2 and not self.bidirectional:
-            fast = self._step_fast(x, state)
+            fast = self._step_fast(x, state)  # the per-step path of streaming loops
             if fast is not None:
                 return fast
         if self.bidirectional:
@@ -465,19 +473,36 @@ class LSTM(nn.Module):
         return out[0], (h, c)
 
     def _step_fast(self, x: Tensor, state: tuple) -> Optional[tuple[Tensor, State]]:
-        """step() of a batched x with a well-formed state straight into a backend's ``lstm_step``
-        hook (plain LSTM, no gradient); None leaves the call to the general path."""
-        B = x.shape[0]
-        if not self._input_ok(x) or B == 0 or not self._state_ok(state, x, B) or self.variants.active(self.training):
+        """step() of a batched CPU x (B, I) -- or forward() of a one-step x, (1, B, I) or batch-first
+        (B, 1, I) -- with a well-formed state straight into a backend's ``lstm_step``
+        hook (plain LSTM, no gradient); None leaves the call to the general path (which also
+        names what is wrong). The checks are those of the general path, in their cheapest form:
+        at small sizes they cost as much as the step."""
+        if len(state) != 2:
+            return None
+        h, c = state
+        w = self._parameters["weight_ih_l0"]
+        dt = x.dtype
+        if (type(h) is not Tensor or type(c) is not Tensor or dt is not w.dtype or h.dtype is not dt
+                or c.dtype is not dt or not (x.is_cpu and h.is_cpu and c.is_cpu and w.is_cpu)):
+            return None
+        shape = x.shape
+        B = shape[0] if len(shape) == 2 or self.batch_first else shape[1]
+        L = self.num_layers
+        if (shape[-1] != self.input_size or B == 0 or h.shape != (L, B, self.proj_size or self.hidden_size)
+                or c.shape != (L, B, self.hidden_size) or self.variants.active(self.training)
+                or (self.training and self.dropout > 0 and L > 1)):
             return None
         weights = self._flat_weights
-        if torch.is_grad_enabled() and functional.needs_grad([x, *state, *weights]):
+        if torch.is_grad_enabled() and functional.needs_grad([x, h, c, *weights]):
             return None
-        fast = getattr(backends.resolve(self.backend, x.device, x.dtype), "lstm_step", None)
+        be = _STEP_BACKENDS.get((self.backend, dt))
+        if be is None:
+            be = _STEP_BACKENDS[self.backend, dt] = backends.resolve(self.backend, x.device, dt)
+        fast = getattr(be, "lstm_step", None)
         if fast is None or torch.compiler.is_compiling():
             return None
-        y, h, c = fast(x, state[0], state[1], weights, num_layers=self.num_layers, has_biases=self.bias,
-                       proj_size=self.proj_size)
+        y, h, c = fast(x, h, c, weights, num_layers=L, has_biases=self.bias, proj_size=self.proj_size)
         return y, (h, c)
 
     @staticmethod

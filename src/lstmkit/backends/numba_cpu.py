@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -330,8 +331,12 @@ def layer(
 # hit: a packed copy is never used stale. Non-contiguous weights are converted on every call, never
 # cached. The entries hold the tensors, so their ids stay unique.
 _WCACHE: OrderedDict = OrderedDict()
-# calls shorter than this with at most WT_MAX_ROWS rows use the live weights, unprepared
+# calls shorter than SHORT_CALL_STEPS of at most SHORT_CALL_ROWS rows in all use the live weights,
+# unprepared (their products call the GEMM on the weights as stored): checking a prepared copy
+# against the weights costs more than such a call. One step of B=3 .. 16 rows at H=128, 2 layers:
+# 225-480 us prepared, 30-60 us live
 SHORT_CALL_STEPS = 8
+SHORT_CALL_ROWS = 64
 _WCACHE_SIZE = 16
 
 
@@ -396,11 +401,11 @@ def lstm_stack(
     c_n, c_np = _new(tuple(c0.shape), dtype)
     serial = run_serial(B, 4 * H, K_max)
     tiny = 4 * H * K_max <= TINY_WEIGHTS and T * B <= TINY_ROWS and batch_sizes is None
-    if tiny or (T < SHORT_CALL_STEPS and B <= WT_MAX_ROWS):
+    if tiny or (T < SHORT_CALL_STEPS and T * B <= SHORT_CALL_ROWS):
         # streaming calls and tiny models: products on the live weights; a transposed copy would
         # have to be compared with them on every call (see _WCACHE), costing more than it saves
         views = _weight_views(weights, dtype)
-        if 4 * H * K_max <= DOT_MAX_SIZE and batch_sizes is None:  # every product a loop, no BLAS
+        if 4 * H * K_max <= DOT_MAX_SIZE and batch_sizes is None and B <= WT_MAX_ROWS:  # products as loops
             K.stack_fwd_short(_np(x), _np(h0), _np(c0), views, num_layers, D, bool(has_biases), proj_size > 0,
                               out_np, h_np, c_np)
             return out, h_n, c_n
@@ -873,7 +878,7 @@ def _directions_bwd(x: np.ndarray, h0: np.ndarray, c0: np.ndarray, views: tuple,
 
 
 def lstm_step(
-    x: Tensor,                        # (B, I)
+    x: Tensor,                        # (B, I), or (1, B, I) / (B, 1, I): one step of a sequence
     h0: Tensor,                       # (L, B, P)
     c0: Tensor,                       # (L, B, H)
     weights: Sequence[Tensor],        # torch.nn.LSTM's _flat_weights order (unidirectional)
@@ -882,24 +887,83 @@ def lstm_step(
     has_biases: bool,
     proj_size: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One step of a unidirectional stack without gradients (``LSTM.step``): (y (B,P), h_n, c_n)."""
+    """One step of a unidirectional stack without gradients (``LSTM.step``, and one-step
+    ``forward`` calls): (y, h_n, c_n), y shaped like x with P features."""
     dtype = x.dtype
-    if x.device.type != "cpu" or dtype not in _DTYPES:
+    if not x.is_cpu or dtype not in _DTYPES:
         raise RuntimeError(unavailable(x.device, dtype))
-    B, I = x.shape
-    P = h0.shape[2]
+    I = x.shape[-1]
+    _, B, P = h0.shape
     H = c0.shape[2]
-    if B > WT_MAX_ROWS or 4 * H * max(I, P) > DOT_MAX_SIZE:
-        out, h_n, c_n = lstm_stack(x.unsqueeze(0), h0, c0, weights, num_layers=num_layers, bidirectional=False,
+    y_shape = x.shape[:-1] + (P,)
+    global _last_step
+    now = time.perf_counter()
+    hot, _last_step = now - _last_step < STEP_TEAM_HOT_S, now
+    work = B * 4 * H * max(I, P)  # multiply-adds of a layer's larger product
+    nthreads = torch.get_num_threads()
+    team = None
+    if nthreads > 1 and B <= STEP_MAX_ROWS and (work >= STEP_TEAM_ALWAYS or (hot and work >= STEP_TEAM_MIN)):
+        team = _step_team()
+    if team is None and (B > STEP_MAX_ROWS or work > B * DOT_MAX_SIZE):
+        out, h_n, c_n = lstm_stack(x.reshape(1, B, I), h0, c0, weights, num_layers=num_layers, bidirectional=False,
                                    has_biases=has_biases, proj_size=proj_size, batch_sizes=None)
-        return out[0], h_n, c_n
-    views = _weight_views(weights, dtype)
-    y, y_np = _new((1, B, P), dtype)
-    h_n, h_np = _new(tuple(h0.shape), dtype)
-    c_n, c_np = _new(tuple(c0.shape), dtype)
-    K.stack_fwd_short(_np(x).reshape(1, B, I), _np(h0), _np(c0), views, num_layers, 1, bool(has_biases),
-                      proj_size > 0, y_np, h_np, c_np)
-    return y[0], h_n, c_n
+        return out.view(y_shape), h_n, c_n
+    addresses = _weight_addresses(weights, dtype)
+    npdt = _NP_DTYPE[dtype]
+    y = np.empty(y_shape, npdt)
+    h_n = np.empty((num_layers, B, P), npdt)
+    c_n = np.empty((num_layers, B, H), npdt)
+    if addresses is None or not (x.is_contiguous() and h0.is_contiguous() and c0.is_contiguous()):
+        K.stack_fwd_short(_np(x).reshape(1, B, I), _np(h0), _np(c0), _weight_views(weights, dtype), num_layers,
+                          1, bool(has_biases), proj_size > 0, y.reshape(1, B, P), h_n, c_n)
+    elif team is not None:
+        KS.stack_step_team(team, min(nthreads, -(-H // STEP_TEAM_UNITS)), x.data_ptr(), h0.data_ptr(), c0.data_ptr(),
+                           addresses, num_layers, B, I, H, P, bool(has_biases), proj_size > 0, y, h_n, c_n)
+    else:
+        K.stack_step_ptr(x.data_ptr(), h0.data_ptr(), c0.data_ptr(), addresses, num_layers, B, I, H, P,
+                         bool(has_biases), proj_size > 0, y, h_n, c_n)
+    return torch.from_numpy(y), torch.from_numpy(h_n), torch.from_numpy(c_n)
+
+
+# A step of B rows splits over torch's OpenMP team (kernels.numba_step) by hidden units, each thread
+# taking at least STEP_TEAM_UNITS of them. Measured at 2 threads, B=1, 2 layers, I=H (one step, us):
+# H=64 4.6 alone / 4.3 split, H=96 7.2 / 5.7, H=128 11.6 / 8.1, H=256 240 / 68, H=512 720 / 364.
+# Threads that waited longer than about a millisecond for work sleep, and waking them costs more
+# than the split saves at H=128 (after idle gaps of 0.2 / 0.5 / 1 / 2 ms: 13.5 / 13.7 / 16 / 17 us
+# alone, 11 / 14 / 18 / 23 us split): from B * 4H * max(I, P) >= STEP_TEAM_MIN multiply-adds per
+# layer product the split is taken when the previous step call was less than STEP_TEAM_HOT_S ago
+# (a streaming loop), from STEP_TEAM_ALWAYS always.
+STEP_TEAM_MIN = 32 * 1024
+STEP_TEAM_ALWAYS = 256 * 1024
+STEP_TEAM_HOT_S = 200e-6
+STEP_TEAM_UNITS = 32
+# rows up to which a step runs the kernels above (their products read the weights once per row)
+STEP_MAX_ROWS = 8
+_last_step = 0.0
+_step_team_found = False
+_step_team_info: Optional[np.ndarray] = None
+
+
+def _step_team() -> Optional[np.ndarray]:
+    """The ``team`` block of ``numba_step.stack_step_team`` (addresses of libgomp's functions and
+    the step callbacks), or None where torch's OpenMP team cannot be used (see :func:`_find_omp`;
+    never in a process forked after import)."""
+    global _step_team_found, _step_team_info, KS
+    if os.getpid() != _OMP_PID:
+        return None
+    if not _step_team_found:
+        import ctypes
+
+        omp = _find_omp()
+        if omp is not None:
+            from ..kernels import numba_step as KS  # compiles (or loads) its callbacks
+
+            _step_team_info = KS.team_block(*[ctypes.cast(f, ctypes.c_void_p).value for f in omp[:3]], SCHED_YIELD)
+        _step_team_found = True
+    return _step_team_info
+
+
+KS = None  # kernels.numba_step, imported by _step_team
 
 
 def _stack_pipeline_bwd(x: np.ndarray, h0: np.ndarray, c0: np.ndarray, views: tuple, wpbs: tuple, num_layers: int,
@@ -1009,11 +1073,22 @@ def _weight_views(weights: Sequence[Tensor], dtype: torch.dtype) -> tuple:
 
     Views alias the parameters' memory, so unlike packed copies they cannot go stale through
     in-place or ``.data`` writes; a replaced storage or shape misses the cache."""
+    return _weights_entry(weights, dtype)[1]
+
+
+def _weight_addresses(weights: Sequence[Tensor], dtype: torch.dtype) -> Optional[np.ndarray]:
+    """The weights' addresses as an int64 array (for ``stack_step_ptr``), or None when some weight
+    is not contiguous. The cached views keep the storages alive, so the addresses stay valid."""
+    return _weights_entry(weights, dtype)[2]
+
+
+def _weights_entry(weights: Sequence[Tensor], dtype: torch.dtype) -> tuple:
+    """(data pointers, views, addresses or None): the cache entry of the weights (built on a miss)."""
     key = tuple(map(id, weights))
     ptrs = tuple(map(Tensor.data_ptr, weights))
     hit = _VIEWS.get(key)
     if hit is not None and hit[0] == ptrs:
-        return hit[1]
+        return hit
     views = []
     cacheable = True
     for w in weights:
@@ -1024,12 +1099,12 @@ def _weight_views(weights: Sequence[Tensor], dtype: torch.dtype) -> tuple:
         cacheable = cacheable and w.is_contiguous()
         a = _np(w)
         views.append(a.reshape(1, -1) if a.ndim == 1 else a)
-    views = tuple(views)
+    entry = (ptrs, tuple(views), np.array(ptrs, np.int64) if cacheable else None, tuple(weights))
     if cacheable:
-        _VIEWS[key] = (ptrs, views, tuple(weights))
+        _VIEWS[key] = entry
         if len(_VIEWS) > _WCACHE_SIZE:
             _VIEWS.popitem(last=False)
-    return views
+    return entry
 
 
 def _packs(views: Sequence[np.ndarray], rows: list[int], transpose: bool, pk: PackScratch) -> tuple:

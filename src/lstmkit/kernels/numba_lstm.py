@@ -26,8 +26,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, types
-from numba.extending import overload
+from numba import carray, njit, types
+from numba.extending import intrinsic, overload
 
 from .numba_blas import NO_TRANS, PACKED, ROW_MAJOR, TRANS, WT_MAX_ROWS
 
@@ -46,6 +46,19 @@ DOT_MAX_SIZE = 64 * 1024
 # hidden sizes from which the elementwise step goes row by row (L1-resident rows)
 ROW_MIN_H = 64
 _ZERO32 = np.float32(0.0)
+
+
+@intrinsic
+def address_as(typingctx, addr, like):
+    """A pointer of ``like``'s dtype to the integer address ``addr`` (for ``numba.carray``)."""
+    ptr = types.CPointer(like.dtype)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(ptr))
+
+    return ptr(types.intp, like), codegen
+
+
 
 # Eigen's rational approximation of tanh (float32): odd numerator of degree 13, even denominator
 # of degree 6, exact to a few ulp on the clamped range; beyond it tanh rounds to +-1 in float32.
@@ -540,60 +553,107 @@ def stack_fwd_short(x, h0, c0, ws, num_layers, num_dirs, has_bias, has_proj, out
     T, B, _ = x.shape
     P = h0.shape[2]
     H = c0.shape[2]
-    G = 4 * H
     Q = num_dirs * P
     per = 2 + (2 if has_bias else 0) + (1 if has_proj else 0)
-    z = np.empty((B, G), x.dtype)
-    zh = np.empty((B, G), x.dtype)
-    hp = np.empty((B, H), x.dtype)
-    hr = np.empty((B, P), x.dtype)
+    bufs = _short_buffers(B, H, P, x.dtype)
     inp = x
     for layer in range(num_layers):
         dst = out if layer == num_layers - 1 else np.empty((T, B, Q), x.dtype)
         for d in range(num_dirs):
             k = (layer * num_dirs + d) * per
-            w_ih = ws[k]
-            w_hh = ws[k + 1]
             idx = layer * num_dirs + d
             h = h_n[idx]
             c = c_n[idx]
             h[:] = h0[idx]
             c[:] = c0[idx]
-            for s in range(T):
-                t = T - 1 - s if d == 1 else s
-                _dot_rows(inp[t], w_ih, z)
-                _dot_rows(h, w_hh, zh)
-                for b in range(B):
-                    zr = z[b]
-                    zhr = zh[b]
-                    if has_bias:
-                        bi = ws[k + 2][0]
-                        bh = ws[k + 3][0]
-                        for j in range(G):
-                            zr[j] = zr[j] + zhr[j] + (bi[j] + bh[j])
-                    else:
-                        for j in range(G):
-                            zr[j] = zr[j] + zhr[j]
-                    for j in range(H):
-                        ig = act_sigmoid(zr[j])
-                        fg = act_sigmoid(zr[H + j])
-                        gg = act_tanh(zr[2 * H + j])
-                        og = act_sigmoid(zr[3 * H + j])
-                        cv = fg * c[b, j] + ig * gg
-                        c[b, j] = cv
-                        hp[b, j] = og * act_tanh(cv)
-                if has_proj:
-                    _dot_rows(hp, ws[k + per - 1], hr)
-                    src = hr
-                else:
-                    src = hp
-                for b in range(B):
-                    orow = dst[t, b, d * P:(d + 1) * P]
-                    for j in range(P):
-                        v = src[b, j]
-                        h[b, j] = v
-                        orow[j] = v
+            _short_layer(inp, ws[k], ws[k + 1], ws[k + 2 if has_bias else 0][0], ws[k + 3 if has_bias else 0][0],
+                         ws[k + per - 1], has_bias, has_proj, d == 1, h, c, dst[:, :, d * P:(d + 1) * P], bufs)
         inp = dst
+
+
+@njit(**_JIT)
+def stack_step_ptr(x, h0, c0, wptr, num_layers, B, I, H, P, has_bias, has_proj, y, h_n, c_n):
+    """One step of a unidirectional stack (``LSTM.step``) on raw addresses: what
+    :func:`stack_fwd_short` computes for T=1, without building NumPy views of the inputs and
+    weights in Python (their conversions cost more than the step at small sizes).
+
+    x, h0, c0   addresses (``Tensor.data_ptr``) of C-contiguous (B, I), (L, B, P), (L, B, H)
+    wptr (L * per,) int64 addresses of the weights in torch.nn.LSTM's ``_flat_weights`` order,
+                each C-contiguous (per = 2 + 2 biases + 1 projection)
+    y (B, P) or (1, B, P) or (B, 1, P), h_n (L, B, P), c_n (L, B, H) written (C-contiguous)
+    """
+    G = 4 * H
+    per = 2 + (2 if has_bias else 0) + (1 if has_proj else 0)
+    xs = carray(address_as(x, y), (1, B, I))
+    h0s = carray(address_as(h0, y), (num_layers, B, P))
+    c0s = carray(address_as(c0, y), (num_layers, B, H))
+    bufs = _short_buffers(B, H, P, y.dtype)
+    nob = y.reshape(-1)[:0]
+    inp = xs
+    for layer in range(num_layers):
+        k = layer * per
+        K = I if layer == 0 else P
+        w_ih = carray(address_as(wptr[k], y), (G, K))
+        w_hh = carray(address_as(wptr[k + 1], y), (G, P))
+        b_ih = carray(address_as(wptr[k + 2], y), (G,)) if has_bias else nob
+        b_hh = carray(address_as(wptr[k + 3], y), (G,)) if has_bias else nob
+        w_hr = carray(address_as(wptr[k + per - 1], y), (P, H)) if has_proj else w_hh[:0]
+        h = h_n[layer]
+        c = c_n[layer]
+        h[:] = h0s[layer]
+        c[:] = c0s[layer]
+        dst = y.reshape(1, B, P) if layer == num_layers - 1 else np.empty((1, B, P), y.dtype)
+        _short_layer(inp, w_ih, w_hh, b_ih, b_hh, w_hr, has_bias, has_proj, False, h, c, dst, bufs)
+        inp = dst
+
+
+@njit(inline="always")
+def _short_buffers(B, H, P, dt):
+    """Scratch rows of :func:`_short_layer`: input and recurrent pre-activations, h before projection."""
+    return np.empty((B, 4 * H), dt), np.empty((B, 4 * H), dt), np.empty((B, H), dt), np.empty((B, P), dt)
+
+
+@njit(inline="always")
+def _short_layer(inp, w_ih, w_hh, b_ih, b_hh, w_hr, has_bias, has_proj, reverse, h, c, dst, bufs):
+    """One layer-direction over all steps of ``inp`` (T, B, K) with products as dot-product loops:
+    h (B, P), c (B, H) hold the initial state and end as the final one; dst (T, B, P) receives h."""
+    T, B, _ = inp.shape
+    H = c.shape[1]
+    P = h.shape[1]
+    G = 4 * H
+    z, zh, hp, hr = bufs
+    for s in range(T):
+        t = T - 1 - s if reverse else s
+        _dot_rows(inp[t], w_ih, z)
+        _dot_rows(h, w_hh, zh)
+        for b in range(B):
+            zr = z[b]
+            zhr = zh[b]
+            if has_bias:
+                for j in range(G):
+                    zr[j] = zr[j] + zhr[j] + (b_ih[j] + b_hh[j])
+            else:
+                for j in range(G):
+                    zr[j] = zr[j] + zhr[j]
+            for j in range(H):
+                ig = act_sigmoid(zr[j])
+                fg = act_sigmoid(zr[H + j])
+                gg = act_tanh(zr[2 * H + j])
+                og = act_sigmoid(zr[3 * H + j])
+                cv = fg * c[b, j] + ig * gg
+                c[b, j] = cv
+                hp[b, j] = og * act_tanh(cv)
+        if has_proj:
+            _dot_rows(hp, w_hr, hr)
+            src = hr
+        else:
+            src = hp
+        for b in range(B):
+            orow = dst[t, b]
+            for j in range(P):
+                v = src[b, j]
+                h[b, j] = v
+                orow[j] = v
 
 
 @njit(**_JIT)
