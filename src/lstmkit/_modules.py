@@ -440,10 +440,15 @@ class LSTM(nn.Module):
         The same numbers as one ``forward`` call over the whole sequence. Unidirectional LSTMs only.
         In training mode, recurrent dropout and zoneout masks are drawn per call.
         """
-        if type(x) is Tensor and type(state) is tuple and x.dim() == 2 and not self.bidirectional:
-            fast = self._step_fast(x, state)  # the per-step path of streaming loops
-            if fast is not None:
-                return fast
+        if type(x) is Tensor and x.dim() == 2 and not self.bidirectional:
+            if state is None and x.is_cpu:  # a stream's first step: zeros, then the same path
+                B = x.shape[0]
+                state = (torch.zeros(self.num_layers, B, self._real_hidden_size, dtype=x.dtype),
+                         torch.zeros(self.num_layers, B, self.hidden_size, dtype=x.dtype))
+            if type(state) is tuple:
+                fast = self._step_fast(x, state)  # the per-step path of streaming loops
+                if fast is not None:
+                    return fast
         if self.bidirectional:
             raise RuntimeError("step: a bidirectional LSTM needs the whole sequence; use forward() on it")
         if not isinstance(x, Tensor) or x.dim() not in (1, 2):
