@@ -120,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(args) -> int:
+    from lstmkit.memory import keep_freed_memory
 
+    keep_freed_memory()  # this process is a training loop: no page faults on each step's buffers (lstmkit.memory)
     from lstmkit.classify import _distributed as D
     from lstmkit.classify._runs import DataSpec, train_run
 

@@ -37,6 +37,8 @@ from typing import Optional
 
 import torch
 
+from ..memory import keep_freed_memory
+
 
 @dataclass(frozen=True)
 class Case:
@@ -359,13 +361,21 @@ def _fmt(row: dict) -> str:
     return s
 
 
+def _malloc_note(machine: dict) -> str:
+    kept = machine.get("freed_memory_kept")
+    if kept is None:
+        return ""
+    return ("Freed memory kept in the process (`lstmkit.memory.keep_freed_memory`), for both frameworks."
+            if kept else "glibc's default malloc thresholds (`--default-malloc`).")
+
+
 def markdown(res: dict) -> str:
     m = res["machine"]
     lines = [
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads; torch {m['torch']}, "
         f"numba {m['numba']}, numpy {m['numpy']}, Python {m['python']}; 1-min load average at start "
         f"{m['load_avg_1min']}. SGEMM peak measured in the same run (torch.mm): "
-        f"{res['sgemm_peak']['gflops']:.1f} GFLOP/s.",
+        f"{res['sgemm_peak']['gflops']:.1f} GFLOP/s. {_malloc_note(m)}",
         "",
         "| mode | shape | torch ms | lstmkit ms | ratio | lstmkit GFLOP/s | % of SGEMM peak |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
@@ -401,7 +411,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch (and BLAS) threads (default: torch's)")
     ap.add_argument("--device", default="cpu", help="cpu (this suite) or cuda (lstmkit.bench.cuda)")
     ap.add_argument("--no-probes", action="store_true", help="skip the compile and memory subprocesses")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="leave glibc's thresholds as they are (see lstmkit.memory; default: keep freed memory)")
     args = ap.parse_args(argv)
+    malloc_fixed = False if args.default_malloc else keep_freed_memory()
     if args.device != "cpu":
         ap.error(f"--device {args.device}: this suite is for the CPU")
     if args.threads:
@@ -424,6 +437,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         res_compile = compile_probe(threads)
         log(f"# first calls: {json.dumps(res_compile)}")
     res = run_suite(modes, repeats, sample_s, args.quick, threads, log)
+    res["machine"]["freed_memory_kept"] = malloc_fixed
     if not (args.quick or args.no_probes):
         res["compile"] = res_compile
         if "training" in modes:

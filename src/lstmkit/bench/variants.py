@@ -23,6 +23,7 @@ import torch
 
 import lstmkit
 
+from ..memory import keep_freed_memory
 from ._cpu import machine_info, time_pair
 
 # (T, B, I, H, layers)
@@ -169,11 +170,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--quick", action="store_true", help="one small shape, for a smoke run")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--markdown", default=None, help="write the markdown table here")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="leave glibc's thresholds as they are (see lstmkit.memory; default: keep freed memory)")
     a = ap.parse_args(argv)
+    malloc_fixed = False if a.default_malloc else keep_freed_memory()
     if a.threads:
         torch.set_num_threads(a.threads)
     threads = torch.get_num_threads()
-    res = {"machine": machine_info(threads)}
+    res = {"machine": {**machine_info(threads), "freed_memory_kept": malloc_fixed}}
     print("| shape | variant | mode | backend | lstmkit ms | cost vs plain | speed-up vs loop |")
     res["variants"] = variant_rows(a.repeats, a.sample_ms / 1e3, a.quick)
     print("| H | step us | torch.nn.LSTM us | ratio | LSTMCell x2 us | ratio |")
