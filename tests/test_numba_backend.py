@@ -415,3 +415,24 @@ def test_short_calls_use_live_weights(T, B, L, proj, monkeypatch):
     assert_close(h, wh)
     assert_close(c, wc)
     assert not prepared
+
+
+def test_tiny_model_takes_the_no_blas_kernel(monkeypatch):
+    """The tutorial's model (T=10, B=5, H=5, 2 layers) runs on the dot-product kernel with no BLAS call
+    and nothing prepared (the fastest for tiny weights at any batch size), with torch's numbers."""
+    from lstmkit.kernels import numba_lstm as K
+
+    seen = []
+    real = K.stack_fwd_short
+    monkeypatch.setattr(K, "stack_fwd_short", lambda *a: seen.append(a[0].shape) or real(*a))
+    torch.manual_seed(9)
+    ref = torch.nn.LSTM(3, 5, 2)
+    ours = lstmkit.LSTM(3, 5, 2)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(10, 5, 3)
+    with torch.no_grad():
+        got, (h, c) = ours(x)
+        want, (wh, wc) = ref(x)  # oracle
+    assert_close(got, want)
+    assert_close(c, wc)
+    assert seen == [(10, 5, 3)]

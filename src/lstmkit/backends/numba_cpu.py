@@ -405,7 +405,7 @@ def lstm_stack(
         # streaming calls and tiny models: products on the live weights; a transposed copy would
         # have to be compared with them on every call (see _WCACHE), costing more than it saves
         views = _weight_views(weights, dtype)
-        if 4 * H * K_max <= DOT_MAX_SIZE and batch_sizes is None and B <= WT_MAX_ROWS:  # products as loops
+        if 4 * H * K_max <= DOT_MAX_SIZE and batch_sizes is None and (tiny or B <= WT_MAX_ROWS):  # loops
             K.stack_fwd_short(_np(x), _np(h0), _np(c0), views, num_layers, D, bool(has_biases), proj_size > 0,
                               out_np, h_np, c_np)
             return out, h_n, c_n
