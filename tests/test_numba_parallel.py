@@ -542,7 +542,7 @@ def test_rows_training_batch_first(threaded, rows_train_seen):
 
 
 # -- one step on torch's OpenMP team (kernels.numba_step) -------------------------------------------
-needs_team = pytest.mark.skipif(nb._step_team() is None, reason="torch's OpenMP runtime not found")
+needs_team = pytest.mark.skipif(nb._step_team(torch.float32) is None, reason="torch's OpenMP runtime not found")
 
 
 @pytest.fixture
@@ -609,7 +609,7 @@ def test_step_team_of_other_sizes(nthreads):
     h_n = np.empty((L, B, P), np.float32)
     c_n = np.empty((L, B, H), np.float32)
     addresses = nb._weight_addresses(ours._flat_weights, torch.float32)
-    numba_step.stack_step_team(nb._step_team(), nthreads, x.data_ptr(), h0.data_ptr(), c0.data_ptr(), addresses,
+    numba_step.stack_step_team(nb._step_team(torch.float32), nthreads, x.data_ptr(), h0.data_ptr(), c0.data_ptr(), addresses,
                                L, B, I, H, P, True, True, y, h_n, c_n)
     with torch.no_grad():
         want, (wh, wc) = ref(x[None], (h0, c0))  # oracle
@@ -623,7 +623,7 @@ def test_step_team_choice(monkeypatch):
     previous step call moments ago: the team's threads still spin), never for small ones or one thread."""
     from lstmkit.kernels import numba_step
 
-    if nb._step_team() is None:
+    if nb._step_team(torch.float32) is None:
         pytest.skip("torch's OpenMP runtime not found")
     seen = []
     real = numba_step.stack_step_team
@@ -658,7 +658,7 @@ def _step_child(queue):
     m = lstmkit.LSTM(256, 256, 2).eval()
     with torch.no_grad():
         y, _ = m.step(torch.randn(1, 256), (torch.zeros(2, 1, 256), torch.zeros(2, 1, 256)))
-    queue.put((tuple(y.shape), nb._step_team() is None))
+    queue.put((tuple(y.shape), nb._step_team(torch.float32) is None))
 
 
 @needs_team

@@ -902,8 +902,10 @@ def lstm_step(
     work = B * 4 * H * max(I, P)  # multiply-adds of a layer's larger product
     nthreads = torch.get_num_threads()
     team = None
-    if nthreads > 1 and B <= STEP_MAX_ROWS and (work >= STEP_TEAM_ALWAYS or (hot and work >= STEP_TEAM_MIN)):
-        team = _step_team()
+    if nthreads > 1 and B <= STEP_MAX_ROWS and work >= STEP_TEAM_MIN:
+        team = _step_team(dtype)  # (the first call loads or compiles the team's kernels: a stream's first step)
+        if not (hot or work >= STEP_TEAM_ALWAYS):
+            team = None
     if team is None and (B > STEP_MAX_ROWS or work > B * DOT_MAX_SIZE):
         out, h_n, c_n = lstm_stack(x.reshape(1, B, I), h0, c0, weights, num_layers=num_layers, bidirectional=False,
                                    has_biases=has_biases, proj_size=proj_size, batch_sizes=None)
@@ -941,14 +943,15 @@ STEP_TEAM_UNITS = 32
 STEP_MAX_ROWS = 8
 _last_step = 0.0
 _step_team_found = False
-_step_team_info: Optional[np.ndarray] = None
+_omp_addresses: Optional[list] = None
+_step_teams: dict = {}  # torch dtype -> team block
 
 
-def _step_team() -> Optional[np.ndarray]:
-    """The ``team`` block of ``numba_step.stack_step_team`` (addresses of libgomp's functions and
-    the step callbacks), or None where torch's OpenMP team cannot be used (see :func:`_find_omp`;
-    never in a process forked after import)."""
-    global _step_team_found, _step_team_info, KS
+def _step_team(dtype: torch.dtype) -> Optional[np.ndarray]:
+    """The ``team`` block of ``numba_step.stack_step_team`` for ``dtype`` (addresses of libgomp's
+    functions and of the dtype's step callback), or None where torch's OpenMP team cannot be used
+    (see :func:`_find_omp`; never in a process forked after import)."""
+    global _step_team_found, _omp_addresses, KS
     if os.getpid() != _OMP_PID:
         return None
     if not _step_team_found:
@@ -956,11 +959,16 @@ def _step_team() -> Optional[np.ndarray]:
 
         omp = _find_omp()
         if omp is not None:
-            from ..kernels import numba_step as KS  # compiles (or loads) its callbacks
+            from ..kernels import numba_step as KS
 
-            _step_team_info = KS.team_block(*[ctypes.cast(f, ctypes.c_void_p).value for f in omp[:3]], SCHED_YIELD)
+            _omp_addresses = [ctypes.cast(f, ctypes.c_void_p).value for f in omp[:3]]
         _step_team_found = True
-    return _step_team_info
+    if _omp_addresses is None:
+        return None
+    block = _step_teams.get(dtype)
+    if block is None:
+        block = _step_teams[dtype] = KS.team_block(*_omp_addresses, SCHED_YIELD, _NP_DTYPE[dtype])
+    return block
 
 
 KS = None  # kernels.numba_step, imported by _step_team

@@ -11,7 +11,7 @@ The team is entered without Python: :func:`stack_step_team` (compiled) calls lib
 of an int64 argument block; each thread reads its number and the team size from libgomp and runs
 :func:`_step_part`. A Python callback would take the GIL on every thread (~60 us a call, measured).
 
-This module compiles its callbacks when imported: the backend imports it on first use.
+Each dtype's callback is compiled (or loaded from Numba's cache) on its first use.
 """
 
 from __future__ import annotations
@@ -55,15 +55,15 @@ def call_gomp_parallel(typingctx, addr, fn, data, nthreads):
 
 
 # the team block: addresses of GOMP_parallel, omp_get_thread_num, omp_get_num_threads, sched_yield
-# and of the float32 and float64 callbacks (:func:`team_block`)
-T_GOMP, T_TNUM, T_TSIZE, T_YIELD, T_CB32, T_CB64 = range(6)
+# and of the callback for the dtype of the arrays (:func:`team_block`)
+T_GOMP, T_TNUM, T_TSIZE, T_YIELD, T_CB = range(5)
 
 
 @njit(**_JIT)
 def stack_step_team(team, nthreads, x, h0, c0, wptr, num_layers, B, I, H, P, has_bias, has_proj, y, h_n, c_n):
     """What ``numba_lstm.stack_step_ptr`` computes, on a team of nthreads of torch's OpenMP threads.
 
-    team (6,) int64     :func:`team_block`
+    team (5,) int64     :func:`team_block` for the dtype of y
     x, h0, c0, wptr     as ``stack_step_ptr``: addresses of (B, I), (L, B, P), (L, B, H) and the weights
     y (B, P) or (1, B, P) or (B, 1, P), h_n (L, B, P), c_n (L, B, H)   written
     """
@@ -89,8 +89,7 @@ def stack_step_team(team, nthreads, x, h0, c0, wptr, num_layers, B, I, H, P, has
     args[A_CN] = c_n.ctypes.data
     args[A_HP] = hp.ctypes.data
     args[A_FLAGS] = flags.ctypes.data
-    callback = team[T_CB32] if y.itemsize == 4 else team[T_CB64]
-    call_gomp_parallel(team[T_GOMP], callback, args.ctypes.data, nthreads)
+    call_gomp_parallel(team[T_GOMP], team[T_CB], args.ctypes.data, nthreads)
     # the threads reached these buffers through their addresses: keep them alive until here
     args[0] = flags[0]
     hp[0, 0] = hp[0, 0]
@@ -192,21 +191,22 @@ def _step_part(args, like):
             _meet(flags, part, nparts, stage, sched_yield)  # the next layer reads all of h (and hp again)
 
 
-_CB_SIG = types.void(types.voidptr)
-
-
-@cfunc(_CB_SIG, cache=True, nopython=True)
 def _callback32(data):
     _step_part(carray(data, (N_ARGS,), np.int64), _LIKE32)
 
 
-@cfunc(_CB_SIG, cache=True, nopython=True)
 def _callback64(data):
     _step_part(carray(data, (N_ARGS,), np.int64), _LIKE64)
 
 
+_CALLBACKS = {np.float32: _callback32, np.float64: _callback64}
+_compiled: dict = {}
 
 
-def team_block(gomp: int, tnum: int, tsize: int, sched_yield: int) -> np.ndarray:
-    """The ``team`` argument of :func:`stack_step_team` from the libgomp and libc addresses."""
-    return np.array([gomp, tnum, tsize, sched_yield, _callback32.address, _callback64.address], np.int64)
+def team_block(gomp: int, tnum: int, tsize: int, sched_yield: int, dtype) -> np.ndarray:
+    """The ``team`` argument of :func:`stack_step_team` for arrays of ``dtype`` (np.float32 or
+    np.float64) from the libgomp and libc addresses; compiles (or loads) that dtype's callback."""
+    cb = _compiled.get(dtype)
+    if cb is None:
+        cb = _compiled[dtype] = cfunc(types.void(types.voidptr), cache=True, nopython=True)(_CALLBACKS[dtype])
+    return np.array([gomp, tnum, tsize, sched_yield, cb.address], np.int64)
