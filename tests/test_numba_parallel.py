@@ -609,7 +609,8 @@ def test_step_team_of_other_sizes(nthreads):
     h_n = np.empty((L, B, P), np.float32)
     c_n = np.empty((L, B, H), np.float32)
     addresses = nb._weight_addresses(ours._flat_weights, torch.float32)
-    numba_step.stack_step_team(nb._step_team(torch.float32), nthreads, x.data_ptr(), h0.data_ptr(), c0.data_ptr(), addresses,
+    team = nb._step_team(torch.float32)
+    numba_step.stack_step_team(team, nthreads, x.data_ptr(), h0.data_ptr(), c0.data_ptr(), addresses,
                                L, B, I, H, P, True, True, y, h_n, c_n)
     with torch.no_grad():
         want, (wh, wc) = ref(x[None], (h0, c0))  # oracle
