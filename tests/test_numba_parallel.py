@@ -22,10 +22,17 @@ pytestmark = pytest.mark.skipif(not nb.HAVE_MKL, reason="the threaded paths need
 
 
 @pytest.fixture
-def threaded(monkeypatch):
-    """Two threads, and the threaded paths taken at any size; records which ran."""
+def two_threads():
+    """torch.get_num_threads() == 2 during the test."""
     prev = torch.get_num_threads()
     torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(prev)
+
+
+@pytest.fixture
+def threaded(monkeypatch, two_threads):
+    """Two threads, and the threaded paths taken at any size; records which ran."""
     monkeypatch.setattr(nb, "PARALLEL_MIN_MACS", 0)
     monkeypatch.setattr(nb, "SPLIT_MIN_MACS", 0)
     monkeypatch.setattr(nb, "TINY_WEIGHTS", 0)  # these small models would take the no-BLAS kernel
@@ -41,8 +48,7 @@ def threaded(monkeypatch):
         return ok
 
     monkeypatch.setattr(nb, "_run_threads", spy)
-    yield ran
-    torch.set_num_threads(prev)
+    return ran
 
 
 def _models(I, H, L, bid, proj, bias, seed=0):
@@ -284,16 +290,21 @@ def test_threaded_path_after_fork(threaded, parent_ran_threads):
         assert threaded and threaded[-1][1]
     else:
         torch.mm(torch.randn(256, 256), torch.randn(256, 256))  # an OpenMP region of torch's only
+    assert _in_forked_child(_child, "a threaded call") == (9, 3, 16)
+
+
+def _in_forked_child(target, what: str):
+    """Run target(queue) in a forked child and return what it put; fail if it hung or died."""
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(queue,))
+    proc = ctx.Process(target=target, args=(queue,))
     proc.start()
     proc.join(timeout=120)
     if proc.is_alive():
         proc.kill()
-        pytest.fail("the forked child hung in a threaded call")
+        pytest.fail(f"the forked child hung in {what}")
     assert proc.exitcode == 0
-    assert queue.get(timeout=5) == (9, 3, 16)
+    return queue.get(timeout=5)
 
 
 def test_parallel_threads_choice(monkeypatch):
@@ -545,21 +556,23 @@ def test_rows_training_batch_first(threaded, rows_train_seen):
 needs_team = pytest.mark.skipif(nb._step_team(torch.float32) is None, reason="torch's OpenMP runtime not found")
 
 
-@pytest.fixture
-def team_steps(monkeypatch):
-    """Two threads, the team split taken at any size and idle gap; records the team sizes asked for."""
+def _spy_team(monkeypatch) -> list:
+    """Record the team size of every ``stack_step_team`` call."""
     from lstmkit.kernels import numba_step
 
-    prev = torch.get_num_threads()
-    torch.set_num_threads(2)
-    monkeypatch.setattr(nb, "STEP_TEAM_MIN", 0)
-    monkeypatch.setattr(nb, "STEP_TEAM_HOT_S", 1e9)
-    monkeypatch.setattr(nb, "STEP_TEAM_UNITS", 1)
     seen = []
     real = numba_step.stack_step_team
     monkeypatch.setattr(numba_step, "stack_step_team", lambda team, n, *a: seen.append(n) or real(team, n, *a))
-    yield seen
-    torch.set_num_threads(prev)
+    return seen
+
+
+@pytest.fixture
+def team_steps(monkeypatch, two_threads):
+    """Two threads, the team split taken at any size and idle gap; records the team sizes asked for."""
+    monkeypatch.setattr(nb, "STEP_TEAM_MIN", 0)
+    monkeypatch.setattr(nb, "STEP_TEAM_HOT_S", 1e9)
+    monkeypatch.setattr(nb, "STEP_TEAM_UNITS", 1)
+    return _spy_team(monkeypatch)
 
 
 @needs_team
@@ -619,39 +632,30 @@ def test_step_team_of_other_sizes(nthreads):
     assert_close(torch.from_numpy(c_n), wc)
 
 
-def test_step_team_choice(monkeypatch):
+def test_step_team_choice(monkeypatch, two_threads):
     """The split is taken for large steps always, for medium ones only in a streaming loop (the
     previous step call moments ago: the team's threads still spin), never for small ones or one thread."""
-    from lstmkit.kernels import numba_step
-
     if nb._step_team(torch.float32) is None:
         pytest.skip("torch's OpenMP runtime not found")
-    seen = []
-    real = numba_step.stack_step_team
-    monkeypatch.setattr(numba_step, "stack_step_team", lambda team, n, *a: seen.append(n) or real(team, n, *a))
-    prev = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        small, medium, large = (lstmkit.LSTM(H, H, 2).eval() for H in (32, 128, 256))
+    seen = _spy_team(monkeypatch)
+    small, medium, large = (lstmkit.LSTM(H, H, 2).eval() for H in (32, 128, 256))
 
-        def step(m, idle_s=0.0):
-            H = m.hidden_size
-            if idle_s:
-                time.sleep(idle_s)
-            with torch.no_grad():
-                m.step(torch.randn(1, H), (torch.zeros(2, 1, H), torch.zeros(2, 1, H)))
-            return seen.pop() if seen else None
+    def step(m, idle_s=0.0):
+        H = m.hidden_size
+        if idle_s:
+            time.sleep(idle_s)
+        with torch.no_grad():
+            m.step(torch.randn(1, H), (torch.zeros(2, 1, H), torch.zeros(2, 1, H)))
+        return seen.pop() if seen else None
 
-        step(small)
-        assert step(small) is None
-        step(medium)
-        assert step(medium) in (2, None)  # None only if this process was descheduled for 200 us
-        assert step(medium, idle_s=0.01) is None
-        assert step(large, idle_s=0.01) == 2
-        torch.set_num_threads(1)
-        assert step(large) is None
-    finally:
-        torch.set_num_threads(prev)
+    step(small)
+    assert step(small) is None
+    step(medium)
+    assert step(medium) in (2, None)  # None only if this process was descheduled for 200 us
+    assert step(medium, idle_s=0.01) is None
+    assert step(large, idle_s=0.01) == 2
+    torch.set_num_threads(1)
+    assert step(large) is None
 
 
 def _step_child(queue):
@@ -663,23 +667,9 @@ def _step_child(queue):
 
 
 @needs_team
-def test_step_after_fork():
+def test_step_after_fork(two_threads):
     """A process forked after the parent's steps ran on the team never enters libgomp (it would hang)."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        m = lstmkit.LSTM(256, 256, 2).eval()
-        with torch.no_grad():
-            m.step(torch.randn(1, 256), (torch.zeros(2, 1, 256), torch.zeros(2, 1, 256)))
-        ctx = multiprocessing.get_context("fork")
-        queue = ctx.Queue()
-        proc = ctx.Process(target=_step_child, args=(queue,))
-        proc.start()
-        proc.join(timeout=120)
-        if proc.is_alive():
-            proc.kill()
-            pytest.fail("the forked child hung in a step")
-        assert proc.exitcode == 0
-        assert queue.get(timeout=5) == ((1, 256), True)
-    finally:
-        torch.set_num_threads(prev)
+    m = lstmkit.LSTM(256, 256, 2).eval()
+    with torch.no_grad():
+        m.step(torch.randn(1, 256), (torch.zeros(2, 1, 256), torch.zeros(2, 1, 256)))
+    assert _in_forked_child(_step_child, "a step") == ((1, 256), True)
