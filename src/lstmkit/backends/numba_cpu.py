@@ -900,9 +900,8 @@ def lstm_step(
     now = time.perf_counter()
     hot, _last_step = now - _last_step < STEP_TEAM_HOT_S, now
     work = B * 4 * H * max(I, P)  # multiply-adds of a layer's larger product
-    nthreads = torch.get_num_threads()
     team = None
-    if nthreads > 1 and B <= STEP_MAX_ROWS and work >= STEP_TEAM_MIN:
+    if B <= STEP_MAX_ROWS and work >= STEP_TEAM_MIN and (nthreads := torch.get_num_threads()) > 1:
         team = _step_team(dtype)  # (the first call loads or compiles the team's kernels: a stream's first step)
         if not (hot or work >= STEP_TEAM_ALWAYS):
             team = None
@@ -1087,6 +1086,9 @@ def _weight_views(weights: Sequence[Tensor], dtype: torch.dtype) -> tuple:
 def _weight_addresses(weights: Sequence[Tensor], dtype: torch.dtype) -> Optional[np.ndarray]:
     """The weights' addresses as an int64 array (for ``stack_step_ptr``), or None when some weight
     is not contiguous. The cached views keep the storages alive, so the addresses stay valid."""
+    hit = _VIEWS.get(tuple(map(id, weights)))  # the per-step path: _weights_entry's hit, inlined
+    if hit is not None and hit[0] == tuple(map(Tensor.data_ptr, weights)):
+        return hit[2]
     return _weights_entry(weights, dtype)[2]
 
 
