@@ -436,3 +436,17 @@ def test_tiny_model_takes_the_no_blas_kernel(monkeypatch):
     assert_close(got, want)
     assert_close(c, wc)
     assert seen == [(10, 5, 3)]
+
+
+def test_prepared_weights_start_on_a_cache_line():
+    """The weight copies the per-step loops stream through start on a 64-byte boundary (a vector
+    load never straddles two lines), whatever NumPy's allocation gave, with the same contents."""
+    from lstmkit.kernels import numba_blas
+
+    w = np.arange(512 * 128, dtype=np.float32).reshape(512, 128)
+    for _ in range(8):  # several allocations: NumPy's own alignment varies among them
+        wt = numba_blas.pack_b(w, 1, True)
+        assert wt.ctypes.data % 64 == 0 and wt.shape == (w.size + 1,)
+        assert np.array_equal(wt[:-1].reshape(128, 512), w.T)
+        a = numba_blas.aligned_empty(1000 + _, np.float64)
+        assert a.ctypes.data % 64 == 0 and a.shape == (1000 + _,)

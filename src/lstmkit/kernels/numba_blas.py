@@ -186,12 +186,25 @@ class PackScratch:
         except IndexError:  # emptied by another thread in between
             buf = None
         if buf is None:
-            buf = np.empty(length, np.float32)
+            buf = aligned_empty(length, np.float32)
         self.taken.append(buf)
         return buf
 
     def pack(self, w: np.ndarray, n: int, transpose: bool) -> np.ndarray:
         return pack_b(w, n, transpose, self)
+
+
+# the start of the arrays the per-step loops stream through: a cache line, so that no vector load
+# straddles two (NumPy aligns to 16 bytes)
+ALIGN = 64
+
+
+def aligned_empty(length: int, dtype) -> np.ndarray:
+    """An uninitialized (length,) array whose data starts on an ALIGN-byte boundary."""
+    itemsize = np.dtype(dtype).itemsize
+    raw = np.empty(length + ALIGN // itemsize, dtype)
+    skip = (-raw.ctypes.data % ALIGN) // itemsize
+    return raw[skip:skip + length]
 
 
 def pack_b(w: np.ndarray, n: int, transpose: bool, scratch: PackScratch | None = None) -> np.ndarray:
@@ -210,7 +223,7 @@ def pack_b(w: np.ndarray, n: int, transpose: bool, scratch: PackScratch | None =
     if n == 0:
         return np.zeros(0, w.dtype)
     if transpose and (w.size < PACK_MIN_SIZE or (n <= WT_MAX_ROWS and w.size <= WT_MAX_SIZE)):
-        wt = np.empty(w.size + 1, w.dtype)
+        wt = aligned_empty(w.size + 1, w.dtype)
         wt[:-1] = w.T.reshape(-1)
         wt[-1] = 0
         return wt
@@ -225,7 +238,7 @@ def pack_b(w: np.ndarray, n: int, transpose: bool, scratch: PackScratch | None =
     length = nbytes // 4 + 16
     if length == K * N + 1:
         length += 1
-    buf = np.empty(length, np.float32) if scratch is None else scratch.buffer(length)
+    buf = aligned_empty(length, np.float32) if scratch is None else scratch.buffer(length)
     pack(ROW_MAJOR, B_MATRIX, TRANS if transpose else NO_TRANS, n, N, K, 1.0,
          w.ctypes.data, w.shape[1], buf.ctypes.data)
     return buf
