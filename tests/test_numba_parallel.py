@@ -6,6 +6,7 @@ compared with torch.nn.LSTM (the oracle)."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import threading
 import time
 
@@ -654,6 +655,8 @@ def test_step_team_choice(monkeypatch, two_threads):
     assert step(medium) in (2, None)  # None only if this process was descheduled for 200 us
     assert step(medium, idle_s=0.01) is None
     assert step(large, idle_s=0.01) == 2
+    torch.set_num_threads(4)
+    assert step(large) == min(4, os.cpu_count())  # never more threads than cores
     torch.set_num_threads(1)
     assert step(large) is None
 

@@ -918,8 +918,9 @@ def lstm_step(
         K.stack_fwd_short(_np(x).reshape(1, B, I), _np(h0), _np(c0), _weight_views(weights, dtype), num_layers,
                           1, bool(has_biases), proj_size > 0, y.reshape(1, B, P), h_n, c_n)
     elif team is not None:
-        KS.stack_step_team(team, min(nthreads, -(-H // STEP_TEAM_UNITS)), x.data_ptr(), h0.data_ptr(), c0.data_ptr(),
-                           addresses, num_layers, B, I, H, P, bool(has_biases), proj_size > 0, y, h_n, c_n)
+        KS.stack_step_team(team, min(nthreads, _CPUS, -(-H // STEP_TEAM_UNITS)), x.data_ptr(), h0.data_ptr(),
+                           c0.data_ptr(), addresses, num_layers, B, I, H, P, bool(has_biases), proj_size > 0,
+                           y, h_n, c_n)
     else:
         K.stack_step_ptr(x.data_ptr(), h0.data_ptr(), c0.data_ptr(), addresses, num_layers, B, I, H, P,
                          bool(has_biases), proj_size > 0, y, h_n, c_n)
@@ -941,6 +942,7 @@ STEP_TEAM_UNITS = 32
 # rows up to which a step runs the kernels above (their products read the weights once per row)
 STEP_MAX_ROWS = 8
 _last_step = 0.0
+_CPUS = os.cpu_count() or 1  # never more threads than cores: they meet once per layer
 _step_team_found = False
 _omp_addresses: Optional[list] = None
 _step_teams: dict = {}  # torch dtype -> team block
