@@ -259,6 +259,9 @@ class LSTM(nn.Module):
     def _flat_weights(self) -> tuple[Tensor, ...]:
         # straight from the dict (nn.Module.__getattr__ costs ~1 us per name on the per-step path),
         # read every call so that replaced parameters are seen: 0.11 us, a list comprehension 0.42
+        if torch.compiler.is_compiling():  # Dynamo cannot trace an itemgetter
+            p = self._parameters
+            return tuple(p[n] for n in self._flat_weights_names)
         return self._flat_getter(self._parameters)
 
     @property
