@@ -8,7 +8,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import threading
-import time
+import types
 
 import numpy as np
 import pytest
@@ -639,12 +639,14 @@ def test_step_team_choice(monkeypatch, two_threads):
     if nb._step_team(torch.float32) is None:
         pytest.skip("torch's OpenMP runtime not found")
     seen = _spy_team(monkeypatch)
+    clock = [1000.0]  # the backend's clock, advanced by each step's idle time before it
+    monkeypatch.setattr(nb, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(nb, "_last_step", 0.0)  # restored after: later steps see the real clock
     small, medium, large = (lstmkit.LSTM(H, H, 2).eval() for H in (32, 128, 256))
 
-    def step(m, idle_s=0.0):
+    def step(m, idle_s=50e-6):
         H = m.hidden_size
-        if idle_s:
-            time.sleep(idle_s)
+        clock[0] += idle_s
         with torch.no_grad():
             m.step(torch.randn(1, H), (torch.zeros(2, 1, H), torch.zeros(2, 1, H)))
         return seen.pop() if seen else None
@@ -652,7 +654,7 @@ def test_step_team_choice(monkeypatch, two_threads):
     step(small)
     assert step(small) is None
     step(medium)
-    assert step(medium) in (2, None)  # None only if this process was descheduled for 200 us
+    assert step(medium) == 2
     assert step(medium, idle_s=0.01) is None
     assert step(large, idle_s=0.01) == 2
     torch.set_num_threads(4)

@@ -467,8 +467,9 @@ def test_step_path_follows_replaced_and_noncontiguous_weights():
     st = (torch.randn(2, 2, 6), torch.randn(2, 2, 6))
     with torch.no_grad():
         m.step(x, st)
+        wt = torch.randn(6, 24) * 0.3  # read through its strides (its transpose differs)
         for mod in (ref, m):
-            mod.weight_hh_l1.data = torch.ones(6, 24).mul_(0.05).t()  # a new, non-contiguous storage
+            mod.weight_hh_l1.data = wt.t()  # a new, non-contiguous storage
         y, (h, c) = m.step(x, st)
         want, (wh, wc) = ref(x[None], st)  # oracle
         assert_close(y, want[0])

@@ -452,9 +452,7 @@ class LSTM(nn.Module):
         """
         if type(x) is Tensor and x.dim() == 2 and not self.bidirectional:
             if state is None and x.is_cpu:  # a stream's first step: zeros, then the same path
-                B = x.shape[0]
-                state = (torch.zeros(self.num_layers, B, self._real_hidden_size, dtype=x.dtype),
-                         torch.zeros(self.num_layers, B, self.hidden_size, dtype=x.dtype))
+                state = self._zeros_state(x, x.shape[0])
             if type(state) is tuple:
                 fast = self._step_fast(x, state)  # the per-step path of streaming loops
                 if fast is not None:

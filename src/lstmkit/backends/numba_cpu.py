@@ -715,15 +715,22 @@ def _find_omp() -> Optional[tuple]:
     return gomp, num, size, cb_type(_omp_callback)
 
 
+def _omp_team() -> Optional[tuple]:
+    """:func:`_find_omp`'s answer, found once; None in a process forked after import (libgomp would
+    hang there: the Python threads take the jobs)."""
+    global _omp, _omp_found
+    if os.getpid() != _OMP_PID:
+        return None
+    if not _omp_found:
+        _omp, _omp_found = _find_omp(), True
+    return _omp
+
+
 def _omp_run(jobs: Sequence[Callable[[], None]], abort: np.ndarray) -> bool:
     """Run the jobs on torch's OpenMP threads (one per job, jobs[0] on this thread); False when that
     is not possible (nothing ran). The caller holds ``_pool_lock``."""
-    global _omp, _omp_found, _omp_call
-    if len(jobs) < 2 or os.getpid() != _OMP_PID:  # a forked child: the Python threads
-        return False
-    if not _omp_found:
-        _omp, _omp_found = _find_omp(), True
-    if _omp is None:
+    global _omp_call
+    if len(jobs) < 2 or _omp_team() is None:
         return False
     errors: list = []
     short: list = []
@@ -943,32 +950,25 @@ STEP_TEAM_UNITS = 32
 STEP_MAX_ROWS = 8
 _last_step = 0.0
 _CPUS = os.cpu_count() or 1  # never more threads than cores: they meet once per layer
-_step_team_found = False
-_omp_addresses: Optional[list] = None
 _step_teams: dict = {}  # torch dtype -> team block
 
 
 def _step_team(dtype: torch.dtype) -> Optional[np.ndarray]:
     """The ``team`` block of ``numba_step.stack_step_team`` for ``dtype`` (addresses of libgomp's
     functions and of the dtype's step callback), or None where torch's OpenMP team cannot be used
-    (see :func:`_find_omp`; never in a process forked after import)."""
-    global _step_team_found, _omp_addresses, KS
-    if os.getpid() != _OMP_PID:
-        return None
-    if not _step_team_found:
-        import ctypes
-
-        omp = _find_omp()
-        if omp is not None:
-            from ..kernels import numba_step as KS
-
-            _omp_addresses = [ctypes.cast(f, ctypes.c_void_p).value for f in omp[:3]]
-        _step_team_found = True
-    if _omp_addresses is None:
+    (:func:`_omp_team`)."""
+    global KS
+    omp = _omp_team()
+    if omp is None:
         return None
     block = _step_teams.get(dtype)
     if block is None:
-        block = _step_teams[dtype] = KS.team_block(*_omp_addresses, SCHED_YIELD, _NP_DTYPE[dtype])
+        import ctypes
+
+        from ..kernels import numba_step as KS
+
+        addresses = [ctypes.cast(f, ctypes.c_void_p).value for f in omp[:3]]
+        block = _step_teams[dtype] = KS.team_block(*addresses, SCHED_YIELD, _NP_DTYPE[dtype])
     return block
 
 
@@ -1088,9 +1088,6 @@ def _weight_views(weights: Sequence[Tensor], dtype: torch.dtype) -> tuple:
 def _weight_addresses(weights: Sequence[Tensor], dtype: torch.dtype) -> Optional[np.ndarray]:
     """The weights' addresses as an int64 array (for ``stack_step_ptr``), or None when some weight
     is not contiguous. The cached views keep the storages alive, so the addresses stay valid."""
-    hit = _VIEWS.get(tuple(map(id, weights)))  # the per-step path: _weights_entry's hit, inlined
-    if hit is not None and hit[0] == tuple(map(Tensor.data_ptr, weights)):
-        return hit[2]
     return _weights_entry(weights, dtype)[2]
 
 

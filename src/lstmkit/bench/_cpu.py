@@ -361,6 +361,18 @@ def _fmt(row: dict) -> str:
     return s
 
 
+def add_malloc_option(ap: argparse.ArgumentParser) -> None:
+    """The suites' ``--default-malloc`` flag (see :func:`apply_malloc_option`)."""
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="leave glibc's thresholds as they are (see lstmkit.memory; default: keep freed memory)")
+
+
+def apply_malloc_option(args: argparse.Namespace) -> bool:
+    """Keep freed memory in this process for both frameworks unless ``--default-malloc``; whether it
+    was applied (recorded with the machine)."""
+    return False if args.default_malloc else keep_freed_memory()
+
+
 def _malloc_note(machine: dict) -> str:
     kept = machine.get("freed_memory_kept")
     if kept is None:
@@ -411,10 +423,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch (and BLAS) threads (default: torch's)")
     ap.add_argument("--device", default="cpu", help="cpu (this suite) or cuda (lstmkit.bench.cuda)")
     ap.add_argument("--no-probes", action="store_true", help="skip the compile and memory subprocesses")
-    ap.add_argument("--default-malloc", action="store_true",
-                    help="leave glibc's thresholds as they are (see lstmkit.memory; default: keep freed memory)")
+    add_malloc_option(ap)
     args = ap.parse_args(argv)
-    malloc_fixed = False if args.default_malloc else keep_freed_memory()
+    malloc_fixed = apply_malloc_option(args)
     if args.device != "cpu":
         ap.error(f"--device {args.device}: this suite is for the CPU")
     if args.threads:

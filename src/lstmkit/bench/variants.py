@@ -23,8 +23,7 @@ import torch
 
 import lstmkit
 
-from ..memory import keep_freed_memory
-from ._cpu import machine_info, time_pair
+from ._cpu import add_malloc_option, apply_malloc_option, machine_info, time_pair
 
 # (T, B, I, H, layers)
 SHAPES = [(100, 16, 32, 128, 2), (50, 64, 128, 256, 1)]
@@ -170,10 +169,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--quick", action="store_true", help="one small shape, for a smoke run")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--markdown", default=None, help="write the markdown table here")
-    ap.add_argument("--default-malloc", action="store_true",
-                    help="leave glibc's thresholds as they are (see lstmkit.memory; default: keep freed memory)")
+    add_malloc_option(ap)
     a = ap.parse_args(argv)
-    malloc_fixed = False if a.default_malloc else keep_freed_memory()
+    malloc_fixed = apply_malloc_option(a)
     if a.threads:
         torch.set_num_threads(a.threads)
     threads = torch.get_num_threads()

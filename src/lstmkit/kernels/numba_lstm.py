@@ -59,7 +59,6 @@ def address_as(typingctx, addr, like):
     return ptr(types.intp, like), codegen
 
 
-
 # Eigen's rational approximation of tanh (float32): odd numerator of degree 13, even denominator
 # of degree 6, exact to a few ulp on the clamped range; beyond it tanh rounds to +-1 in float32.
 _CLAMP = np.float32(7.90531110763549805)
@@ -607,13 +606,13 @@ def stack_step_ptr(x, h0, c0, wptr, num_layers, B, I, H, P, has_bias, has_proj, 
         inp = dst
 
 
-@njit(inline="always")
+@njit(inline="always", **_JIT)
 def _short_buffers(B, H, P, dt):
     """Scratch rows of :func:`_short_layer`: input and recurrent pre-activations, h before projection."""
     return np.empty((B, 4 * H), dt), np.empty((B, 4 * H), dt), np.empty((B, H), dt), np.empty((B, P), dt)
 
 
-@njit(inline="always")
+@njit(inline="always", **_JIT)
 def _short_layer(inp, w_ih, w_hh, b_ih, b_hh, w_hr, has_bias, has_proj, reverse, h, c, dst, bufs):
     """One layer-direction over all steps of ``inp`` (T, B, K) with products as dot-product loops:
     h (B, P), c (B, H) hold the initial state and end as the final one; dst (T, B, P) receives h."""
