@@ -100,3 +100,22 @@ def check_lstm_parity(backend, form, num_layers, bidirectional, proj_size, bias,
         assert a is not None, f"no gradient for {name}"
         assert_close(a, b, msg=f"grad of {name}")
     _record(dtype, (o1, o2), (h1, h2), (c1, c2), *zip(g1, g2))
+
+
+def spy_step_runs(monkeypatch, calls: list, name="lstm_step") -> None:
+    """Append ``name`` to ``calls`` on every call of a per-step function the numba backend makes
+    (``numba_cpu.step_runner``: the path of streaming steps), from now on."""
+    from lstmkit.backends import numba_cpu
+
+    real = numba_cpu.step_runner
+
+    def make(*args, **kwargs):
+        run = real(*args, **kwargs)
+
+        def spy(*a):
+            calls.append(name)
+            return run(*a)
+
+        return spy
+
+    monkeypatch.setattr(numba_cpu, "step_runner", make)

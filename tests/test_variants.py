@@ -9,6 +9,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import lstmkit
+from lstm_oracle import spy_step_runs
 from lstmkit import _variants, backends
 from lstmkit.backends import LayerOptions
 from tolerances import TOL, TOL_NORMALIZED, assert_close
@@ -403,13 +404,10 @@ def test_step_errors():
 @pytest.mark.parametrize("B,I,H,proj_size,bias", [(1, 3, 5, 0, True), (2, 4, 6, 3, False), (3, 4, 6, 0, True),
                                                    (1, 150, 130, 0, True)])
 def test_step_without_grad_matches_torch(B, I, H, proj_size, bias, monkeypatch):
-    """step() under no_grad (the streaming fast path: straight into the backend's lstm_step) gives
+    """step() under no_grad (the streaming fast path: straight into the backend's per-step function) gives
     torch.nn.LSTM's numbers, one step at a time, for small and large weights and batches."""
-    from lstmkit.backends import numba_cpu
-
     calls = []
-    real = numba_cpu.lstm_step
-    monkeypatch.setattr(numba_cpu, "lstm_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    spy_step_runs(monkeypatch, calls)
     torch.manual_seed(4)
     ref = torch.nn.LSTM(I, H, 2, proj_size=proj_size, bias=bias)
     m = lstmkit.LSTM(I, H, 2, proj_size=proj_size, bias=bias)
@@ -423,19 +421,17 @@ def test_step_without_grad_matches_torch(B, I, H, proj_size, bias, monkeypatch):
             assert_close(y, want[0])
     assert_close(state[0], want_state[0])
     assert_close(state[1], want_state[1])
-    assert len(calls) == 5, "every step (the first from zeros) should take the lstm_step fast path"
+    assert len(calls) == 5, "every step (the first from zeros) should take the per-step fast path"
 
 
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("dtype,proj_size,bias", [(torch.float32, 0, True), (torch.float64, 3, False)])
 def test_one_step_forward_takes_step_path(batch_first, dtype, proj_size, bias, monkeypatch):
     """forward() of one-step chunks with a state (streaming loops through the plain module call)
-    goes straight into lstm_step, in either layout, and gives torch.nn.LSTM's numbers and shapes."""
-    from lstmkit.backends import numba_cpu
-
+    goes straight into the backend's per-step function, in either layout, and gives
+    torch.nn.LSTM's numbers and shapes."""
     calls = []
-    real = numba_cpu.lstm_step
-    monkeypatch.setattr(numba_cpu, "lstm_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    spy_step_runs(monkeypatch, calls)
     torch.manual_seed(5)
     kw = dict(proj_size=proj_size, bias=bias, batch_first=batch_first, dtype=dtype)
     ref = torch.nn.LSTM(4, 6, 2, **kw)
@@ -481,6 +477,57 @@ def test_step_path_follows_replaced_and_noncontiguous_weights():
         want, (wh, wc) = ref(x[None], st)
         assert_close(y, want[0])
         assert_close(h, wh)
+        # a new parameter on the same memory, read in another order: the same data pointers as the
+        # weights the stream saw, so only their identity tells the cached addresses stale
+        for mod in (ref, m):
+            w = mod.weight_hh_l1.detach()
+            mod.weight_hh_l1 = torch.nn.Parameter(w.as_strided((24, 6), (1, 24)))
+        assert m.weight_hh_l1.data_ptr() == w.data_ptr()
+        y, (h, c) = m.step(x, st)
+        want, (wh, wc) = ref(x[None], st)
+        assert_close(y, want[0])
+        assert_close(h, wh)
+
+
+def test_step_functions_kept_per_stream_shape(monkeypatch):
+    """The per-step functions the module keeps (one per input and state shape, dtype and backend)
+    are made once per stream, bounded in number, dropped by pickling and copying, and follow a
+    change of backend."""
+    import copy
+    import io
+    import pickle
+
+    made = []
+    from lstmkit.backends import numba_cpu
+
+    real = numba_cpu.step_runner
+    monkeypatch.setattr(numba_cpu, "step_runner", lambda *a, **k: made.append(a[0]) or real(*a, **k))
+    torch.manual_seed(7)
+    ref = torch.nn.LSTM(3, 5, 2)
+    m = lstmkit.LSTM(3, 5, 2)
+    m.load_state_dict(ref.state_dict())
+    with torch.no_grad():
+        st = None
+        for _ in range(4):
+            y, st = m.step(torch.randn(2, 3), st)
+        assert made == [(2, 3)]
+        for b in range(1, 41):  # many batch sizes: a bounded number of functions kept
+            m.step(torch.randn(b, 3))
+        assert len(made) == 40 and len(m._step_runners) <= 16  # B=2 was kept
+        x = torch.randn(4, 3)
+        for clone in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+            assert clone._step_runners == {}
+            y, (h, c) = clone.step(x)
+            want, (wh, wc) = ref(x[None])  # oracle
+            assert_close(y, want[0])
+            assert_close(c, wc)
+        buf = io.BytesIO()
+        torch.save(m, buf)  # whole-module checkpoints after streaming
+        n = len(made)
+        m.backend = "reference"
+        y, (h, c) = m.step(x)
+        assert len(made) == n, "the reference backend has no per-step function: the general path"
+        assert_close(y, want[0])
 
 
 def test_step_in_training_mode_keeps_dropout_between_layers():

@@ -11,6 +11,7 @@ import math
 import numbers
 import operator
 import warnings
+from collections.abc import Callable
 from typing import Optional, Union
 
 import torch
@@ -28,6 +29,7 @@ State = tuple[Tensor, Tensor]
 
 # (backend name, dtype) -> the backend module that runs CPU tensors of that dtype (step calls)
 _STEP_BACKENDS: dict = {}
+_NO_RUNNER = object()  # LSTM._step_runners: shapes not seen yet
 
 
 def _check_int(name: str, value, minimum: int) -> None:
@@ -239,12 +241,21 @@ class LSTM(nn.Module):
         # variant parameters after all of torch's, so torch's parameter order is kept as a prefix
         self._variant_names = [self.variants.register(self, sfx, hidden_size, factory) for sfx in self._suffixes]
         self._flat_getter = operator.itemgetter(*self._flat_weights_names)
+        # (x.shape, h.shape, c.shape, dtype, backend) -> the backend's per-step function, or None
+        self._step_runners: dict = {}
         self.reset_parameters()
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_step_runners"] = {}  # closures: made again on the first step
+        return state
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         if "_flat_getter" not in self.__dict__:  # pickled before the getter existed
             self._flat_getter = operator.itemgetter(*self._flat_weights_names)
+        if "_step_runners" not in self.__dict__:
+            self._step_runners = {}
 
     # -- torch.nn.LSTM compatibility -------------------------------------------------------------
     def reset_parameters(self) -> None:
@@ -487,36 +498,53 @@ class LSTM(nn.Module):
 
     def _step_fast(self, x: Tensor, state: tuple) -> Optional[tuple[Tensor, State]]:
         """step() of a batched CPU x (B, I) -- or forward() of a one-step x, (1, B, I) or batch-first
-        (B, 1, I) -- with a well-formed state straight into a backend's ``lstm_step``
-        hook (plain LSTM, no gradient); None leaves the call to the general path (which also
-        names what is wrong). The checks are those of the general path, in their cheapest form:
-        at small sizes they cost as much as the step."""
-        if len(state) != 2:
+        (B, 1, I) -- with a well-formed state straight into the backend's per-step function (plain
+        LSTM, no gradient); None leaves the call to the general path (which also names what is
+        wrong). The checks are those of the general path, in their cheapest form (at small sizes
+        they cost as much as the step): the shapes once per stream, where the backend's function
+        for them is made (``_step_runner``), the rest every call."""
+        if len(state) != 2 or torch.compiler.is_compiling():
             return None
         h, c = state
         w = self._parameters["weight_ih_l0"]
         dt = x.dtype
-        if (type(h) is not Tensor or type(c) is not Tensor or dt is not w.dtype or h.dtype is not dt
-                or c.dtype is not dt or not (x.is_cpu and h.is_cpu and c.is_cpu and w.is_cpu)):
+        if (type(h) is not Tensor or type(c) is not Tensor or h.dtype is not dt or c.dtype is not dt
+                or w.dtype is not dt or not (x.is_cpu and h.is_cpu and c.is_cpu and w.is_cpu)
+                or self.variants.active(self.training) or (self.training and self.dropout > 0 and self.num_layers > 1)):
             return None
-        shape = x.shape
-        B = shape[0] if len(shape) == 2 or self.batch_first else shape[1]
-        L = self.num_layers
-        if (shape[-1] != self.input_size or B == 0 or h.shape != (L, B, self.proj_size or self.hidden_size)
-                or c.shape != (L, B, self.hidden_size) or self.variants.active(self.training)
-                or (self.training and self.dropout > 0 and L > 1)):
+        key = (x.shape, h.shape, c.shape, dt, self.backend)
+        run = self._step_runners.get(key, _NO_RUNNER)
+        if run is _NO_RUNNER:
+            run = self._step_runner(key)
+        if run is None:
             return None
-        weights = self._flat_weights
+        weights = self._flat_getter(self._parameters)
         if torch.is_grad_enabled() and functional.needs_grad([x, h, c, *weights]):
             return None
-        be = _STEP_BACKENDS.get((self.backend, dt))
-        if be is None:
-            be = _STEP_BACKENDS[self.backend, dt] = backends.resolve(self.backend, x.device, dt)
-        fast = getattr(be, "lstm_step", None)
-        if fast is None or torch.compiler.is_compiling():
-            return None
-        y, h, c = fast(x, h, c, weights, num_layers=L, has_biases=self.bias, proj_size=self.proj_size)
+        y, h, c = run(x, h, c, weights)
         return y, (h, c)
+
+    def _step_runner(self, key: tuple) -> Optional[Callable]:
+        """The backend's per-step function for (x.shape, h.shape, c.shape, dtype, backend), or None
+        where those shapes are not a well-formed step of this module or the backend has none;
+        remembered (a few shapes per module: streams keep theirs)."""
+        x_shape, h_shape, c_shape, dt, backend = key
+        B = x_shape[0] if len(x_shape) == 2 or self.batch_first else x_shape[1]
+        L = self.num_layers
+        run = None
+        if (x_shape[-1] == self.input_size and B > 0 and h_shape == (L, B, self.proj_size or self.hidden_size)
+                and c_shape == (L, B, self.hidden_size)):
+            be = _STEP_BACKENDS.get((backend, dt))
+            if be is None:
+                be = _STEP_BACKENDS[backend, dt] = backends.resolve(backend, torch.device("cpu"), dt)
+            make = getattr(be, "step_runner", None)
+            if make is not None:
+                run = make(x_shape, h_shape, c_shape, dt, num_layers=L, has_biases=self.bias,
+                           proj_size=self.proj_size)
+        if len(self._step_runners) >= 16:
+            self._step_runners.clear()
+        self._step_runners[key] = run
+        return run
 
     @staticmethod
     def reset_state(state: State, rows) -> State:

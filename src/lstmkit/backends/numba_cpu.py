@@ -21,6 +21,7 @@ P = proj_size or H, L layers, D directions.
 
 from __future__ import annotations
 
+import operator
 import os
 import threading
 import time
@@ -894,44 +895,78 @@ def lstm_step(
     has_biases: bool,
     proj_size: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One step of a unidirectional stack without gradients (``LSTM.step``, and one-step
-    ``forward`` calls): (y, h_n, c_n), y shaped like x with P features."""
+    """One step of a unidirectional stack without gradients: (y, h_n, c_n), y shaped like x with P
+    features. What :func:`step_runner`'s function computes, for a single call."""
     dtype = x.dtype
     if not x.is_cpu or dtype not in _DTYPES:
         raise RuntimeError(unavailable(x.device, dtype))
-    I = x.shape[-1]
-    _, B, P = h0.shape
-    H = c0.shape[2]
-    y_shape = x.shape[:-1] + (P,)
-    global _last_step
-    now = time.perf_counter()
-    hot, _last_step = now - _last_step < STEP_TEAM_HOT_S, now
-    work = B * 4 * H * max(I, P)  # multiply-adds of a layer's larger product
-    team = None
-    if B <= STEP_MAX_ROWS and work >= STEP_TEAM_MIN and (nthreads := torch.get_num_threads()) > 1:
-        team = _step_team(dtype)  # (the first call loads or compiles the team's kernels: a stream's first step)
-        if not (hot or work >= STEP_TEAM_ALWAYS):
-            team = None
-    if team is None and (B > STEP_MAX_ROWS or work > B * DOT_MAX_SIZE):
-        out, h_n, c_n = lstm_stack(x.reshape(1, B, I), h0, c0, weights, num_layers=num_layers, bidirectional=False,
-                                   has_biases=has_biases, proj_size=proj_size, batch_sizes=None)
-        return out.view(y_shape), h_n, c_n
-    addresses = _weight_addresses(weights, dtype)
+    run = step_runner(x.shape, h0.shape, c0.shape, dtype, num_layers=num_layers, has_biases=has_biases,
+                      proj_size=proj_size)
+    return run(x, h0, c0, weights)
+
+
+def step_runner(x_shape: tuple, h_shape: tuple, c_shape: tuple, dtype: torch.dtype, *, num_layers: int,
+                has_biases: bool, proj_size: int) -> Callable[[Tensor, Tensor, Tensor, Sequence[Tensor]], tuple]:
+    """The per-step function of a stream (``LSTM.step``, one-step ``forward`` calls): run(x, h0, c0,
+    weights) -> (y, h_n, c_n) for CPU tensors of these shapes and this dtype (float32 or float64),
+    no gradients; x (B, I), (1, B, I) or (B, 1, I), h0 (L, B, P), c0 (L, B, H), weights in
+    torch.nn.LSTM's _flat_weights order (unidirectional). Everything that depends only on the
+    shapes is worked out here, once per stream (the module keeps the function), so that a call
+    costs the kernel and little else: at H=32 the kernel is ~2 us of a ~12 us call."""
+    if dtype not in _DTYPES:
+        raise RuntimeError(unavailable(torch.device("cpu"), dtype))
+    I = x_shape[-1]
+    _, B, P = h_shape
+    H = c_shape[2]
+    y_shape = tuple(x_shape[:-1]) + (P,)
+    hn_shape = (num_layers, B, P)
+    cn_shape = (num_layers, B, H)
     npdt = _NP_DTYPE[dtype]
-    y = np.empty(y_shape, npdt)
-    h_n = np.empty((num_layers, B, P), npdt)
-    c_n = np.empty((num_layers, B, H), npdt)
-    if addresses is None or not (x.is_contiguous() and h0.is_contiguous() and c0.is_contiguous()):
-        K.stack_fwd_short(_np(x).reshape(1, B, I), _np(h0), _np(c0), _weight_views(weights, dtype), num_layers,
-                          1, bool(has_biases), proj_size > 0, y.reshape(1, B, P), h_n, c_n)
-    elif team is not None:
-        KS.stack_step_team(team, min(nthreads, _CPUS, -(-H // STEP_TEAM_UNITS)), x.data_ptr(), h0.data_ptr(),
-                           c0.data_ptr(), addresses, num_layers, B, I, H, P, bool(has_biases), proj_size > 0,
-                           y, h_n, c_n)
-    else:
-        K.stack_step_ptr(x.data_ptr(), h0.data_ptr(), c0.data_ptr(), addresses, num_layers, B, I, H, P,
-                         bool(has_biases), proj_size > 0, y, h_n, c_n)
-    return torch.from_numpy(y), torch.from_numpy(h_n), torch.from_numpy(c_n)
+    bias = bool(has_biases)
+    proj = proj_size > 0
+    work = B * 4 * H * max(I, P)  # multiply-adds of a layer's larger product
+    may_split = B <= STEP_MAX_ROWS and work >= STEP_TEAM_MIN
+    always = work >= STEP_TEAM_ALWAYS
+    stack = B > STEP_MAX_ROWS or work > B * DOT_MAX_SIZE  # without the team: the general stack
+    max_team = min(_CPUS, -(-H // STEP_TEAM_UNITS))
+    seen = [(), None, ()]  # the last call's weights and their data pointers, and the addresses (streams keep theirs)
+
+    def run(x: Tensor, h0: Tensor, c0: Tensor, weights: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        nonlocal seen
+        global _last_step
+        now = time.perf_counter()
+        hot = now - _last_step < STEP_TEAM_HOT_S
+        _last_step = now
+        team = None
+        if may_split and (nthreads := torch.get_num_threads()) > 1:
+            team = _step_team(dtype)  # (the first call loads or compiles the team's kernels: a stream's first step)
+            if not (hot or always):
+                team = None
+        if team is None and stack:
+            out, h_n, c_n = lstm_stack(x.reshape(1, B, I), h0, c0, weights, num_layers=num_layers,
+                                       bidirectional=False, has_biases=bias, proj_size=proj_size, batch_sizes=None)
+            return out.view(y_shape), h_n, c_n
+        last, addresses, _ = seen
+        ptrs = tuple(map(Tensor.data_ptr, weights))
+        if len(last) != len(weights) or not all(map(operator.is_, weights, last)) or ptrs != seen[2]:
+            # another weight (replaced) or another storage (``.data`` set): the general lookup
+            addresses = _weight_addresses(weights, dtype)
+            seen = [tuple(weights), addresses, ptrs]
+        y = np.empty(y_shape, npdt)
+        h_n = np.empty(hn_shape, npdt)
+        c_n = np.empty(cn_shape, npdt)
+        if addresses is None or not (x.is_contiguous() and h0.is_contiguous() and c0.is_contiguous()):
+            K.stack_fwd_short(_np(x).reshape(1, B, I), _np(h0), _np(c0), _weight_views(weights, dtype), num_layers,
+                              1, bias, proj, y.reshape(1, B, P), h_n, c_n)
+        elif team is not None:
+            KS.stack_step_team(team, min(nthreads, max_team), x.data_ptr(), h0.data_ptr(), c0.data_ptr(), addresses,
+                               num_layers, B, I, H, P, bias, proj, y, h_n, c_n)
+        else:
+            K.stack_step_ptr(x.data_ptr(), h0.data_ptr(), c0.data_ptr(), addresses, num_layers, B, I, H, P, bias, proj,
+                             y, h_n, c_n)
+        return torch.from_numpy(y), torch.from_numpy(h_n), torch.from_numpy(c_n)
+
+    return run
 
 
 # A step of B rows splits over torch's OpenMP team (kernels.numba_step) by hidden units, each thread
@@ -950,7 +985,8 @@ STEP_TEAM_UNITS = 32
 STEP_MAX_ROWS = 8
 _last_step = 0.0
 _CPUS = os.cpu_count() or 1  # never more threads than cores: they meet once per layer
-_step_teams: dict = {}  # torch dtype -> team block
+_step_teams: dict = {}  # torch dtype -> team block; emptied in a forked child (libgomp would hang there)
+os.register_at_fork(after_in_child=_step_teams.clear)
 
 
 def _step_team(dtype: torch.dtype) -> Optional[np.ndarray]:
@@ -958,6 +994,9 @@ def _step_team(dtype: torch.dtype) -> Optional[np.ndarray]:
     functions and of the dtype's step callback), or None where torch's OpenMP team cannot be used
     (:func:`_omp_team`)."""
     global KS
+    block = _step_teams.get(dtype)
+    if block is not None:  # every step of a stream: no further check (a fork empties the dict)
+        return block
     omp = _omp_team()
     if omp is None:
         return None
