@@ -445,9 +445,57 @@ def test_rows_training_choice(threaded, rows_train_seen, monkeypatch):
     f32 = torch.float32
     assert nb.rows_train(50, 64, 256, 256, f32, True) == 2       # plain, 16M multiply-adds a step
     assert nb.rows_train(200, 64, 512, 512, f32, True) == 2
-    assert nb.rows_train(100, 16, 128, 128, f32, True) == 1      # plain, 1M: the fused paths win
+    assert nb.rows_train(100, 16, 128, 128, f32, True) == 0      # plain, 1M: the fused paths win
     assert nb.rows_train(100, 16, 128, 128, f32, False) == 2     # variants
-    assert nb.rows_train(50, 64, 256, 256, torch.float64, False) == 1
+    assert nb.rows_train(50, 64, 256, 256, torch.float64, False) == 0
+
+
+
+def test_variants_one_row_part_choice(monkeypatch):
+    """Layers with variants take the row kernels as one part (this thread) where no thread would
+    help: one thread, or too little work for several; float32 only."""
+    f32 = torch.float32
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert nb.rows_train(100, 1, 128, 128, f32, False) == 0      # one row: the per-layer path's threads
+    assert nb.rows_train(10, 5, 5, 5, f32, False) == 1           # variants, tiny: one part, this thread
+    assert nb.rows_train(10, 5, 5, 5, f32, True) == 0            # plain: the fused paths
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert nb.rows_train(100, 1, 128, 128, f32, False) == 1      # one thread: one part whatever the size
+    assert nb.rows_train(50, 64, 256, 256, f32, False) == 1
+    assert nb.rows_train(50, 64, 256, 256, torch.float64, False) == 0
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_variants_one_row_part_on_one_thread(train, monkeypatch):
+    """With one thread, float32 layers with variants run the row kernels as one part on this thread
+    (input projection and layer norm fused), in inference through every layer of the stack, in
+    training per layer, with the reference backend's numbers and gradients."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        seen = _spy_row_ranges(monkeypatch, "layer_rows_bwd" if train else "layer_rows_fwd")
+        torch.manual_seed(3)
+        kw = dict(layer_norm=True, peephole=True, zoneout=(0.2, 0.1))
+        ours = lstmkit.LSTM(5, 12, 2, backend="numba", **kw).train(train)
+        ref = lstmkit.LSTM(5, 12, 2, backend="reference", **kw).train(train)
+        ref.load_state_dict(ours.state_dict())
+        x = torch.randn(7, 6, 5)
+        got = []
+        for m in (ref, ours):
+            xs = x.clone().requires_grad_(train)
+            torch.manual_seed(8)
+            with torch.set_grad_enabled(train):
+                out, (h, c) = m(xs)
+            if train:
+                (out.square().sum() + c.sum()).backward()
+                got.append([out, h, c, xs.grad] + [p.grad for p in m.parameters()])
+            else:
+                got.append([out, h, c])
+        for want, have in zip(*got):  # got[0]: the oracle (reference backend)
+            assert_close(have, want, table=TOL_NORMALIZED)
+        assert seen == [(0, 6), (0, 6)], "each layer's rows should run as one part"
+    finally:
+        torch.set_num_threads(prev)
 
 
 @pytest.mark.parametrize("T,B,I,H,L,proj,bias,lengths", [

@@ -347,7 +347,7 @@ def layer_rows_train(x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], b_hh: Opti
     H = c0.shape[1]
     P = w_hh.shape[1]
     nparts = _plain.rows_train(T, B, H, P, x.dtype, opts is None and ln_ih is None)
-    if nparts < 2:
+    if nparts < 1:
         return NotImplemented
     for name, t in (("w_ih", w_ih), ("w_hh", w_hh), ("h0", h0), ("c0", c0)):
         if t.dtype != x.dtype:
@@ -379,8 +379,9 @@ def lstm_stack_variants(
     proj_size: int,
     batch_sizes: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """A unidirectional stack with variants, without gradients, on several threads: by batch rows
-    (:func:`stack_rows`) or as a pipeline of (layer, chunk) tasks
+    """A unidirectional stack with variants, without gradients: by batch rows (:func:`stack_rows`,
+    on several threads, or as one part on this thread where none would help:
+    ``numba_cpu.one_row_part``) or as a pipeline of (layer, chunk) tasks on several threads
     (``kernels.numba_parallel.stack_fwd_tasks_variants``): (out, h_n, c_n)."""
     dtype = x.dtype
     T, B, I = x.shape
@@ -399,7 +400,7 @@ def lstm_stack_variants(
     c_np[:] = _plain._np(c0)
     bs = _plain._bs_np(batch_sizes)
     nparts = _plain.stack_rows_parts(T, B, H, P, num_layers, 1, dtype)
-    if nparts > 1 or num_layers == 1:
+    if nparts > 1 or num_layers == 1 or _plain.parallel_threads(T, B, I, H, P, num_layers, 1, dtype) < 2:
         stack_rows(x, views, packed, num_layers, bool(has_biases), proj_size > 0, ln, kos, bs, h_np, c_np, out_np,
                    nparts)
         return out, h_n, c_n
@@ -421,9 +422,10 @@ def lstm_stack_variants(
 
 def prefers_stack_variants(T: int, B: int, I: int, H: int, P: int, num_layers: int, bidirectional: bool,
                            dtype: torch.dtype) -> bool:
-    """Whether :func:`lstm_stack_variants` runs this shape (several threads pay off)."""
+    """Whether :func:`lstm_stack_variants` runs this shape (several threads pay off, or its row
+    kernels as one part beat the per-layer path: ``numba_cpu.one_row_part``)."""
     if bidirectional:
         return False
-    if _plain.stack_rows_parts(T, B, H, P, num_layers, 1, dtype) > 1:
+    if _plain.stack_rows_parts(T, B, H, P, num_layers, 1, dtype) > 1 or _plain.one_row_part(T, B, I, H, P, dtype):
         return True
     return num_layers > 1 and _plain.parallel_threads(T, B, I, H, P, num_layers, 1, dtype) > 1

@@ -537,7 +537,8 @@ def stack_rows_parts(T: int, B: int, H: int, P: int, num_layers: int, D: int, dt
 
 def rows_train(T: int, B: int, H: int, P: int, dtype: torch.dtype, plain: bool) -> int:
     """Threads sharing the batch rows of a layer-direction in training, its input projection and
-    weight products included (``_numba_variants.layer_rows_train``), or 1: not this way.
+    weight products included (``_numba_variants.layer_rows_train``), or 0: not this way. Layers
+    with variants take it with one part too where no thread would help (:func:`one_row_part`).
 
     Measured against the other paths (2 threads, jobs on torch's OpenMP team, ms): every variant,
     T=100 B=16 H=128 L=2: layer norm 17-18 vs 22-24, peephole 14.1 vs 17.5, recurrent dropout 14.6
@@ -545,11 +546,26 @@ def rows_train(T: int, B: int, H: int, P: int, dtype: torch.dtype, plain: bool) 
     all 49-54 vs 60-63. Plain layers only with large steps: T=50 B=64 H=256 33-35 vs 39.5-47,
     T=100 B=32 H=256 proj=128 25-29 vs 30, T=200 B=64 H=512 516-522 vs 694-733, 2 layers T=50 B=64
     H=256 73 vs 83-89; at T=100 B=16 H=128 (1M multiply-adds a step) even with the pipeline of the
-    fused stack path (13-14 ms) and behind a single layer's fused path (8.7 vs 7.6)."""
+    fused stack path (13-14 ms) and behind a single layer's fused path (8.7 vs 7.6). One part, one
+    thread, against the per-layer path (torch's input projection and layer norm, then the variant
+    kernel): T=100 B=16 H=128 L=2 layer norm 25.3 vs 29.6, peephole 20.2 vs 22.7, zoneout 21.4 vs
+    22.7, all 28.8 vs 32.4; T=50 B=64 H=256 all 79 vs 83; T=1000 B=1 H=128 even."""
     nparts = row_parts(T, B, H, P, dtype)
-    if nparts < 2 or (plain and B * 4 * H * P < ROW_TRAIN_MIN_STEP_MACS):
-        return 1
-    return nparts
+    if plain:
+        return nparts if nparts > 1 and B * 4 * H * P >= ROW_TRAIN_MIN_STEP_MACS else 0
+    if nparts > 1 or one_row_part(T, B, H, H, P, dtype):
+        return nparts
+    return 0
+
+
+def one_row_part(T: int, B: int, I: int, H: int, P: int, dtype: torch.dtype) -> bool:
+    """Whether a layer with variants runs the row kernels as one part, on this thread: float32 with
+    one thread, or too little work for several (below PARALLEL_MIN_MACS, where the other paths run
+    single-threaded too). Their fused input projection and layer norm beat the per-layer path's
+    torch ops (measured one thread, inference, ms: T=100 B=16 H=128 L=2 layer norm 7.2 vs 8.8, all
+    7.2 vs 9.0; T=50 B=64 H=256 all 20.2 vs 26.6; the tutorial's T=10 B=5 H=5 L=2 all 0.21 vs 0.28;
+    T=1000 B=1 H=128 all 5.5 vs 5.8)."""
+    return dtype == torch.float32 and (torch.get_num_threads() < 2 or T * B * 4 * H * (I + P) < PARALLEL_MIN_MACS)
 
 
 def even_bounds(n: int, nparts: int) -> list[int]:
@@ -1297,7 +1313,7 @@ def lstm_stack_train(
             raise TypeError(f"{name}: expected dtype {x.dtype}, got {t.dtype}")
     T, B, I = x.shape
     D = 2 if bidirectional else 1
-    if D == 1 and rows_train(T, B, c0.shape[2], h0.shape[2], x.dtype, True) > 1:
+    if D == 1 and rows_train(T, B, c0.shape[2], h0.shape[2], x.dtype, True):
         return NotImplemented  # the per-layer path runs each layer by rows (layer_rows_train)
     nthreads = parallel_threads(T, B, I, c0.shape[2], h0.shape[2], num_layers, D, x.dtype, training=True)
     if nthreads == 1 and not prefers_stack_train(T, B, I, c0.shape[2], h0.shape[2]):
