@@ -443,12 +443,37 @@ def test_rows_training_choice(threaded, rows_train_seen, monkeypatch):
     assert len(rows_train_seen) == 4 and m.weight_ih_l0.grad is not None
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     f32 = torch.float32
-    assert nb.rows_train(50, 64, 256, 256, f32, True) == 2       # plain, 16M multiply-adds a step
-    assert nb.rows_train(200, 64, 512, 512, f32, True) == 2
-    assert nb.rows_train(100, 16, 128, 128, f32, True) == 0      # plain, 1M: the fused paths win
-    assert nb.rows_train(100, 16, 128, 128, f32, False) == 2     # variants
-    assert nb.rows_train(50, 64, 256, 256, torch.float64, False) == 0
+    assert nb.rows_train(50, 64, 128, 256, 256, f32, True) == 2       # plain, 16M multiply-adds a step
+    assert nb.rows_train(200, 64, 512, 512, 512, f32, True) == 2
+    assert nb.rows_train(100, 16, 32, 128, 128, f32, True, 2) == 0    # plain, 1M a step, 2 layers: fused
+    assert nb.rows_train(100, 16, 32, 128, 128, f32, True, 1) == 2    # ... one layer: 131M in all
+    assert nb.rows_train(100, 8, 16, 32, 32, f32, True, 1) == 0       # one layer, 5M in all: fused
+    assert nb.rows_train(100, 16, 32, 128, 128, f32, False) == 2      # variants
+    assert nb.rows_train(50, 64, 128, 256, 256, torch.float64, False) == 0
 
+
+def test_plain_single_layer_trains_by_rows(two_threads, rows_train_seen):
+    """A plain single-layer stack with enough work (ROW_TRAIN_MIN_MACS) trains by rows on two
+    threads, with torch.nn.LSTM's output and gradients; a second layer sends the same shape back
+    to the fused paths."""
+    torch.manual_seed(2)
+    ours = lstmkit.LSTM(16, 32, 1, backend="numba")
+    ref = torch.nn.LSTM(16, 32, 1)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(100, 64, 16)
+    got = []
+    for m in (ref, ours):
+        xs = x.clone().requires_grad_()
+        out, (h, c) = m(xs)
+        (out.square().sum() + h.sum() + c.sin().sum()).backward()
+        got.append([out, h, c, xs.grad] + [p.grad for p in m.parameters()])
+    for want, have in zip(*got):  # got[0]: the oracle
+        assert_close(have, want)
+    assert sorted(rows_train_seen) == [(0, 32), (32, 64)]
+    rows_train_seen.clear()
+    two = lstmkit.LSTM(16, 32, 2, backend="numba")
+    two(x)[0].sum().backward()
+    assert rows_train_seen == []
 
 
 def test_variants_one_row_part_choice(monkeypatch):
@@ -456,13 +481,14 @@ def test_variants_one_row_part_choice(monkeypatch):
     help: one thread, or too little work for several; float32 only."""
     f32 = torch.float32
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert nb.rows_train(100, 1, 128, 128, f32, False) == 0      # one row: the per-layer path's threads
-    assert nb.rows_train(10, 5, 5, 5, f32, False) == 1           # variants, tiny: one part, this thread
-    assert nb.rows_train(10, 5, 5, 5, f32, True) == 0            # plain: the fused paths
+    assert nb.rows_train(100, 1, 128, 128, 128, f32, False) == 0      # one row: the per-layer path's threads
+    assert nb.rows_train(10, 5, 3, 5, 5, f32, False) == 1             # variants, tiny: one part, this thread
+    assert nb.rows_train(10, 5, 3, 5, 5, f32, True) == 0              # plain: the fused paths
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    assert nb.rows_train(100, 1, 128, 128, f32, False) == 1      # one thread: one part whatever the size
-    assert nb.rows_train(50, 64, 256, 256, f32, False) == 1
-    assert nb.rows_train(50, 64, 256, 256, torch.float64, False) == 0
+    assert nb.rows_train(100, 1, 128, 128, 128, f32, False) == 1      # one thread: one part whatever the size
+    assert nb.rows_train(50, 64, 128, 256, 256, f32, False) == 1
+    assert nb.rows_train(50, 64, 128, 256, 256, torch.float64, False) == 0
+    assert nb.rows_train(100, 64, 16, 32, 32, f32, True) == 0         # plain, one thread: never by rows
 
 
 @pytest.mark.parametrize("train", [False, True])

@@ -164,7 +164,8 @@ def lstm(
             opts = first_opts if idx == 0 else (None if opts_for is None else opts_for(layer, d, B, T))
             res = NotImplemented
             if rows is not None:
-                res = rows(x, w_ih, b_ih, b_hh, ln, w_hh, w_hr, h0[idx], c0[idx], batch_sizes, d == 1, opts)
+                res = rows(x, w_ih, b_ih, b_hh, ln, w_hh, w_hr, h0[idx], c0[idx], batch_sizes, d == 1, opts,
+                           num_layers=num_layers)
             if res is NotImplemented:
                 res = be.layer(_input_projection(x, w_ih, b_ih, b_hh, ln), w_hh, w_hr, h0[idx], c0[idx],
                                batch_sizes, d == 1, opts)

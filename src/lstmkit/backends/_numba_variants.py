@@ -339,14 +339,14 @@ class _RowsLayerFn(torch.autograd.Function):
 
 def layer_rows_train(x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor], ln_ih: Optional[Tensor],
                      w_hh: Tensor, w_hr: Optional[Tensor], h0: Tensor, c0: Tensor, batch_sizes: Optional[Tensor],
-                     reverse: bool, opts: Optional[LayerOptions]):
+                     reverse: bool, opts: Optional[LayerOptions], *, num_layers: int = 1):
     """A differentiable layer-direction from its input (projection included), its rows on several
     threads (:class:`_RowsLayerFn`): (out (T,B,P), h_n, c_n), or NotImplemented where
-    :func:`numba_cpu.rows_train` leaves it to the other paths."""
-    T, B, _ = x.shape
+    :func:`numba_cpu.rows_train` leaves it to the other paths (num_layers: of the stack it is in)."""
+    T, B, I = x.shape
     H = c0.shape[1]
     P = w_hh.shape[1]
-    nparts = _plain.rows_train(T, B, H, P, x.dtype, opts is None and ln_ih is None)
+    nparts = _plain.rows_train(T, B, I, H, P, x.dtype, opts is None and ln_ih is None, num_layers)
     if nparts < 1:
         return NotImplemented
     for name, t in (("w_ih", w_ih), ("w_hh", w_hh), ("h0", h0), ("c0", c0)):

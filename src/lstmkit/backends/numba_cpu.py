@@ -474,6 +474,10 @@ ROW_MIN_ROWS_LARGE = 64  # batch rows from which rows win even with larger weigh
 ROWS_MAX_LAYERS = 2      # stacks deeper than this run the layer pipeline in inference
 # per-step multiply-adds (B * 4H * P) from which plain training shares a layer's rows (rows_train)
 ROW_TRAIN_MIN_STEP_MACS = 4 * 1024 * 1024
+# ... and, for a single-layer stack, multiply-adds of its forward products (T * B * 4H * (I + P)):
+# measured wins from 16.4M (T=50 B=256 I=4 H=16: 3.5 vs 4.9 ms), losses up to 12.9M (T=100 B=12 I=8
+# H=48: 2.2 vs 2.0 ms)
+ROW_TRAIN_MIN_MACS = 14 * 1024 * 1024
 
 _pool: Optional[ThreadPoolExecutor] = None
 _pool_pid: Optional[int] = None
@@ -535,25 +539,33 @@ def stack_rows_parts(T: int, B: int, H: int, P: int, num_layers: int, D: int, dt
     return row_parts(T, B, H, P, dtype)
 
 
-def rows_train(T: int, B: int, H: int, P: int, dtype: torch.dtype, plain: bool) -> int:
+def rows_train(T: int, B: int, I: int, H: int, P: int, dtype: torch.dtype, plain: bool, num_layers: int = 1) -> int:
     """Threads sharing the batch rows of a layer-direction in training, its input projection and
     weight products included (``_numba_variants.layer_rows_train``), or 0: not this way. Layers
-    with variants take it with one part too where no thread would help (:func:`one_row_part`).
+    with variants take it with one part too where no thread would help (:func:`one_row_part`);
+    plain layers with large steps (ROW_TRAIN_MIN_STEP_MACS), or as a single-layer stack with
+    ROW_TRAIN_MIN_MACS of products.
 
     Measured against the other paths (2 threads, jobs on torch's OpenMP team, ms): every variant,
     T=100 B=16 H=128 L=2: layer norm 17-18 vs 22-24, peephole 14.1 vs 17.5, recurrent dropout 14.6
     vs 17.7, zoneout 15.0 vs 18.5, all of them 18-19 vs 26-29; T=50 B=64 H=256: peephole 37 vs 41-46,
-    all 49-54 vs 60-63. Plain layers only with large steps: T=50 B=64 H=256 33-35 vs 39.5-47,
-    T=100 B=32 H=256 proj=128 25-29 vs 30, T=200 B=64 H=512 516-522 vs 694-733, 2 layers T=50 B=64
-    H=256 73 vs 83-89; at T=100 B=16 H=128 (1M multiply-adds a step) even with the pipeline of the
-    fused stack path (13-14 ms) and behind a single layer's fused path (8.7 vs 7.6). One part, one
-    thread, against the per-layer path (torch's input projection and layer norm, then the variant
-    kernel): T=100 B=16 H=128 L=2 layer norm 25.3 vs 29.6, peephole 20.2 vs 22.7, zoneout 21.4 vs
-    22.7, all 28.8 vs 32.4; T=50 B=64 H=256 all 79 vs 83; T=1000 B=1 H=128 even."""
+    all 49-54 vs 60-63. Plain layers with large steps: T=50 B=64 H=256 33-35 vs 39.5-47, T=100 B=32
+    H=256 proj=128 25-29 vs 30, T=200 B=64 H=512 516-522 vs 694-733, 2 layers T=50 B=64 H=256 73 vs
+    83-89. Plain single layers (against the fused stack kernel, whose per-step work runs on one
+    thread): T=100 B=64 I=16 H=32 3.6 vs 4.4, T=50 B=256 I=4 H=16 3.5 vs 4.9, T=100 B=64 I=16 H=64
+    6.1 vs 9.3, T=100 B=16 I=32 H=128 5.5 vs 7.4, T=500 B=8 I=16 H=128 13.0 vs 18.2, T=100 B=8 I=32
+    H=256 8.3 vs 10.4; below ~13M multiply-adds the fused kernel wins (T=100 B=8 I=16 H=32 1.64 vs
+    1.22, T=100 B=12 I=8 H=48 2.2 vs 2.0). Deeper plain stacks with small steps keep the fused
+    paths and their layer pipeline (T=100 B=8 H=64 L=2: 4.5 by rows vs 3.0; T=100 B=16 H=128 L=2
+    even). One part, one thread, against the per-layer path (torch's input projection and layer
+    norm, then the variant kernel): T=100 B=16 H=128 L=2 layer norm 25.3 vs 29.6, peephole 20.2 vs
+    22.7, zoneout 21.4 vs 22.7, all 28.8 vs 32.4; T=50 B=64 H=256 all 79 vs 83; T=1000 B=1 H=128 even."""
     nparts = row_parts(T, B, H, P, dtype)
     if plain:
-        return nparts if nparts > 1 and B * 4 * H * P >= ROW_TRAIN_MIN_STEP_MACS else 0
-    if nparts > 1 or one_row_part(T, B, H, H, P, dtype):
+        big = B * 4 * H * P >= ROW_TRAIN_MIN_STEP_MACS or (
+            num_layers == 1 and T * B * 4 * H * (I + P) >= ROW_TRAIN_MIN_MACS)
+        return nparts if nparts > 1 and big else 0
+    if nparts > 1 or one_row_part(T, B, I, H, P, dtype):
         return nparts
     return 0
 
@@ -1113,12 +1125,13 @@ def lstm_stack_variants(*args, **kwargs):
     return _numba_variants.lstm_stack_variants(*args, **kwargs)
 
 
-def layer_rows_train(*args):
-    """A differentiable layer-direction with variants, its input projection included, its batch rows
-    on several threads (``_numba_variants``); NotImplemented where one thread would run it."""
+def layer_rows_train(*args, **kwargs):
+    """A differentiable layer-direction, its input projection included, its batch rows on several
+    threads (``_numba_variants``); NotImplemented where :func:`rows_train` leaves it to the other
+    paths."""
     from . import _numba_variants
 
-    return _numba_variants.layer_rows_train(*args)
+    return _numba_variants.layer_rows_train(*args, **kwargs)
 
 
 def prefers_stack_variants(*args) -> bool:
@@ -1313,7 +1326,7 @@ def lstm_stack_train(
             raise TypeError(f"{name}: expected dtype {x.dtype}, got {t.dtype}")
     T, B, I = x.shape
     D = 2 if bidirectional else 1
-    if D == 1 and rows_train(T, B, c0.shape[2], h0.shape[2], x.dtype, True):
+    if D == 1 and rows_train(T, B, I, c0.shape[2], h0.shape[2], x.dtype, True, num_layers):
         return NotImplemented  # the per-layer path runs each layer by rows (layer_rows_train)
     nthreads = parallel_threads(T, B, I, c0.shape[2], h0.shape[2], num_layers, D, x.dtype, training=True)
     if nthreads == 1 and not prefers_stack_train(T, B, I, c0.shape[2], h0.shape[2]):
