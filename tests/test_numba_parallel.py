@@ -317,10 +317,10 @@ def test_parallel_threads_choice(monkeypatch):
     assert nb._unit_bounds(48, 2) == [0, 32, 48] and nb._unit_bounds(512, 2) == [0, 256, 512]
     assert nb.unit_parts(1000, 1, 16, 128, 128, 1, 1, torch.float32) == 2       # 64K multiply-adds a step
     monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
-    monkeypatch.setattr(nb.os, "cpu_count", lambda: 2)                          # never more than the cores
+    monkeypatch.setattr(nb, "_CPUS", 2)                                         # never more than the cores
     assert nb.unit_parts(50, 64, 128, 256, 256, 1, 1, torch.float32) == 2
     assert nb.parallel_threads(100, 16, 32, 128, 128, 4, 1, torch.float32) == 2
-    monkeypatch.setattr(nb.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(nb, "_CPUS", 16)
     assert nb.unit_parts(1000, 1, 16, 128, 128, 1, 1, torch.float32) == 2       # parts of >= 24K each
     assert nb.unit_parts(50, 64, 128, 256, 256, 1, 1, torch.float32) == 8
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)

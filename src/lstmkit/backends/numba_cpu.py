@@ -496,7 +496,7 @@ def parallel_threads(T: int, B: int, I: int, H: int, P: int, num_layers: int, D:
         return 1
     if D == 1 and not run_serial(B, 4 * H, max(I, P)):
         return 1  # the single-threaded kernels' products already use every thread: the pipeline gains nothing
-    return max(1, min(n, os.cpu_count() or 1, D if D > 1 else num_layers))
+    return max(1, min(n, _CPUS, D if D > 1 else num_layers))
 
 
 def unit_parts(T: int, B: int, I: int, H: int, P: int, num_layers: int, D: int, dtype: torch.dtype) -> int:
@@ -508,7 +508,7 @@ def unit_parts(T: int, B: int, I: int, H: int, P: int, num_layers: int, D: int, 
         return 1
     # every part waits for the slowest at every step: never more parts than cores, nor parts
     # whose share of a step is too small to cover a meeting
-    parts = min(n, os.cpu_count() or 1, H // SPLIT_MIN_UNITS, B * 4 * H * H // max(1, SPLIT_MIN_MACS // 2))
+    parts = min(n, _CPUS, H // SPLIT_MIN_UNITS, B * 4 * H * H // max(1, SPLIT_MIN_MACS // 2))
     return max(1, parts)
 
 
@@ -517,7 +517,7 @@ def row_parts(T: int, B: int, H: int, P: int, dtype: torch.dtype) -> int:
     n = torch.get_num_threads()
     if n < 2 or not HAVE_MKL or dtype != torch.float32 or T * B * 4 * H * P < PARALLEL_MIN_MACS:
         return 1
-    return max(1, min(n, os.cpu_count() or 1, B // ROW_MIN))
+    return max(1, min(n, _CPUS, B // ROW_MIN))
 
 
 def prefers_rows(B: int, H: int, P: int) -> bool:
@@ -1012,7 +1012,7 @@ STEP_TEAM_UNITS = 32
 # rows up to which a step runs the kernels above (their products read the weights once per row)
 STEP_MAX_ROWS = 8
 _last_step = 0.0
-_CPUS = os.cpu_count() or 1  # never more threads than cores: they meet once per layer
+_CPUS = os.cpu_count() or 1  # never more threads than cores (read once: ~2 us a call)
 _step_teams: dict = {}  # torch dtype -> team block; emptied in a forked child (libgomp would hang there)
 os.register_at_fork(after_in_child=_step_teams.clear)
 
