@@ -451,3 +451,34 @@ def test_prepared_weights_start_on_a_cache_line():
         assert np.array_equal(wt[:-1].reshape(128, 512), w.T)
         a = numba_blas.aligned_empty(1000 + _, np.float64)
         assert a.ctypes.data % 64 == 0 and a.shape == (1000 + _,)
+
+
+def test_kernel_caches_follow_every_kernel_source():
+    """Every cached kernel's on-disk cache entry is stamped with all kernel source files (and
+    _contract.py), so an edit to a function compiled into it (numba_lstm's mm, say) makes the
+    entry stale; Numba alone checks only the kernel's own file, and a kernel kept an edited
+    function's old code."""
+    from numba.core.dispatcher import Dispatcher
+
+    from lstmkit.kernels import (
+        _cache,
+        numba_blas,
+        numba_lstm,
+        numba_parallel,
+        numba_stack,
+        numba_step,
+        numba_variants,
+    )
+
+    names = {s[0] for s in _cache._STAMPS}
+    assert {"numba_lstm.py", "numba_blas.py", "numba_stack.py", "numba_parallel.py", "numba_variants.py",
+            "numba_step.py", "_contract.py"} <= names
+    for mod in (numba_blas, numba_lstm, numba_stack, numba_parallel, numba_variants, numba_step):
+        cached = [v for v in vars(mod).values() if isinstance(v, Dispatcher) and v.py_func.__module__ == mod.__name__
+                  and getattr(v._cache, "_cache_file", None) is not None]
+        assert cached, mod.__name__
+        for d in cached:
+            assert d._cache._cache_file._source_stamp[1] == _cache._STAMPS, (mod.__name__, d.py_func.__name__)
+    block = numba_step.team_block(0, 0, 0, 0, np.float64)  # compiles (or loads) the float64 step callback
+    cb = numba_step._compiled[np.float64]
+    assert block[-1] == cb.address and cb._cache._cache_file._source_stamp[1] == _cache._STAMPS

@@ -22,6 +22,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
+from ._cache import tie_module
+
 ROW_MAJOR = 101
 NO_TRANS = 111
 TRANS = 112
@@ -256,3 +258,7 @@ def same_contents(a: np.ndarray, b: np.ndarray) -> bool:
     """True when the C-contiguous arrays a and b hold the same bits (NaNs included)."""
     u = np.uint32 if a.dtype.itemsize == 4 else np.uint64
     return a.shape == b.shape and _same_bits(a.reshape(-1).view(u), b.reshape(-1).view(u))
+
+
+# the on-disk cache follows edits of the kernel files compiled into these kernels (``_cache``)
+tie_module(globals())

@@ -29,6 +29,7 @@ import numpy as np
 from numba import carray, njit, types
 from numba.extending import intrinsic, overload
 
+from ._cache import tie_module
 from .numba_blas import NO_TRANS, PACKED, ROW_MAJOR, TRANS, WT_MAX_ROWS
 
 _JIT = dict(cache=True, fastmath=True, error_model="numpy", nogil=True)
@@ -698,3 +699,7 @@ def cell_step(sgemm, mkl, x, h, c, w_ih, w_ih_p, w_hh, w_hh_p, b_ih, b_hh, h1, c
             cv = fg * c[b, j] + ig * gg
             c1[b, j] = cv
             h1[b, j] = og * act_tanh(cv)
+
+
+# the on-disk cache follows edits of the kernel files compiled into these kernels (``_cache``)
+tie_module(globals())

@@ -35,6 +35,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from ._cache import tie_module
 from .numba_blas import call_int_void
 from .numba_lstm import _JIT, act_sigmoid, act_tanh, layer_bwd, layer_fwd, mm
 from .numba_stack import grads_hh, grads_ih, mm_tn, weight_grads
@@ -617,3 +618,7 @@ def stack_bwd_tasks(sgemm, mkl, sched_yield, sched, wg, abort, chunk, x, ys, h0,
         mm(sgemm, mkl, dgates[layer, t0:t1].reshape(n, w_ih.shape[0]), w_ih, no_pack, False,
            dinp.reshape(n, w_ih.shape[1]))
         atomic_store(sched, L + pos, k + 1)
+
+
+# the on-disk cache follows edits of the kernel files compiled into these kernels (``_cache``)
+tie_module(globals())

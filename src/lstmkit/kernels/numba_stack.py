@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from ._cache import tie_module
 from .numba_blas import NO_TRANS, ROW_MAJOR, TRANS, call_int_int
 from .numba_lstm import _JIT, SMALL_FLOPS, SMALL_FLOPS_MKL, layer_bwd, layer_fwd, mm
 
@@ -257,3 +258,7 @@ def stack_train_bwd(sgemm, mkl, set_threads, threads, x, h0, c0, ws, wpbs, num_l
                 mm(sgemm, mkl, dg2, w_ih, no_pack, False, tmp)
                 dinp += tmp
         dy = dinp
+
+
+# the on-disk cache follows edits of the kernel files compiled into these kernels (``_cache``)
+tie_module(globals())

@@ -21,6 +21,7 @@ from llvmlite import ir
 from numba import carray, cfunc, njit, types
 from numba.extending import intrinsic
 
+from ._cache import tie, tie_module
 from .numba_blas import call_int_void
 from .numba_lstm import _JIT, _dot_rows, act_sigmoid, act_tanh, address_as
 from .numba_parallel import atomic_load, atomic_store, backoff
@@ -200,6 +201,23 @@ def _callback64(data):
 
 
 _CALLBACKS = {np.float32: _callback32, np.float64: _callback64}
+
+
+def _cached_cfunc(fn):
+    """``numba.cfunc(void(voidptr), cache=True)(fn)``, its cache tied to the kernel sources
+    (``_cache``: the callback has ``_step_part`` and ``numba_lstm``'s loops compiled into it)."""
+    try:
+        from numba.core import sigutils
+        from numba.core.ccallback import CFunc
+
+        sig = sigutils.normalize_signature(types.void(types.voidptr))
+        cb = CFunc(fn, sig, locals={}, options=dict(nopython=True))
+        cb.enable_caching()
+    except (ImportError, AttributeError, TypeError):  # another Numba's internals: the plain decorator
+        return cfunc(types.void(types.voidptr), cache=True, nopython=True)(fn)
+    tie(cb)
+    cb.compile()
+    return cb
 _compiled: dict = {}
 
 
@@ -208,5 +226,9 @@ def team_block(gomp: int, tnum: int, tsize: int, sched_yield: int, dtype) -> np.
     np.float64) from the libgomp and libc addresses; compiles (or loads) that dtype's callback."""
     cb = _compiled.get(dtype)
     if cb is None:
-        cb = _compiled[dtype] = cfunc(types.void(types.voidptr), cache=True, nopython=True)(_CALLBACKS[dtype])
+        cb = _compiled[dtype] = _cached_cfunc(_CALLBACKS[dtype])
     return np.array([gomp, tnum, tsize, sched_yield, cb.address], np.int64)
+
+
+# the on-disk cache follows edits of the kernel files compiled into these kernels (``_cache``)
+tie_module(globals())

@@ -33,14 +33,12 @@ Conventions (as in ``numba_lstm.py``)
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 from numba import njit
 
-from ..backends import _contract
 from ..backends._contract import LN_EPS
-from . import numba_blas, numba_lstm
+from ._cache import tie_module
 from .numba_lstm import act_sigmoid, act_tanh, mm
 
 _JIT = dict(cache=True, fastmath=True, error_model="numpy", nogil=True)
@@ -683,20 +681,5 @@ def layer_bwd(sgemm, mkl, gates, cs, cts, lnr, lns, c0, w_hh, w_hh_p, w_hr, w_hr
                     db[j] = kb[j] + ib[j]
 
 
-# --- cache freshness --------------------------------------------------------------------------
-# Numba's on-disk cache checks only the source file of the function it compiled, but the kernels
-# above have ``numba_lstm``'s GEMM and activations (and constants of ``numba_blas`` and
-# ``_contract``) compiled into them: after an edit there, a cached kernel would run the old code
-# against new conventions (seen: garbage from a changed packed-weight format). Adding those files'
-# stamps to the index stamp makes such an entry stale, so it is recompiled.
-
-def _tie_cache_to_dependencies(*dispatchers) -> None:
-    deps = tuple((os.stat(m.__file__).st_mtime, os.stat(m.__file__).st_size)
-                 for m in (numba_lstm, numba_blas, _contract))
-    for d in dispatchers:
-        cache_file = getattr(getattr(d, "_cache", None), "_cache_file", None)
-        if cache_file is not None and hasattr(cache_file, "_source_stamp"):
-            cache_file._source_stamp = (cache_file._source_stamp, deps)
-
-
-_tie_cache_to_dependencies(layer_fwd, layer_bwd)
+# the cache of the kernels above follows edits of the files compiled into them (``_cache``)
+tie_module(globals())
