@@ -41,6 +41,30 @@ def test_suite_runs_on_a_tiny_grid(tmp_path, monkeypatch):
     assert "| training |" in md.read_text()
 
 
+def test_small_h_grid_runs_its_shapes_without_probes(tmp_path, monkeypatch):
+    """``--grid small-h`` measures the small-hidden-size shapes (here replaced by tiny ones), not the
+    issue's grid, and runs no compile or memory probe."""
+    monkeypatch.setattr(_cpu, "SMALL_H_GRID", [_cpu.Case(3, 8, 2, 3, 1), _cpu.Case(2, 8, 2, 3, 2)])
+    monkeypatch.setattr(_cpu, "GRID", [])
+    monkeypatch.setattr(_cpu, "sgemm_peak", lambda repeats: {"gflops": 1.0, "shape": [1, 1, 1]})
+
+    def no_probe(*args):
+        raise AssertionError("no probe with --grid small-h")
+
+    monkeypatch.setattr(_cpu, "compile_probe", no_probe)
+    monkeypatch.setattr(_cpu, "memory_probe", no_probe)
+    threads = torch.get_num_threads()
+    out = tmp_path / "s.json"
+    try:
+        assert bench.main(["--grid", "small-h", "--mode", "training", "--repeats", "1", "--sample-ms", "1",
+                           "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    res = json.loads(out.read_text())
+    assert res["grid"] == "small-h"
+    assert [(r["shape"]["B"], r["shape"]["layers"]) for r in res["rows"]] == [(8, 1), (8, 2)]
+
+
 def test_cuda_delegation_without_cuda(capsys):
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")

@@ -11,6 +11,9 @@ Modes
     streaming  B=1, 2 layers, one step (T=1) per call, the state carried through the plain module
                call ``y, (h, c) = lstm(x_t, (h, c))`` under ``torch.no_grad()``
 
+Shapes: the issue's grid (``GRID``), or with ``--grid small-h`` small hidden sizes with large batches
+(``SMALL_H_GRID``, the shapes of time-series classification; no probes).
+
 Also measured in the same run: the machine's SGEMM peak (``torch.mm``), GFLOP/s of lstmkit on every
 shape and its fraction of that peak, the first-call (JIT) time apart from the steady state, a cold
 Numba compile in a fresh process with an empty cache, and the peak training memory of the largest
@@ -84,6 +87,17 @@ GRID = [
     Case(100, 32, 64, 128, 2, bidirectional=True),
     Case(100, 32, 64, 256, 1, proj_size=128),
 ]
+# ``--grid small-h``: small hidden sizes with large batches (time-series classification), outside the
+# issue's grid; BENCHMARKS.md keeps their figures
+SMALL_H_GRID = [
+    Case(100, 64, 16, 32, 1),
+    Case(50, 256, 4, 16, 1),
+    Case(100, 64, 16, 64, 1),
+    Case(100, 128, 8, 32, 2),
+    Case(200, 32, 8, 32, 1),
+    Case(100, 64, 32, 64, 2),
+]
+GRIDS = {"issue": "GRID", "small-h": "SMALL_H_GRID"}  # names looked up at call time (tests replace them)
 STREAM_H = (32, 128, 512)
 LARGEST = GRID[4]
 
@@ -306,7 +320,7 @@ def compile_probe(threads: int) -> dict:
 # --- the suite --------------------------------------------------------------------------------
 
 def run_suite(modes: list[str], repeats: int, sample_s: float, quick: bool, threads: int,
-              log: Callable[[str], None]) -> dict:
+              log: Callable[[str], None], grid: str = "issue") -> dict:
     dtype = torch.float32
     info = machine_info(threads)
     log(f"# {info['cpu']}, {info['cores']} cores, {threads} threads; torch {info['torch']}, "
@@ -331,7 +345,7 @@ def run_suite(modes: list[str], repeats: int, sample_s: float, quick: bool, thre
                 rows.append(row)
                 log(_fmt(row))
             continue
-        for case in GRID:
+        for case in globals()[GRIDS[grid]]:
             if quick and mode == "training" and case is LARGEST:
                 continue
             base, ours = _models(case, dtype)
@@ -423,6 +437,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch (and BLAS) threads (default: torch's)")
     ap.add_argument("--device", default="cpu", help="cpu (this suite) or cuda (lstmkit.bench.cuda)")
     ap.add_argument("--no-probes", action="store_true", help="skip the compile and memory subprocesses")
+    ap.add_argument("--grid", default="issue", choices=list(GRIDS),
+                    help="the shapes: the issue's grid (default), or small hidden sizes with large batches "
+                         "(small-h; no probes)")
     add_malloc_option(ap)
     args = ap.parse_args(argv)
     malloc_fixed = apply_malloc_option(args)
@@ -443,13 +460,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(s, flush=True)
 
     res: dict = {}
-    if not (args.quick or args.no_probes):
+    probes = not (args.quick or args.no_probes or args.grid != "issue")
+    if probes:
         log("# compile probe (fresh processes, empty then warm Numba cache) ...")
         res_compile = compile_probe(threads)
         log(f"# first calls: {json.dumps(res_compile)}")
-    res = run_suite(modes, repeats, sample_s, args.quick, threads, log)
+    res = run_suite(modes, repeats, sample_s, args.quick, threads, log, args.grid)
     res["machine"]["freed_memory_kept"] = malloc_fixed
-    if not (args.quick or args.no_probes):
+    res["grid"] = args.grid
+    if probes:
         res["compile"] = res_compile
         if "training" in modes:
             log(f"# memory probe, training {LARGEST.name} ...")
