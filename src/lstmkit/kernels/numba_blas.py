@@ -86,6 +86,26 @@ SET_THREADS = _address(_SYMS[3]) if HAVE_MKL else 0
 
 
 @intrinsic
+def wide_vectors(typingctx):
+    """Called first in a kernel: its loops may vectorize with 512-bit registers where the CPU has
+    them. LLVM's tuning for AVX-512 Intel CPUs prefers 256-bit vectors unless a function says
+    otherwise (``"prefer-vector-width"="512"``), which Numba has no option for: this sets that
+    function attribute on the function being compiled. Measured on the elementwise step (one thread,
+    us a step, 256 -> 512 bits): B=64 H=32 4.4 -> 3.7, B=16 H=128 4.6 -> 3.1, B=64 H=64 8.1 -> 6.1
+    (the same results to 1-2 float32 ulps). CPUs without AVX-512 keep their widest vectors."""
+    sig = types.void()
+
+    def codegen(context, builder, signature, args):
+        try:  # llvmlite checks attribute names against LLVM's enum ones: a string attribute goes in as is
+            set.add(builder.function.attributes, '"prefer-vector-width"="512"')
+        except (AttributeError, TypeError):  # another llvmlite: the default width
+            pass
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
 def call_int_int(typingctx, addr, arg):
     """The C function ``int f(int)`` at address ``addr`` called with ``arg``."""
     sig = types.int32(types.int64, arg)

@@ -30,7 +30,7 @@ from numba import carray, njit, types
 from numba.extending import intrinsic, overload
 
 from ._cache import tie_module
-from .numba_blas import NO_TRANS, PACKED, ROW_MAJOR, TRANS, WT_MAX_ROWS
+from .numba_blas import NO_TRANS, PACKED, ROW_MAJOR, TRANS, WT_MAX_ROWS, wide_vectors
 
 _JIT = dict(cache=True, fastmath=True, error_model="numpy", nogil=True)
 # The activations are inlined at Numba's level: calls into separately cached functions cannot be
@@ -174,6 +174,7 @@ def mm(sgemm, mkl, a, w, wp, trans, out):
                MKL (other S > 0), or nothing (S = 0)
     out (n, N) written, C-contiguous rows
     """
+    wide_vectors()
     n, K = a.shape
     N = out.shape[1]
     if n == 0 or N == 0:
@@ -345,6 +346,7 @@ def layer_fwd(sgemm, mkl, xg, bias, w_hh, w_hh_p, w_hr, w_hr_p, h, c, bs, revers
     gates  (T, B, G)   i, f, g, o activations saved for backward, or (0, B, G) to save nothing
     cs     (T, B, H)   c after every step (every row: inactive rows carry theirs), or (0, B, H)
     """
+    wide_vectors()
     T, B, G = xg.shape
     H = G // 4
     P = h.shape[1]
@@ -455,6 +457,7 @@ def layer_bwd(sgemm, mkl, gates, cs, c0, w_hh, w_hh_p, w_hr, w_hr_p, grad_out, d
     dhs      (T, B, P)   written when projecting: gradient of each step's projected h, else (0, B, P)
     hps      (T, B, H)   written when projecting: o * tanh(c) of each step, else (0, B, H)
     """
+    wide_vectors()
     T, B, G = gates.shape
     H = G // 4
     P = dh.shape[1]
@@ -515,6 +518,7 @@ def stack_fwd(sgemm, mkl, x, h0, c0, ws, wps, num_layers, num_dirs, has_bias, ha
     h_n    (L*D, B, P)      written
     c_n    (L*D, B, H)      written
     """
+    wide_vectors()
     T, B, _ = x.shape
     P = h0.shape[2]
     H = c0.shape[2]
@@ -555,6 +559,7 @@ def stack_fwd_short(x, h0, c0, ws, num_layers, num_dirs, has_bias, has_proj, out
     a loop of dot products on the weights as stored (:func:`_dot_rows`, no BLAS, nothing
     prepared), biases added per step, no (T, B, G) projection buffer. Same arguments as
     :func:`stack_fwd` without the GEMM, the prepared weights and ``bs`` (every row active)."""
+    wide_vectors()
     T, B, _ = x.shape
     P = h0.shape[2]
     H = c0.shape[2]
@@ -587,6 +592,7 @@ def stack_step_ptr(x, h0, c0, wptr, num_layers, B, I, H, P, has_bias, has_proj, 
                 each C-contiguous (per = 2 + 2 biases + 1 projection)
     y (B, P) or (1, B, P) or (B, 1, P), h_n (L, B, P), c_n (L, B, H) written (C-contiguous)
     """
+    wide_vectors()
     G = 4 * H
     per = 2 + (2 if has_bias else 0) + (1 if has_proj else 0)
     xs = carray(address_as(x, y), (1, B, I))
@@ -677,6 +683,7 @@ def cell_step(sgemm, mkl, x, h, c, w_ih, w_ih_p, w_hh, w_hh_p, b_ih, b_hh, h1, c
     h1    (B, H)   written
     c1    (B, H)   written
     """
+    wide_vectors()
     B = x.shape[0]
     H = h.shape[1]
     G = 4 * H

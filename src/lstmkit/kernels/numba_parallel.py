@@ -36,7 +36,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._cache import tie_module
-from .numba_blas import call_int_void
+from .numba_blas import call_int_void, wide_vectors
 from .numba_lstm import _JIT, act_sigmoid, act_tanh, layer_bwd, layer_fwd, mm
 from .numba_stack import grads_hh, grads_ih, mm_tn, weight_grads
 from .numba_variants import layer_bwd as variant_layer_bwd
@@ -183,6 +183,7 @@ def stack_fwd_tasks(sgemm, mkl, sched_yield, sched, abort, chunk, x, ws, wps, nu
     ys (L, T, B, P)     written: every layer's output (ys[L - 1] is the stack's)
     gates (L, T, B, G), cs (L, T, B, H): saved for backward, or (L, 0, B, *) to save nothing
     """
+    wide_vectors()
     B = x.shape[1]
     L = num_layers
     save = gates.shape[1] > 0
@@ -206,6 +207,7 @@ def direction_fwd(sgemm, mkl, inp, w_ih, w_ih_p, bias, w_hh, w_hh_p, w_hr, w_hr_
     inp (T, B, I); w_ih (G, I) and w_ih_p (prepared for T * B rows, or (0,)); bias (G,) or (0,);
     the rest as for ``numba_lstm.layer_fwd``; out (T, B, Q) columns col0 .. col0 + P written.
     """
+    wide_vectors()
     T, B, I = inp.shape
     G = w_ih.shape[0]
     xg = np.empty((T, B, G), inp.dtype)
@@ -222,6 +224,7 @@ def direction_bwd(sgemm, mkl, inp, y, col0, h0, c0, w_ih, w_hh, w_hh_p, w_hr, w_
     gradient of those columns, C-contiguous; dinp (T, B, I) written: this direction's part of the
     gradient of the layer's input; the rest as for :func:`layer_bwd_pipe`.
     """
+    wide_vectors()
     T, B, I = inp.shape
     G = w_ih.shape[0]
     n = T * B
@@ -235,6 +238,7 @@ def direction_bwd(sgemm, mkl, inp, y, col0, h0, c0, w_ih, w_hh, w_hh_p, w_hr, w_
 def _input_rows(xc, bias, ln_gain, eps):
     """xc (n, G) input projections: layer-normalized with gain ln_gain (G,) when given (no bias of
     its own), then b_ih + b_hh (bias (G,) or (0,)) added: the input side of a variant layer."""
+    wide_vectors()
     n, G = xc.shape
     if ln_gain.shape[0] > 0:
         for r in range(n):
@@ -265,6 +269,7 @@ def stack_fwd_tasks_variants(sgemm, mkl, sched_yield, sched, abort, chunk, x, ws
     epsilon), masks (L, B, P), pe (L, 3, H), ln_g (L, G), lnc_w (L, H), lnc_b (L, H),
     zc (L, T, B, H), zc_fill (L, H), zh (L, T, B, P), zh_fill (L, P).
     """
+    wide_vectors()
     B = x.shape[1]
     L = num_layers
     H = c.shape[2]
@@ -307,6 +312,7 @@ def layer_rows_fwd(sgemm, mkl, x, w_ih, w_ih_p, bias, ln_ih, eps, w_hh, w_hh_p, 
     the rest as ``numba_variants.layer_fwd`` takes them (h, c, out and the saved arrays: shared,
     each part its rows; gates ... lns of zero steps to save nothing)
     """
+    wide_vectors()
     T = x.shape[0]
     B = x.shape[1]
     G = w_ih.shape[0]
@@ -374,6 +380,7 @@ def layer_rows_bwd(sgemm, mkl, gates, cs, cts, lnr, lns, h0, c0, w_hh, w_hh_p, w
     dln_ih (G,)        input layer-norm gain gradient, accumulated, or (0,)
     db     (G,)        bias gradient (sum of dgates), accumulated, or (0,)
     """
+    wide_vectors()
     variant_layer_bwd(sgemm, mkl, gates, cs, cts, lnr, lns, c0, w_hh, w_hh_p, w_hr, w_hr_p, mask, pe, ln_g, lnc_w,
                       lnc_b, zc, zc_fill, zh, zh_fill, grad_out, dh, dc, bs, reverse, dgates, drs, dhs, hps, dpe,
                       dln_g, dlnc_w, dlnc_b, r0, r1)
@@ -421,6 +428,7 @@ def layer_rows_grads(sgemm, mkl, x, w_ih, dp, dr, hprev, dhs, hps, dx, dw_ih, dw
     x (T, B, I) the input; w_ih (G, I); dp (T, B, G) gradient of the raw input projections;
     dr (T, B, G) gradient of the recurrent pre-activations; hprev (T, B, P) from layer_rows_bwd
     """
+    wide_vectors()
     B = x.shape[1]
     I = x.shape[2]
     G = dp.shape[2]
@@ -466,6 +474,7 @@ def layer_fwd_units(sgemm, mkl, sched_yield, flags, part, u0, u1, x, w_ih, w_hh,
     bs     (T,)                  active rows per step, or (0,)
     out    (T, B, H)             columns u0 .. u1 written; zeros at inactive rows
     """
+    wide_vectors()
     T, B, I = x.shape
     hk = u1 - u0
     G4 = 4 * hk
@@ -570,6 +579,7 @@ def stack_bwd_tasks(sgemm, mkl, sched_yield, sched, wg, abort, chunk, x, ys, h0,
     dgates (L, T, B, G) written; dhs (L, T, B, P), hps (L, T, B, H) written when projecting,
                         else (L, 0, B, *)
     """
+    wide_vectors()
     L = num_layers
     T, B, _ = grad_out.shape
     per = 2 + (2 if has_bias else 0) + (1 if has_proj else 0)

@@ -22,7 +22,7 @@ import numpy as np
 from numba import njit
 
 from ._cache import tie_module
-from .numba_blas import NO_TRANS, ROW_MAJOR, TRANS, call_int_int
+from .numba_blas import NO_TRANS, ROW_MAJOR, TRANS, call_int_int, wide_vectors
 from .numba_lstm import _JIT, SMALL_FLOPS, SMALL_FLOPS_MKL, layer_bwd, layer_fwd, mm
 
 _ZERO32 = np.float32(0.0)
@@ -35,6 +35,7 @@ def mm_tn(sgemm, mkl, a, b, out, acc):
 
     a   (n, M) C-contiguous     b (n, N) C-contiguous     out (M, N) C-contiguous
     """
+    wide_vectors()
     n, M = a.shape
     N = b.shape[1]
     if M == 0 or N == 0:
@@ -80,6 +81,7 @@ def stack_train_fwd(sgemm, mkl, set_threads, threads, x, h0, c0, ws, wps, num_la
     gates  (L*D, T, B, G)     written: gate activations of every layer-direction
     cs     (L*D, T, B, H)     written: cell states after every step
     """
+    wide_vectors()
     T, B, _ = x.shape
     P = h0.shape[2]
     H = c0.shape[2]
@@ -117,6 +119,7 @@ def _prev_h(y, col0, h0, bs, reverse, hprev):
 
     y (T, B, Q), its columns col0 .. col0+P; h0 (B, P); hprev (T, B, P) written
     """
+    wide_vectors()
     T, B, P = hprev.shape
     for t in range(T):
         nb = B if bs.shape[0] == 0 else bs[t]
@@ -152,6 +155,7 @@ def weight_grads(sgemm, mkl, dgates, inp, y, col0, h0, bs, reverse, hprev, dhs, 
     dw_ih (G, I), dw_hh (G, P), db_ih (1, G), db_hh (1, G), dw_hr (P, H): written (the biases
     only with has_bias, dw_hr only when projecting)
     """
+    wide_vectors()
     grads_hh(sgemm, mkl, dgates, y, col0, h0, bs, reverse, hprev, dw_hh)
     grads_ih(sgemm, mkl, dgates, inp, dhs, hps, dw_ih, db_ih, db_hh, has_bias, dw_hr)
 
@@ -159,6 +163,7 @@ def weight_grads(sgemm, mkl, dgates, inp, y, col0, h0, bs, reverse, hprev, dhs, 
 @njit(**_JIT)
 def grads_hh(sgemm, mkl, dgates, y, col0, h0, bs, reverse, hprev, dw_hh):
     """dw_hh of :func:`weight_grads`: sum over steps of dgates_t^T h_{t-1}."""
+    wide_vectors()
     T, B, G = dgates.shape
     P = hprev.shape[2]
     _prev_h(y, col0, h0, bs, reverse, hprev)
@@ -168,6 +173,7 @@ def grads_hh(sgemm, mkl, dgates, y, col0, h0, bs, reverse, hprev, dw_hh):
 @njit(**_JIT)
 def grads_ih(sgemm, mkl, dgates, inp, dhs, hps, dw_ih, db_ih, db_hh, has_bias, dw_hr):
     """dw_ih, the biases and dw_hr of :func:`weight_grads`."""
+    wide_vectors()
     T, B, G = dgates.shape
     n = T * B
     dg2 = dgates.reshape(n, G)
@@ -200,6 +206,7 @@ def stack_train_bwd(sgemm, mkl, set_threads, threads, x, h0, c0, ws, wpbs, num_l
     dc0      (L*D, B, H)   written
     dws      tuple         written: the gradient of each entry of ws, same shapes
     """
+    wide_vectors()
     T, B, _ = x.shape
     P = h0.shape[2]
     H = c0.shape[2]

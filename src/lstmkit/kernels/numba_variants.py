@@ -39,6 +39,7 @@ from numba import njit
 
 from ..backends._contract import LN_EPS
 from ._cache import tie_module
+from .numba_blas import wide_vectors
 from .numba_lstm import act_sigmoid, act_tanh, mm
 
 _JIT = dict(cache=True, fastmath=True, error_model="numpy", nogil=True)
@@ -413,6 +414,7 @@ def bernoulli_fill(out, p, seed):
     the stream that starts at ``seed`` (Steele, Lea and Flood 2014), its top 53 bits against p.
     About 0.4 ns an element here against 3-5 ns for torch's CPU generator, which made the
     zoneout masks of a training call cost more than a layer's recurrence."""
+    wide_vectors()
     th = np.uint64(p * 9007199254740992.0)  # p * 2**53
     one = out.dtype.type(1.0)
     zero = out.dtype.type(0.0)
@@ -463,6 +465,7 @@ def layer_fwd(sgemm, mkl, xg, w_hh, w_hh_p, w_hr, w_hr_p, h, c, bs, reverse, out
                         every array is read and written only at the call's rows, so calls on disjoint
                         row ranges may run at once on different threads.
     """
+    wide_vectors()
     T, B, G = xg.shape
     H = G // 4
     P = h.shape[1]
@@ -567,6 +570,7 @@ def layer_bwd(sgemm, mkl, gates, cs, cts, lnr, lns, c0, w_hh, w_hh_p, w_hr, w_hr
     r0, r1              the batch rows [r0, r1) this call runs, as for :func:`layer_fwd` (calls on
                         disjoint rows at once need their own dpe ... dlnc_b)
     """
+    wide_vectors()
     T, B, G = gates.shape
     H = G // 4
     P = dh.shape[1]
