@@ -482,3 +482,33 @@ def test_kernel_caches_follow_every_kernel_source():
     block = numba_step.team_block(0, 0, 0, 0, np.float64)  # compiles (or loads) the float64 step callback
     cb = numba_step._compiled[np.float64]
     assert block[-1] == cb.address and cb._cache._cache_file._source_stamp[1] == _cache._STAMPS
+
+
+def test_wide_vectors_marks_the_calling_kernel():
+    """wide_vectors() gives the function being compiled the attribute that lets LLVM use 512-bit
+    vectors (the default tuning of AVX-512 Intel CPUs prefers 256-bit ones); functions without the
+    call keep LLVM's choice. The same results either way, to float32 rounding."""
+    from numba import njit
+
+    from lstmkit.kernels import _cache
+    from lstmkit.kernels.numba_blas import wide_vectors
+
+    @njit(fastmath=True)
+    def wide(a, out):
+        wide_vectors()
+        for i in range(a.shape[0]):
+            out[i] = math.tanh(a[i]) * 0.5 + a[i]
+
+    @njit(fastmath=True)
+    def plain(a, out):
+        for i in range(a.shape[0]):
+            out[i] = math.tanh(a[i]) * 0.5 + a[i]
+
+    a = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
+    o1, o2 = np.empty_like(a), np.empty_like(a)
+    wide(a, o1)
+    plain(a, o2)
+    np.testing.assert_allclose(o1, o2, rtol=1e-6, atol=1e-6)
+    attr = '"prefer-vector-width"="512"'
+    assert (attr in wide.inspect_llvm(wide.signatures[0])) == _cache.WIDE_VECTORS
+    assert attr not in plain.inspect_llvm(plain.signatures[0])

@@ -18,7 +18,10 @@ from numba.core.dispatcher import Dispatcher
 _DIR = os.path.dirname(os.path.abspath(__file__))
 _FILES = sorted(os.path.join(_DIR, f) for f in os.listdir(_DIR) if f.endswith(".py")) + [
     os.path.join(os.path.dirname(_DIR), "backends", "_contract.py")]
-_STAMPS = tuple((os.path.basename(f), os.stat(f).st_mtime, os.stat(f).st_size) for f in _FILES)
+# the 512-bit switch (``numba_blas.wide_vectors``) changes the compiled code: part of the stamp
+WIDE_VECTORS = os.environ.get("LSTMKIT_WIDE_VECTORS", "1") != "0"
+_STAMPS = tuple((os.path.basename(f), os.stat(f).st_mtime, os.stat(f).st_size) for f in _FILES) + (
+    ("wide_vectors", WIDE_VECTORS),)
 
 
 def tie(obj) -> None:

@@ -22,7 +22,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from ._cache import tie_module
+from ._cache import WIDE_VECTORS, tie_module
 
 ROW_MAJOR = 101
 NO_TRANS = 111
@@ -92,10 +92,16 @@ def wide_vectors(typingctx):
     otherwise (``"prefer-vector-width"="512"``), which Numba has no option for: this sets that
     function attribute on the function being compiled. Measured on the elementwise step (one thread,
     us a step, 256 -> 512 bits): B=64 H=32 4.4 -> 3.7, B=16 H=128 4.6 -> 3.1, B=64 H=64 8.1 -> 6.1
-    (the same results to 1-2 float32 ulps). CPUs without AVX-512 keep their widest vectors."""
+    (the same results to 1-2 float32 ulps). CPUs without AVX-512 keep their widest vectors.
+    Not in ``numba_lstm.mm`` nor ``numba_parallel.layer_fwd_units``: their loops run on buffers that
+    are not cache-line aligned, where a 512-bit access splits across two lines (T=1000 B=1 H=128 on
+    two threads measured 15-20% slower with them marked, even without them). ``LSTMKIT_WIDE_VECTORS=0``
+    (read at import) leaves LLVM's choice everywhere."""
     sig = types.void()
 
     def codegen(context, builder, signature, args):
+        if not WIDE_VECTORS:
+            return context.get_dummy_value()
         try:  # llvmlite checks attribute names against LLVM's enum ones: a string attribute goes in as is
             set.add(builder.function.attributes, '"prefer-vector-width"="512"')
         except (AttributeError, TypeError):  # another llvmlite: the default width

@@ -174,7 +174,6 @@ def mm(sgemm, mkl, a, w, wp, trans, out):
                MKL (other S > 0), or nothing (S = 0)
     out (n, N) written, C-contiguous rows
     """
-    wide_vectors()
     n, K = a.shape
     N = out.shape[1]
     if n == 0 or N == 0:

@@ -474,7 +474,6 @@ def layer_fwd_units(sgemm, mkl, sched_yield, flags, part, u0, u1, x, w_ih, w_hh,
     bs     (T,)                  active rows per step, or (0,)
     out    (T, B, H)             columns u0 .. u1 written; zeros at inactive rows
     """
-    wide_vectors()
     T, B, I = x.shape
     hk = u1 - u0
     G4 = 4 * hk
