@@ -558,7 +558,6 @@ def stack_fwd_short(x, h0, c0, ws, num_layers, num_dirs, has_bias, has_proj, out
     a loop of dot products on the weights as stored (:func:`_dot_rows`, no BLAS, nothing
     prepared), biases added per step, no (T, B, G) projection buffer. Same arguments as
     :func:`stack_fwd` without the GEMM, the prepared weights and ``bs`` (every row active)."""
-    wide_vectors()
     T, B, _ = x.shape
     P = h0.shape[2]
     H = c0.shape[2]
@@ -591,7 +590,6 @@ def stack_step_ptr(x, h0, c0, wptr, num_layers, B, I, H, P, has_bias, has_proj, 
                 each C-contiguous (per = 2 + 2 biases + 1 projection)
     y (B, P) or (1, B, P) or (B, 1, P), h_n (L, B, P), c_n (L, B, H) written (C-contiguous)
     """
-    wide_vectors()
     G = 4 * H
     per = 2 + (2 if has_bias else 0) + (1 if has_proj else 0)
     xs = carray(address_as(x, y), (1, B, I))
@@ -682,7 +680,6 @@ def cell_step(sgemm, mkl, x, h, c, w_ih, w_ih_p, w_hh, w_hh_p, b_ih, b_hh, h1, c
     h1    (B, H)   written
     c1    (B, H)   written
     """
-    wide_vectors()
     B = x.shape[0]
     H = h.shape[1]
     G = 4 * H

@@ -22,7 +22,7 @@ from numba import carray, cfunc, njit, types
 from numba.extending import intrinsic
 
 from ._cache import tie, tie_module
-from .numba_blas import call_int_void, wide_vectors
+from .numba_blas import call_int_void
 from .numba_lstm import _JIT, _dot_rows, act_sigmoid, act_tanh, address_as
 from .numba_parallel import atomic_load, atomic_store, backoff
 
@@ -110,7 +110,6 @@ def _meet(flags, part, nparts, stage, sched_yield):
 def _step_part(args, like):
     """One thread's share of the step: hidden units u0 .. u1 of every layer (and, with a
     projection, output features p0 .. p1)."""
-    wide_vectors()
     part = call_int_void(args[A_TNUM])
     nparts = call_int_void(args[A_TSIZE])
     sched_yield = args[A_YIELD]
