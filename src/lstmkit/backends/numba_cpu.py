@@ -913,26 +913,6 @@ def _directions_bwd(x: np.ndarray, h0: np.ndarray, c0: np.ndarray, views: tuple,
     return True
 
 
-def lstm_step(
-    x: Tensor,                        # (B, I), or (1, B, I) / (B, 1, I): one step of a sequence
-    h0: Tensor,                       # (L, B, P)
-    c0: Tensor,                       # (L, B, H)
-    weights: Sequence[Tensor],        # torch.nn.LSTM's _flat_weights order (unidirectional)
-    *,
-    num_layers: int,
-    has_biases: bool,
-    proj_size: int,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """One step of a unidirectional stack without gradients: (y, h_n, c_n), y shaped like x with P
-    features. What :func:`step_runner`'s function computes, for a single call."""
-    dtype = x.dtype
-    if not x.is_cpu or dtype not in _DTYPES:
-        raise RuntimeError(unavailable(x.device, dtype))
-    run = step_runner(x.shape, h0.shape, c0.shape, dtype, num_layers=num_layers, has_biases=has_biases,
-                      proj_size=proj_size)
-    return run(x, h0, c0, weights)
-
-
 def step_runner(x_shape: tuple, h_shape: tuple, c_shape: tuple, dtype: torch.dtype, *, num_layers: int,
                 has_biases: bool, proj_size: int) -> Callable[[Tensor, Tensor, Tensor, Sequence[Tensor]], tuple]:
     """The per-step function of a stream (``LSTM.step``, one-step ``forward`` calls): run(x, h0, c0,
@@ -957,10 +937,13 @@ def step_runner(x_shape: tuple, h_shape: tuple, c_shape: tuple, dtype: torch.dty
     always = work >= STEP_TEAM_ALWAYS
     stack = B > STEP_MAX_ROWS or work > B * DOT_MAX_SIZE  # without the team: the general stack
     max_team = min(_CPUS, -(-H // STEP_TEAM_UNITS))
-    seen = [(), None, ()]  # the last call's weights and their data pointers, and the addresses (streams keep theirs)
+    # the last call's weights, their data pointers and addresses (a stream keeps its weights)
+    last_weights: tuple = ()
+    last_ptrs: tuple = ()
+    addresses = None
 
     def run(x: Tensor, h0: Tensor, c0: Tensor, weights: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        nonlocal seen
+        nonlocal last_weights, last_ptrs, addresses
         global _last_step
         now = time.perf_counter()
         hot = now - _last_step < STEP_TEAM_HOT_S
@@ -974,12 +957,12 @@ def step_runner(x_shape: tuple, h_shape: tuple, c_shape: tuple, dtype: torch.dty
             out, h_n, c_n = lstm_stack(x.reshape(1, B, I), h0, c0, weights, num_layers=num_layers,
                                        bidirectional=False, has_biases=bias, proj_size=proj_size, batch_sizes=None)
             return out.view(y_shape), h_n, c_n
-        last, addresses, _ = seen
         ptrs = tuple(map(Tensor.data_ptr, weights))
-        if len(last) != len(weights) or not all(map(operator.is_, weights, last)) or ptrs != seen[2]:
+        if (len(last_weights) != len(weights) or not all(map(operator.is_, weights, last_weights))
+                or ptrs != last_ptrs):
             # another weight (replaced) or another storage (``.data`` set): the general lookup
             addresses = _weight_addresses(weights, dtype)
-            seen = [tuple(weights), addresses, ptrs]
+            last_weights, last_ptrs = tuple(weights), ptrs
         y = np.empty(y_shape, npdt)
         h_n = np.empty(hn_shape, npdt)
         c_n = np.empty(cn_shape, npdt)

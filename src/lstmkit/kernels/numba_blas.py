@@ -93,10 +93,12 @@ def wide_vectors(typingctx):
     function attribute on the function being compiled. Measured on the elementwise step (one thread,
     us a step, 256 -> 512 bits): B=64 H=32 4.4 -> 3.7, B=16 H=128 4.6 -> 3.1, B=64 H=64 8.1 -> 6.1
     (the same results to 1-2 float32 ulps). CPUs without AVX-512 keep their widest vectors.
-    Not in ``numba_lstm.mm`` nor ``numba_parallel.layer_fwd_units``: their loops run on buffers that
-    are not cache-line aligned, where a 512-bit access splits across two lines (T=1000 B=1 H=128 on
-    two threads measured 15-20% slower with them marked, even without them). ``LSTMKIT_WIDE_VECTORS=0``
-    (read at import) leaves LLVM's choice everywhere."""
+    Not in the kernels of dot products and row updates on buffers that are not cache-line aligned,
+    where a 512-bit access splits across two lines: ``numba_lstm.mm``, ``stack_fwd_short``,
+    ``stack_step_ptr`` and ``cell_step``, ``numba_parallel.layer_fwd_units``, ``numba_step``'s team
+    part (marked, T=1000 B=1 H=128 on two threads measured 15-20% slower and streaming steps 5-8%
+    slower; unmarked, even). ``LSTMKIT_WIDE_VECTORS=0`` (read at import) leaves LLVM's choice
+    everywhere."""
     sig = types.void()
 
     def codegen(context, builder, signature, args):
