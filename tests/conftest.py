@@ -1,6 +1,7 @@
 import os
 import sys
 
+import pytest
 import torch
 
 # Triton kernels run under the interpreter on CPU tensors when no GPU is present; the variable must
@@ -17,3 +18,12 @@ def pytest_terminal_summary(terminalreporter):
     if oracle is not None and oracle.MAX_DEV:
         devs = ", ".join(f"{str(k).replace('torch.', '')} {v:.2e}" for k, v in oracle.MAX_DEV.items())
         terminalreporter.write_line(f"largest deviation from torch.nn.LSTM (outputs, states, gradients): {devs}")
+
+
+@pytest.fixture(autouse=True)
+def _no_remembered_plans():
+    """Tests change the numba backend's thresholds (monkeypatch): each starts with no per-shape
+    plan remembered from another."""
+    nb = sys.modules.get("lstmkit.backends.numba_cpu")
+    if nb is not None:
+        nb._PLANS.clear()

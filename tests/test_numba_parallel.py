@@ -38,7 +38,7 @@ def threaded(monkeypatch, two_threads):
     monkeypatch.setattr(nb, "SPLIT_MIN_MACS", 0)
     monkeypatch.setattr(nb, "TINY_WEIGHTS", 0)  # these small models would take the no-BLAS kernel
     monkeypatch.setattr(nb, "SHORT_CALL_ROWS", 0)  # ... and these short calls the unthreaded one
-    monkeypatch.setattr(nb, "step_runner", None)  # one-step calls with a state: the stack, not the step path
+    monkeypatch.setattr(nb, "call_runner", None)  # plain calls through the general path (one-step ones: the stack)
     monkeypatch.setattr(nb, "PIPE_MIN_ROWS", 1)  # many small chunks: every task ordering gets exercised
     ran = []
     real = nb._run_threads

@@ -62,14 +62,13 @@ def test_stack_train_matches_torch(case, dtype, monkeypatch):
     P = proj or H
     ref, ours = _models(I, H, L, bid, proj, bias, dtype)
     calls = []
-    real = nb.lstm_stack_train
+    real = nb._train_call  # where the module's runner and lstm_stack_train meet
 
     def counted(*a, **k):
-        res = real(*a, **k)
-        calls.append(res is not NotImplemented)
-        return res
+        calls.append(True)
+        return real(*a, **k)
 
-    monkeypatch.setattr(nb, "lstm_stack_train", counted)
+    monkeypatch.setattr(nb, "_train_call", counted)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(T, B, I, dtype=dtype, generator=g)
     h0 = torch.randn(L * D, B, P, dtype=dtype, generator=g)
@@ -108,14 +107,45 @@ def test_stack_train_gradcheck(bid, proj, bias, lengths):
     assert torch.autograd.gradcheck(f, (x, h0, c0, *weights))
 
 
-def test_stack_train_in_place_change_is_detected():
+@pytest.mark.parametrize("with_state", [False, True])  # the general path; the module's function for the shapes
+def test_stack_train_in_place_change_is_detected(with_state):
     _, ours = _models(3, 4, 2, False, 0, True, torch.float64)
     x = torch.randn(5, 2, 3, dtype=torch.float64)
-    out, _ = ours(x)
+    out, _ = ours(x, (torch.zeros(2, 2, 4, dtype=torch.float64),) * 2 if with_state else None)
     with torch.no_grad():
         ours.weight_hh_l1.mul_(2)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
+
+
+@pytest.mark.parametrize("batch_first,bid", [(False, False), (True, False), (True, True)])
+def test_module_training_calls_go_through_the_function_of_their_shapes(batch_first, bid, monkeypatch):
+    """A plain training call with a state reaches the fused node through the backend's function for
+    its shapes (``call_runner``), made once per shape and thread count; torch's numbers, every
+    gradient, in either layout."""
+    made = []
+    real_make = nb.call_runner
+    monkeypatch.setattr(nb, "call_runner", lambda *a, **k: made.append((tuple(a[0]), k["grad"])) or real_make(*a, **k))
+    calls = []
+    real = nb._train_call
+    monkeypatch.setattr(nb, "_train_call", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(3, 5, 2, batch_first=batch_first, bidirectional=bid)
+    ours = lstmkit.LSTM(3, 5, 2, batch_first=batch_first, bidirectional=bid, backend="numba")
+    ours.load_state_dict(ref.state_dict())
+    D = 2 if bid else 1
+    shape = (4, 10, 3) if batch_first else (10, 4, 3)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x, h0, c0 = (torch.randn(s, generator=g) for s in (shape, (2 * D, 4, 5), (2 * D, 4, 5)))
+        got, got_grads = _run(ours, x, h0, c0, None, 10)
+        want, want_grads = _run(ref, x, h0, c0, None, 10)
+        for a, b in zip(got + got_grads, want + want_grads):
+            assert_close(a, b)
+    assert made == [(shape, True)] and calls == [1, 1, 1]
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # another thread count: made again
+    _run(ours, x, h0, c0, None, 10)
+    assert made == [(shape, True)] * 2 and calls == [1] * 4
 
 
 def test_inference_does_not_take_training_path(monkeypatch):

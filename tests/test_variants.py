@@ -513,10 +513,10 @@ def test_step_functions_kept_per_stream_shape(monkeypatch):
         assert made == [(2, 3)]
         for b in range(1, 41):  # many batch sizes: a bounded number of functions kept
             m.step(torch.randn(b, 3))
-        assert len(made) == 40 and len(m._step_runners) <= 16  # B=2 was kept
+        assert len(made) == 40 and len(m._runners) <= 16  # B=2 was kept
         x = torch.randn(4, 3)
         for clone in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
-            assert clone._step_runners == {}
+            assert clone._runners == {}
             y, (h, c) = clone.step(x)
             want, (wh, wc) = ref(x[None])  # oracle
             assert_close(y, want[0])

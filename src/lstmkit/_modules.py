@@ -27,9 +27,9 @@ __all__ = ["LSTM", "LSTMCell"]
 
 State = tuple[Tensor, Tensor]
 
-# (backend name, dtype) -> the backend module that runs CPU tensors of that dtype (step calls)
-_STEP_BACKENDS: dict = {}
-_NO_RUNNER = object()  # LSTM._step_runners: shapes not seen yet
+# (backend name, dtype) -> the backend module that runs CPU tensors of that dtype (plain calls)
+_CALL_BACKENDS: dict = {}
+_NO_RUNNER = object()  # LSTM._runners: shapes not seen yet
 
 
 def _check_int(name: str, value, minimum: int) -> None:
@@ -241,21 +241,23 @@ class LSTM(nn.Module):
         # variant parameters after all of torch's, so torch's parameter order is kept as a prefix
         self._variant_names = [self.variants.register(self, sfx, hidden_size, factory) for sfx in self._suffixes]
         self._flat_getter = operator.itemgetter(*self._flat_weights_names)
-        # (x.shape, h.shape, c.shape, dtype, backend) -> the backend's per-step function, or None
-        self._step_runners: dict = {}
+        # (x.shape, h.shape, c.shape, dtype, backend, batch_first, grad, threads) -> the backend's
+        # function for plain calls of those shapes, or None (``_runner``)
+        self._runners: dict = {}
         self.reset_parameters()
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
-        state["_step_runners"] = {}  # closures: made again on the first step
+        state["_runners"] = {}  # closures: made again on the first call
         return state
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         if "_flat_getter" not in self.__dict__:  # pickled before the getter existed
             self._flat_getter = operator.itemgetter(*self._flat_weights_names)
-        if "_step_runners" not in self.__dict__:
-            self._step_runners = {}
+        self.__dict__.pop("_step_runners", None)  # pickled by an earlier version
+        if "_runners" not in self.__dict__:
+            self._runners = {}
 
     # -- torch.nn.LSTM compatibility -------------------------------------------------------------
     def reset_parameters(self) -> None:
@@ -396,9 +398,8 @@ class LSTM(nn.Module):
         *,
         lengths: Optional[Union[Tensor, list[int]]] = None,
     ):
-        if (type(input) is Tensor and type(hx) is tuple and lengths is None and input.dim() == 3
-                and not self.bidirectional and input.shape[1 if self.batch_first else 0] == 1):
-            fast = self._step_fast(input, hx)  # one-step calls of streaming loops
+        if type(input) is Tensor and type(hx) is tuple and lengths is None and input.dim() == 3:
+            fast = self._fast(input, hx)  # plain calls: the checks once per shape
             if fast is not None:
                 return fast
         if isinstance(input, PackedSequence):
@@ -465,7 +466,7 @@ class LSTM(nn.Module):
             if state is None and x.is_cpu:  # a stream's first step: zeros, then the same path
                 state = self._zeros_state(x, x.shape[0])
             if type(state) is tuple:
-                fast = self._step_fast(x, state)  # the per-step path of streaming loops
+                fast = self._fast(x, state)  # the per-step path of streaming loops
                 if fast is not None:
                     return fast
         if self.bidirectional:
@@ -496,13 +497,13 @@ class LSTM(nn.Module):
             return out[0, 0], (h[:, 0], c[:, 0])
         return out[0], (h, c)
 
-    def _step_fast(self, x: Tensor, state: tuple) -> Optional[tuple[Tensor, State]]:
-        """step() of a batched CPU x (B, I) -- or forward() of a one-step x, (1, B, I) or batch-first
-        (B, 1, I) -- with a well-formed state straight into the backend's per-step function (plain
-        LSTM, no gradient); None leaves the call to the general path (which also names what is
-        wrong). The checks are those of the general path, in their cheapest form (at small sizes
-        they cost as much as the step): the shapes once per stream, where the backend's function
-        for them is made (``_step_runner``), the rest every call."""
+    def _fast(self, x: Tensor, state: tuple) -> Optional[tuple[Tensor, State]]:
+        """forward() of a batched CPU input (3-D) with a well-formed state, or step() of a batched x
+        (B, I) without gradients, straight into the backend's function for these shapes (plain
+        LSTM: no variant, no dropout at work); None leaves the call to the general path (which also
+        names what is wrong). The checks are those of the general path, in their cheapest form (on
+        small models they cost as much as the kernels): the shapes once, where the backend's
+        function for them is made (``_runner``), the rest every call."""
         if len(state) != 2 or torch.compiler.is_compiling():
             return None
         h, c = state
@@ -512,38 +513,42 @@ class LSTM(nn.Module):
                 or w.dtype is not dt or not (x.is_cpu and h.is_cpu and c.is_cpu and w.is_cpu)
                 or self.variants.active(self.training) or (self.training and self.dropout > 0 and self.num_layers > 1)):
             return None
-        key = (x.shape, h.shape, c.shape, dt, self.backend)
-        run = self._step_runners.get(key, _NO_RUNNER)
-        if run is _NO_RUNNER:
-            run = self._step_runner(key)
-        if run is None:
-            return None
         weights = self._flat_getter(self._parameters)
-        if torch.is_grad_enabled() and functional.needs_grad([x, h, c, *weights]):
+        grad = torch.is_grad_enabled() and functional.needs_grad([x, h, c, *weights])
+        if grad and x.dim() == 2:
+            return None  # step() with gradients: the general path
+        key = (x.shape, h.shape, c.shape, dt, self.backend, self.batch_first, grad, torch.get_num_threads())
+        run = self._runners.get(key, _NO_RUNNER)
+        if run is _NO_RUNNER:
+            run = self._runner(key)
+        if run is None:
             return None
         y, h, c = run(x, h, c, weights)
         return y, (h, c)
 
-    def _step_runner(self, key: tuple) -> Optional[Callable]:
-        """The backend's per-step function for (x.shape, h.shape, c.shape, dtype, backend), or None
-        where those shapes are not a well-formed step of this module or the backend has none;
-        remembered (a few shapes per module: streams keep theirs)."""
-        x_shape, h_shape, c_shape, dt, backend = key
-        B = x_shape[0] if len(x_shape) == 2 or self.batch_first else x_shape[1]
-        L = self.num_layers
+    def _runner(self, key: tuple) -> Optional[Callable]:
+        """The backend's function for plain calls of (x.shape, h.shape, c.shape, dtype, backend,
+        batch_first, grad, thread count), or None where those shapes are not a well-formed call of this module
+        or the backend has none; remembered (a few shapes per module: streams keep theirs)."""
+        x_shape, h_shape, c_shape, dt, backend, batch_first, grad, _ = key
+        if len(x_shape) == 2:
+            T, B = 1, x_shape[0]
+        else:
+            T, B = (x_shape[1], x_shape[0]) if batch_first else (x_shape[0], x_shape[1])
+        LD = self.num_layers * (2 if self.bidirectional else 1)
         run = None
-        if (x_shape[-1] == self.input_size and B > 0 and h_shape == (L, B, self.proj_size or self.hidden_size)
-                and c_shape == (L, B, self.hidden_size)):
-            be = _STEP_BACKENDS.get((backend, dt))
+        if (x_shape[-1] == self.input_size and B > 0 and T > 0 and h_shape == (LD, B, self._real_hidden_size)
+                and c_shape == (LD, B, self.hidden_size)):
+            be = _CALL_BACKENDS.get((backend, dt))
             if be is None:
-                be = _STEP_BACKENDS[backend, dt] = backends.resolve(backend, torch.device("cpu"), dt)
-            make = getattr(be, "step_runner", None)
+                be = _CALL_BACKENDS[backend, dt] = backends.resolve(backend, torch.device("cpu"), dt)
+            make = getattr(be, "call_runner", None)
             if make is not None:
-                run = make(x_shape, h_shape, c_shape, dt, num_layers=L, has_biases=self.bias,
-                           proj_size=self.proj_size)
-        if len(self._step_runners) >= 16:
-            self._step_runners.clear()
-        self._step_runners[key] = run
+                run = make(x_shape, h_shape, c_shape, dt, num_layers=self.num_layers, bidirectional=self.bidirectional,
+                           has_biases=self.bias, proj_size=self.proj_size, batch_first=batch_first, grad=grad)
+        if len(self._runners) >= 16:
+            self._runners.clear()
+        self._runners[key] = run
         return run
 
     @staticmethod

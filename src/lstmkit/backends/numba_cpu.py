@@ -1173,17 +1173,15 @@ def _packs(views: Sequence[np.ndarray], rows: list[int], transpose: bool, pk: Pa
     stale), and only where ``mm`` would otherwise call a GEMM per step: the hand-written loops of
     tiny products need no packed form. The backward's products are not transposed: only MKL's
     packed form helps them, and only on matrices worth its ~8 MB buffer."""
-    out = []
-    for v, n in zip(views, rows):
-        if n == 0 or n * v.size <= SMALL_FLOPS_MKL:
-            out.append(_EMPTY[v.dtype.type])
-        elif transpose:
-            out.append(pk.pack(v, n, True))
-        elif n > 1 and HAVE_MKL and v.dtype == np.float32 and v.size >= PACK_MIN_SIZE:
-            out.append(pk.pack(v, n, False))
-        else:
-            out.append(_EMPTY[v.dtype.type])
-    return tuple(out)
+    return tuple(pk.pack(v, n, transpose) if _packed(v, n, transpose) else _EMPTY[v.dtype.type]
+                 for v, n in zip(views, rows))
+
+
+def _packed(v: np.ndarray, n: int, transpose: bool) -> bool:
+    """Whether :func:`_packs` prepares weight v for products of n rows."""
+    if n == 0 or n * v.size <= SMALL_FLOPS_MKL:
+        return False
+    return transpose or (n > 1 and HAVE_MKL and v.dtype == np.float32 and v.size >= PACK_MIN_SIZE)
 
 
 _EMPTY = {np.float32: np.zeros(0, np.float32), np.float64: np.zeros(0, np.float64)}
@@ -1205,86 +1203,139 @@ def _stack_threads(T: int, B: int, H: int, P: int, I: int) -> tuple[bool, np.nda
     return True, np.array([wide, step], np.int32)
 
 
+class _TrainPlan:
+    """What a training call of one shape decides before it runs (made once per shape: the checks
+    and choices below cost tens of microseconds a call, as much as a tiny model's kernels)."""
+
+    __slots__ = ("num_layers", "D", "has_biases", "proj_size", "nthreads", "rows", "dt", "mkl", "serial",
+                 "threads", "packs", "grad_shapes")
+
+    def __init__(self, x_shape: tuple, h_shape: tuple, c_shape: tuple, dtype: torch.dtype, num_layers: int,
+                 D: int, has_biases: bool, proj_size: int, nthreads: int):
+        T, B, I = x_shape
+        H, P = c_shape[2], h_shape[2]
+        self.num_layers, self.D, self.has_biases, self.proj_size = num_layers, D, has_biases, proj_size
+        self.nthreads = nthreads
+        # w_hh and w_hr serve T products of B rows: prepared when T > 1; w_ih serves one product
+        one = [0, B] + [0, 0] * has_biases + [B] * (proj_size > 0)
+        self.rows = one * (num_layers * D) if T > 1 else [0] * (len(one) * num_layers * D)
+        self.dt = _NP_DTYPE[dtype]
+        self.mkl = HAVE_MKL and dtype == torch.float32
+        self.serial, self.threads = _stack_threads(T, B, H, P, I)
+        self.packs = None  # whether any weight is prepared (forward, backward): set on the first call
+        # the weights' shapes in _flat_weights order (of their gradients)
+        shapes = []
+        for layer in range(num_layers):
+            K = I if layer == 0 else D * P
+            for _ in range(D):
+                shapes += [(4 * H, K), (4 * H, P)] + [(4 * H,), (4 * H,)] * has_biases + [(P, H)] * (proj_size > 0)
+        self.grad_shapes = tuple(shapes)
+
+
+_PLANS: dict = {}
+
+
+def _train_plan(x_shape: tuple, h_shape: tuple, c_shape: tuple, dtype: torch.dtype, num_layers: int, D: int,
+                has_biases: bool, proj_size: int) -> Optional[_TrainPlan]:
+    """The plan of a fused training call of these shapes (x time-first), or None: not this path
+    (the per-layer one). Remembered per shape and thread count."""
+    key = (x_shape, h_shape, c_shape, dtype, num_layers, D, has_biases, proj_size, torch.get_num_threads())
+    plan = _PLANS.get(key, _NO_PLAN)
+    if plan is not _NO_PLAN:
+        return plan
+    T, B, I = x_shape
+    H, P = c_shape[2], h_shape[2]
+    plan = None
+    # rows_train: the per-layer path runs each layer by rows (layer_rows_train)
+    if D != 1 or not rows_train(T, B, I, H, P, dtype, True, num_layers):
+        nthreads = parallel_threads(T, B, I, H, P, num_layers, D, dtype, training=True)
+        if nthreads > 1 or prefers_stack_train(T, B, I, H, P):
+            plan = _TrainPlan(tuple(x_shape), tuple(h_shape), tuple(c_shape), dtype, num_layers, D, has_biases,
+                              proj_size, nthreads)
+    if len(_PLANS) >= 64:
+        _PLANS.clear()
+    _PLANS[key] = plan
+    return plan
+
+
+_NO_PLAN = object()
+
+
 class _StackFn(torch.autograd.Function):
     """A whole stacked LSTM: forward one compiled call, backward one compiled call."""
 
     @staticmethod
-    def forward(ctx, meta, x, h0, c0, *weights):
-        num_layers, D, has_biases, proj_size, batch_sizes, nthreads = meta
+    def forward(ctx, plan, batch_sizes, x, h0, c0, *weights):
+        num_layers, D, P, nthreads = plan.num_layers, plan.D, h0.shape[2], plan.nthreads
         T, B = x.shape[0], x.shape[1]
-        H = c0.shape[2]
-        P = h0.shape[2]
         LD = num_layers * D
-
-        # w_hh and w_hr serve T products of B rows: prepared when T > 1; w_ih serves one product
-        one = [0, B] + [0, 0] * bool(has_biases) + [B] * (proj_size > 0)
-        rows = one * LD if T > 1 else [0] * (len(one) * LD)
+        has_biases, has_proj = plan.has_biases, plan.proj_size > 0
         views = _weight_views(weights, x.dtype)
-        dt = _NP_DTYPE[x.dtype]
+        dt = plan.dt
+        if plan.packs is None:
+            plan.packs = tuple(any(map(_packed, views, plan.rows, [t] * len(views))) for t in (True, False))
         ys = np.empty((num_layers, T, B, D * P), dt)
-        gates = np.empty((LD, T, B, 4 * H), dt)
-        cs = np.empty((LD, T, B, H), dt)
+        gates = np.empty((LD, T, B, 4 * c0.shape[2]), dt)
+        cs = np.empty((LD, T, B, c0.shape[2]), dt)
         h_n, h_np = _new(tuple(h0.shape), x.dtype)
         c_n, c_np = _new(tuple(c0.shape), x.dtype)
         x_np, h0_np, c0_np = _np(x), _np(h0), _np(c0)
         bs = _bs_np(batch_sizes)
-        mkl = HAVE_MKL and x.dtype == torch.float32
         done = False
         if nthreads > 1:
             h_np[:] = h0_np
             c_np[:] = c0_np
             with serial_blas(True), PackScratch() as pk:
-                done = _stack_parallel(x_np, views, _packs(views, rows, True, pk), num_layers, D, bool(has_biases),
-                                       proj_size > 0, bs, ys[-1], h_np, c_np, ys, gates, cs, nthreads)
+                done = _stack_parallel(x_np, views, _packs(views, plan.rows, True, pk), num_layers, D, has_biases,
+                                       has_proj, bs, ys[-1], h_np, c_np, ys, gates, cs, nthreads)
         if not done:
-            serial, threads = _stack_threads(T, B, H, P, x.shape[2])
-            with serial_blas(serial), PackScratch() as pk:
-                packed = _packs(views, rows, True, pk)
-                S.stack_train_fwd(SGEMM, mkl, SET_THREADS, threads, x_np, h0_np, c0_np, views, packed, num_layers, D,
-                                  bool(has_biases), proj_size > 0, bs, h_np, c_np, ys, gates, cs)
+            with serial_blas(plan.serial), PackScratch() as pk:
+                packed = _packs(views, plan.rows, True, pk) if plan.packs[0] else _no_packs(len(views), x.dtype)
+                S.stack_train_fwd(SGEMM, plan.mkl, SET_THREADS, plan.threads, x_np, h0_np, c0_np, views, packed,
+                                  num_layers, D, has_biases, has_proj, bs, h_np, c_np, ys, gates, cs)
         out = torch.from_numpy(ys[-1])
         # saved for autograd's checks against in-place changes; backward uses the NumPy views
         ctx.save_for_backward(x, h0, c0, out, *weights)
-        ctx.saved = (meta, views, rows, x_np, h0_np, c0_np, bs, ys, gates, cs)
+        ctx.saved = (plan, views, x_np, h0_np, c0_np, bs, ys, gates, cs)
         return out, h_n, c_n
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, grad_h, grad_c):
-        weights = ctx.saved_tensors[4:]
-        meta, views, rows, x_np, h0_np, c0_np, bs, ys, gates, cs = ctx.saved
-        num_layers, D, has_biases, proj_size, _, nthreads = meta
+        _ = ctx.saved_tensors  # unpacking raises if an input was changed in place since forward
+        plan, views, x_np, h0_np, c0_np, bs, ys, gates, cs = ctx.saved
+        num_layers, D, nthreads = plan.num_layers, plan.D, plan.nthreads
+        has_biases, has_proj = plan.has_biases, plan.proj_size > 0
         sync_threads()
-        B = x_np.shape[1]
-        H = c0_np.shape[2]
-        P = h0_np.shape[2]
         dx, dx_np = _new(tuple(x_np.shape), grad_out.dtype)
         dh0, dh0_np = _new(tuple(h0_np.shape), grad_out.dtype)
         dc0, dc0_np = _new(tuple(c0_np.shape), grad_out.dtype)
-        gw = [np.empty(w.shape, v.dtype) for w, v in zip(weights, views)]
+        gw = [np.empty(shape, plan.dt) for shape in plan.grad_shapes]
         dws = tuple(g.reshape(1, -1) if g.ndim == 1 else g for g in gw)
-        mkl = HAVE_MKL and grad_out.dtype == torch.float32
         done = False
         if nthreads > 1 and D == 1:
             with PackScratch() as pk:
                 with serial_blas(True):
-                    wpbs = _packs(views, rows, False, pk)
-                done = _stack_pipeline_bwd(x_np, h0_np, c0_np, views, wpbs, num_layers, bool(has_biases),
-                                           proj_size > 0, bs, ys, gates, cs, _np(grad_out), _np(grad_h), _np(grad_c),
-                                           dx_np, dh0_np, dc0_np, dws, nthreads)
+                    wpbs = _packs(views, plan.rows, False, pk)
+                done = _stack_pipeline_bwd(x_np, h0_np, c0_np, views, wpbs, num_layers, has_biases, has_proj, bs,
+                                           ys, gates, cs, _np(grad_out), _np(grad_h), _np(grad_c), dx_np, dh0_np,
+                                           dc0_np, dws, nthreads)
         elif nthreads > 1:
             with serial_blas(True), PackScratch() as pk:
-                done = _directions_bwd(x_np, h0_np, c0_np, views, _packs(views, rows, False, pk), num_layers,
-                                       bool(has_biases), proj_size > 0, bs, ys, gates, cs, _np(grad_out),
-                                       _np(grad_h), _np(grad_c), dx_np, dh0_np, dc0_np, dws)
+                done = _directions_bwd(x_np, h0_np, c0_np, views, _packs(views, plan.rows, False, pk), num_layers,
+                                       has_biases, has_proj, bs, ys, gates, cs, _np(grad_out), _np(grad_h),
+                                       _np(grad_c), dx_np, dh0_np, dc0_np, dws)
         if not done:
-            serial, threads = _stack_threads(x_np.shape[0], B, H, P, x_np.shape[2])
-            with serial_blas(serial), PackScratch() as pk:
-                wpbs = _packs(views, rows, False, pk)
-                S.stack_train_bwd(SGEMM, mkl, SET_THREADS, threads, x_np, h0_np, c0_np, views, wpbs, num_layers, D,
-                                  bool(has_biases), proj_size > 0, bs, ys, gates, cs, _np(grad_out), _np(grad_h),
+            with serial_blas(plan.serial), PackScratch() as pk:
+                wpbs = _packs(views, plan.rows, False, pk) if plan.packs[1] else _no_packs(len(views), grad_out.dtype)
+                S.stack_train_bwd(SGEMM, plan.mkl, SET_THREADS, plan.threads, x_np, h0_np, c0_np, views, wpbs,
+                                  num_layers, D, has_biases, has_proj, bs, ys, gates, cs, _np(grad_out), _np(grad_h),
                                   _np(grad_c), dx_np, dh0_np, dc0_np, dws)
-        return (None, dx, dh0, dc0, *map(torch.from_numpy, gw))
+        return (None, None, dx, dh0, dc0, *map(torch.from_numpy, gw))
+
+
+# autograd.Function.apply without its Python wrapper (which only matters under functorch transforms)
+_stack_apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, _StackFn)
 
 
 def lstm_stack_train(
@@ -1304,19 +1355,61 @@ def lstm_stack_train(
     where :func:`prefers_stack_train` leaves the shape to the per-layer path."""
     if x.device.type != "cpu" or x.dtype not in _DTYPES:
         raise RuntimeError(unavailable(x.device, x.dtype))
-    for name, t in (("h0", h0), ("c0", c0)):
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name}: expected dtype {x.dtype}, got {t.dtype}")
-    T, B, I = x.shape
-    D = 2 if bidirectional else 1
-    if D == 1 and rows_train(T, B, I, c0.shape[2], h0.shape[2], x.dtype, True, num_layers):
-        return NotImplemented  # the per-layer path runs each layer by rows (layer_rows_train)
-    nthreads = parallel_threads(T, B, I, c0.shape[2], h0.shape[2], num_layers, D, x.dtype, training=True)
-    if nthreads == 1 and not prefers_stack_train(T, B, I, c0.shape[2], h0.shape[2]):
+    if h0.dtype is not x.dtype or c0.dtype is not x.dtype:
+        for name, t in (("h0", h0), ("c0", c0)):
+            if t.dtype != x.dtype:
+                raise TypeError(f"{name}: expected dtype {x.dtype}, got {t.dtype}")
+    plan = _train_plan(x.shape, h0.shape, c0.shape, x.dtype, num_layers, 2 if bidirectional else 1,
+                       bool(has_biases), proj_size)
+    if plan is None:
         return NotImplemented
+    return _train_call(plan, batch_sizes, x, h0, c0, weights)
+
+
+def _train_call(plan: _TrainPlan, batch_sizes: Optional[Tensor], x: Tensor, h0: Tensor, c0: Tensor,
+                weights: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     sync_threads()
-    meta = (num_layers, D, bool(has_biases), proj_size, batch_sizes, nthreads)
-    return _StackFn.apply(meta, x, h0, c0, *weights)
+    if torch._C._are_functorch_transforms_active():
+        return _StackFn.apply(plan, batch_sizes, x, h0, c0, *weights)
+    return _stack_apply(plan, batch_sizes, x, h0, c0, *weights)
+
+
+def call_runner(x_shape: tuple, h_shape: tuple, c_shape: tuple, dtype: torch.dtype, *, num_layers: int,
+                bidirectional: bool, has_biases: bool, proj_size: int, batch_first: bool,
+                grad: bool) -> Optional[Callable[[Tensor, Tensor, Tensor, Sequence[Tensor]], tuple]]:
+    """The module's function for plain calls of these shapes (``LSTM.forward`` of a batched CPU
+    tensor with a state, ``LSTM.step``): run(x, h0, c0, weights) -> (output in x's layout, h_n,
+    c_n), or None where the general path is the one to take. x is (T, B, I), or (B, T, I) when
+    batch_first, or (B, I) for one step; ``grad``: the call needs gradients. The choices that
+    depend only on the shapes and the thread count are made here, once (on a tiny model they
+    cost as much as its kernels): the module asks again for another thread count."""
+    if dtype not in _DTYPES:
+        raise RuntimeError(unavailable(torch.device("cpu"), dtype))
+    D = 2 if bidirectional else 1
+    if len(x_shape) == 2 or (not grad and D == 1 and x_shape[1 if batch_first else 0] == 1):
+        if grad:
+            return None
+        return step_runner(x_shape, h_shape, c_shape, dtype, num_layers=num_layers, has_biases=has_biases,
+                           proj_size=proj_size)
+    tb_shape = (x_shape[1], x_shape[0], x_shape[2]) if batch_first else tuple(x_shape)
+    bias = bool(has_biases)
+    if not grad:
+        def run(x: Tensor, h0: Tensor, c0: Tensor, weights: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+            out, h_n, c_n = lstm_stack(x.transpose(0, 1) if batch_first else x, h0, c0, weights,
+                                       num_layers=num_layers, bidirectional=bidirectional, has_biases=bias,
+                                       proj_size=proj_size, batch_sizes=None)
+            return (out.transpose(0, 1) if batch_first else out), h_n, c_n
+
+        return run
+    plan = _train_plan(tb_shape, h_shape, c_shape, dtype, num_layers, D, bias, proj_size)
+    if plan is None:
+        return None
+
+    def run_train(x: Tensor, h0: Tensor, c0: Tensor, weights: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        out, h_n, c_n = _train_call(plan, None, x.transpose(0, 1) if batch_first else x, h0, c0, weights)
+        return (out.transpose(0, 1) if batch_first else out), h_n, c_n
+
+    return run_train
 
 
 # MACs of one layer-direction's sequence-wide products (input projection, input and weight
