@@ -512,3 +512,35 @@ def test_wide_vectors_marks_the_calling_kernel():
     attr = '"prefer-vector-width"="512"'
     assert (attr in wide.inspect_llvm(wide.signatures[0])) == _cache.WIDE_VECTORS
     assert attr not in plain.inspect_llvm(plain.signatures[0])
+
+
+def test_unowned_views_alias_the_argument_without_its_owner():
+    """numba_blas.unowned(a): the same memory with the same strides (a non-contiguous argument
+    too), writes through it and its views land in a, and it holds no reference to a's owner (a
+    NULL meminfo, so its views skip the atomic reference counts; returned to Python it owns
+    nothing, where a view of a keeps a alive)."""
+    from numba import njit
+
+    from lstmkit.kernels.numba_blas import unowned
+
+    @njit
+    def fill(a):
+        u = unowned(a)
+        for i in range(u.shape[0]):
+            row = u[i]
+            for j in range(row.shape[0]):
+                row[j] = i * 10 + j
+        return u
+
+    @njit
+    def view(a):
+        return a[:]
+
+    base = np.zeros((3, 8))
+    a = base[:, 1::2]  # strided
+    got = fill(a)
+    want = np.add.outer(np.arange(3) * 10, np.arange(4)).astype(float)
+    np.testing.assert_array_equal(a, want)
+    np.testing.assert_array_equal(base[:, ::2], 0)  # nothing written between the strided columns
+    assert got.strides == a.strides and np.shares_memory(got, base)
+    assert got.base is None and view(a).base is not None

@@ -1,13 +1,13 @@
 """The float32 GEMM the Numba kernels call: MKL's ``cblas_sgemm_compute`` from torch's own library.
 
 torch's x86 CPU builds link MKL and export its packed-GEMM entry points. Calling them from the
-kernels (as a ctypes function passed in as an argument, so the compiled kernels stay cacheable)
+kernels (through an address passed in as an argument, so the compiled kernels stay cacheable)
 gives three things SciPy's OpenBLAS does not: the recurrent weights packed once per sequence
 instead of once per step (a 16x128 @ 128x512 step: ~11 us packed against ~40 us), the same
 OpenMP thread pool and thread count as torch (no oversubscription), and AVX-512 kernels.
 
-Where the symbols are missing (other torch builds), ``SGEMM`` is a stand-in that is never
-called and the kernels use ``np.dot`` (SciPy's BLAS) instead; ``HAVE_MKL`` tells which.
+Where the symbols are missing (other torch builds), ``SGEMM`` is 0, never called, and the kernels
+use ``np.dot`` (SciPy's BLAS) instead; ``HAVE_MKL`` tells which.
 
 Dimension legend: n rows of the left operand, K inner dimension, N columns of the result.
 """
@@ -20,6 +20,7 @@ import os
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._cache import WIDE_VECTORS, tie_module
@@ -63,18 +64,17 @@ def _load():
 _SYMS = _load()
 HAVE_MKL = _SYMS is not None
 
-if HAVE_MKL:
-    SGEMM = _SYMS[0]
-else:  # same signature, so the kernels have one type; never called when HAVE_MKL is False
-    _STUB_T = ctypes.CFUNCTYPE(None, *_COMPUTE_ARGS)
-    SGEMM = _STUB_T(lambda *args: None)
 
 
-# Further C functions reach the kernels as addresses (int64 arguments, called through
-# :func:`call_int_int` / :func:`call_int_void`): a second ctypes function object among a kernel's
-# arguments defeats Numba's argument-type cache (~80 us a call instead of ~1 us).
+# C functions reach the kernels as addresses (int64 arguments, called through :func:`call_sgemm`,
+# :func:`call_int_int`, ...): a ctypes function object among a kernel's arguments costs ~1 us a
+# call to convert, and a second one defeats Numba's argument-type cache (~80 us a call).
 def _address(fn) -> int:
     return ctypes.cast(fn, ctypes.c_void_p).value
+
+
+# cblas_sgemm_compute's address; 0 without MKL (never called: HAVE_MKL is False)
+SGEMM = _address(_SYMS[0]) if HAVE_MKL else 0
 
 
 _libc = ctypes.CDLL(None)
@@ -111,6 +111,53 @@ def wide_vectors(typingctx):
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+@intrinsic
+def call_sgemm(typingctx, addr, layout, transa, transb, m, n, k, a, lda, b, ldb, beta, c, ldc):
+    """cblas_sgemm_compute (``SGEMM``) at address ``addr``: a, b and c are addresses
+    (``array.ctypes.data``), beta a float32, the rest ints."""
+    i32 = types.int32
+    sig = types.void(types.intp, i32, i32, i32, i32, i32, i32, types.uintp, i32, types.uintp, i32, types.float32,
+                     types.uintp, i32)  # the arguments are cast to these
+
+    def codegen(context, builder, signature, args):
+        ptr = ir.IntType(8).as_pointer()
+        fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(32)] * 6 + [ptr, ir.IntType(32), ptr, ir.IntType(32),
+                                                                        ir.FloatType(), ptr, ir.IntType(32)])
+        fn = builder.inttoptr(args[0], fnty.as_pointer())
+        builder.call(fn, [builder.inttoptr(v, ptr) if t == ptr else v for v, t in zip(args[1:], fnty.args)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def unowned(typingctx, a):
+    """The same view of array ``a``'s memory without its reference to the memory's owner (a NULL
+    meminfo): views taken of it then skip Numba's atomic reference counting, which in per-step
+    loops of small steps costs more than the arithmetic (T=10 B=5 H=5, one layer's backward: 12.7
+    -> 8.9 us). Only for arrays that outlive the kernel's use of the view: its arguments."""
+    if not isinstance(a, types.Array):
+        return None
+
+    def codegen(context, builder, signature, args):
+        src = context.make_array(a)(context, builder, value=args[0])
+        dst = context.make_array(a)(context, builder)
+        for name in ("data", "shape", "strides", "itemsize", "nitems"):
+            setattr(dst, name, getattr(src, name))
+        dst.meminfo = cgutils.get_null_value(dst.meminfo.type)
+        dst.parent = cgutils.get_null_value(dst.parent.type)
+        return dst._getvalue()
+
+    return a(a), codegen
+
+
+@intrinsic
+def keep(typingctx, *arrays):
+    """Nothing, where it stands: the arrays given stay alive until here (Numba frees a local array
+    after its last use), for :func:`unowned` views of a kernel's own buffers."""
+    return types.void(types.StarArgTuple(arrays)), lambda context, builder, signature, args: context.get_dummy_value()
 
 
 @intrinsic

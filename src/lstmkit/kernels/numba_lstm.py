@@ -30,7 +30,7 @@ from numba import carray, njit, types
 from numba.extending import intrinsic, overload
 
 from ._cache import tie_module
-from .numba_blas import NO_TRANS, PACKED, ROW_MAJOR, TRANS, WT_MAX_ROWS, wide_vectors
+from .numba_blas import NO_TRANS, PACKED, ROW_MAJOR, TRANS, WT_MAX_ROWS, call_sgemm, keep, unowned, wide_vectors
 
 _JIT = dict(cache=True, fastmath=True, error_model="numpy", nogil=True)
 # The activations are inlined at Numba's level: calls into separately cached functions cannot be
@@ -166,7 +166,7 @@ def _dot_rows(a, w, out):
 def mm(sgemm, mkl, a, w, wp, trans, out):
     """out = a @ w.T if trans else a @ w.
 
-    sgemm      MKL's cblas_sgemm_compute (``numba_blas.SGEMM``), called only when ``mkl``
+    sgemm      the address of MKL's cblas_sgemm_compute (``numba_blas.SGEMM``), called only when ``mkl``
     mkl        float32 with MKL present: use sgemm, else np.dot (SciPy's BLAS)
     a   (n, K) C-contiguous rows
     w   (N, K) if trans else (K, N), C-contiguous
@@ -214,16 +214,16 @@ def mm(sgemm, mkl, a, w, wp, trans, out):
                         orow[j] += av * wrow[j]
     elif mkl:
         if wp.shape[0] > 0 and not wt_copy:
-            sgemm(ROW_MAJOR, NO_TRANS, PACKED, n, N, K, a.ctypes.data, K, wp.ctypes.data, N,
-                  _ZERO32, out.ctypes.data, N)
+            call_sgemm(sgemm, ROW_MAJOR, NO_TRANS, PACKED, n, N, K, a.ctypes.data, K, wp.ctypes.data, N,
+                       _ZERO32, out.ctypes.data, N)
         elif wt_copy:
             # the transposed copy, not w as stored: MKL measured (64x32)@(32x128) 3.4 against 3.7 us,
             # (16x32)@(32x128) 0.9 against 1.3 us
-            sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, n, N, K, a.ctypes.data, K, wp.ctypes.data, N,
-                  _ZERO32, out.ctypes.data, N)
+            call_sgemm(sgemm, ROW_MAJOR, NO_TRANS, NO_TRANS, n, N, K, a.ctypes.data, K, wp.ctypes.data, N,
+                       _ZERO32, out.ctypes.data, N)
         else:
-            sgemm(ROW_MAJOR, NO_TRANS, TRANS if trans else NO_TRANS, n, N, K, a.ctypes.data, K,
-                  w.ctypes.data, w.shape[1], _ZERO32, out.ctypes.data, N)
+            call_sgemm(sgemm, ROW_MAJOR, NO_TRANS, TRANS if trans else NO_TRANS, n, N, K, a.ctypes.data, K,
+                       w.ctypes.data, w.shape[1], _ZERO32, out.ctypes.data, N)
     elif trans:
         np.dot(a, w.T, out)
     else:
@@ -346,16 +346,19 @@ def layer_fwd(sgemm, mkl, xg, bias, w_hh, w_hh_p, w_hr, w_hr_p, h, c, bs, revers
     cs     (T, B, H)   c after every step (every row: inactive rows carry theirs), or (0, B, H)
     """
     wide_vectors()
+    xg, w_hh, w_hr, h, c, out, gates, cs = (unowned(xg), unowned(w_hh), unowned(w_hr), unowned(h), unowned(c),
+                                            unowned(out), unowned(gates), unowned(cs))
     T, B, G = xg.shape
     H = G // 4
     P = h.shape[1]
     save = gates.shape[0] > 0
     proj = w_hr.shape[0] > 0
-    z = np.empty((B, G), xg.dtype)        # recurrent pre-activations, then gate activations
-    hp = np.empty((B, H), xg.dtype)       # o * tanh(c) before the projection
-    hr = np.empty((B, P), xg.dtype)       # projected h
-    tc = np.empty(B * H, xg.dtype)
-    co = act_coefficients(B, H, bias)
+    z0 = np.empty((B, G), xg.dtype)        # recurrent pre-activations, then gate activations
+    hp0 = np.empty((B, H), xg.dtype)       # o * tanh(c) before the projection
+    hr0 = np.empty((B, P), xg.dtype)       # projected h
+    tc0 = np.empty(B * H, xg.dtype)
+    co0 = act_coefficients(B, H, bias)
+    z, hp, hr, tc, co = unowned(z0), unowned(hp0), unowned(hr0), unowned(tc0), unowned(co0)
     for s in range(T):
         t = T - 1 - s if reverse else s
         nb = B if bs.shape[0] == 0 else bs[t]
@@ -385,6 +388,7 @@ def layer_fwd(sgemm, mkl, xg, bias, w_hh, w_hh_p, w_hr, w_hr_p, h, c, bs, revers
                 for j in range(G):
                     gates[t, b, j] = 0
             cs[t] = c
+    keep(z0, hp0, hr0, tc0, co0)
 
 
 @njit(inline="always", **_JIT)
@@ -457,6 +461,9 @@ def layer_bwd(sgemm, mkl, gates, cs, c0, w_hh, w_hh_p, w_hr, w_hr_p, grad_out, d
     hps      (T, B, H)   written when projecting: o * tanh(c) of each step, else (0, B, H)
     """
     wide_vectors()
+    gates, cs, c0, w_hh, w_hr, grad_out, dh, dc, dgates, dhs, hps = (
+        unowned(gates), unowned(cs), unowned(c0), unowned(w_hh), unowned(w_hr), unowned(grad_out), unowned(dh),
+        unowned(dc), unowned(dgates), unowned(dhs), unowned(hps))
     T, B, G = gates.shape
     H = G // 4
     P = dh.shape[1]
@@ -558,6 +565,7 @@ def stack_fwd_short(x, h0, c0, ws, num_layers, num_dirs, has_bias, has_proj, out
     a loop of dot products on the weights as stored (:func:`_dot_rows`, no BLAS, nothing
     prepared), biases added per step, no (T, B, G) projection buffer. Same arguments as
     :func:`stack_fwd` without the GEMM, the prepared weights and ``bs`` (every row active)."""
+    x, h0, c0, out, h_n, c_n = unowned(x), unowned(h0), unowned(c0), unowned(out), unowned(h_n), unowned(c_n)
     T, B, _ = x.shape
     P = h0.shape[2]
     H = c0.shape[2]
@@ -680,6 +688,9 @@ def cell_step(sgemm, mkl, x, h, c, w_ih, w_ih_p, w_hh, w_hh_p, b_ih, b_hh, h1, c
     h1    (B, H)   written
     c1    (B, H)   written
     """
+    x, h, c, w_ih, w_ih_p, w_hh, w_hh_p, b_ih, b_hh, h1, c1 = (
+        unowned(x), unowned(h), unowned(c), unowned(w_ih), unowned(w_ih_p), unowned(w_hh), unowned(w_hh_p),
+        unowned(b_ih), unowned(b_hh), unowned(h1), unowned(c1))
     B = x.shape[0]
     H = h.shape[1]
     G = 4 * H

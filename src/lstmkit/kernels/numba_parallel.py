@@ -36,7 +36,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._cache import tie_module
-from .numba_blas import call_int_void, wide_vectors
+from .numba_blas import call_int_void, unowned, wide_vectors
 from .numba_lstm import _JIT, act_sigmoid, act_tanh, layer_bwd, layer_fwd, mm
 from .numba_stack import grads_hh, grads_ih, mm_tn, weight_grads
 from .numba_variants import layer_bwd as variant_layer_bwd
@@ -184,6 +184,9 @@ def stack_fwd_tasks(sgemm, mkl, sched_yield, sched, abort, chunk, x, ws, wps, nu
     gates (L, T, B, G), cs (L, T, B, H): saved for backward, or (L, 0, B, *) to save nothing
     """
     wide_vectors()
+    sched, abort, x, bs, h, c, ys, gates, cs = (
+        unowned(sched), unowned(abort), unowned(x), unowned(bs), unowned(h), unowned(c), unowned(ys),
+        unowned(gates), unowned(cs))
     B = x.shape[1]
     L = num_layers
     save = gates.shape[1] > 0
@@ -313,6 +316,12 @@ def layer_rows_fwd(sgemm, mkl, x, w_ih, w_ih_p, bias, ln_ih, eps, w_hh, w_hh_p, 
     each part its rows; gates ... lns of zero steps to save nothing)
     """
     wide_vectors()
+    x, w_ih, w_ih_p, bias, ln_ih = unowned(x), unowned(w_ih), unowned(w_ih_p), unowned(bias), unowned(ln_ih)
+    w_hh, w_hh_p, w_hr, w_hr_p, h = unowned(w_hh), unowned(w_hh_p), unowned(w_hr), unowned(w_hr_p), unowned(h)
+    c, bs, out, mask, pe, ln_g = unowned(c), unowned(bs), unowned(out), unowned(mask), unowned(pe), unowned(ln_g)
+    lnc_w, lnc_b, zc, zc_fill, zh = unowned(lnc_w), unowned(lnc_b), unowned(zc), unowned(zc_fill), unowned(zh)
+    zh_fill, gates, cs, cts, lnr = unowned(zh_fill), unowned(gates), unowned(cs), unowned(cts), unowned(lnr)
+    lns, xn, xr = unowned(lns), unowned(xn), unowned(xr)
     T = x.shape[0]
     B = x.shape[1]
     G = w_ih.shape[0]
@@ -381,6 +390,14 @@ def layer_rows_bwd(sgemm, mkl, gates, cs, cts, lnr, lns, h0, c0, w_hh, w_hh_p, w
     db     (G,)        bias gradient (sum of dgates), accumulated, or (0,)
     """
     wide_vectors()
+    gates, cs, cts, lnr, lns, h0 = unowned(gates), unowned(cs), unowned(cts), unowned(lnr), unowned(lns), unowned(h0)
+    c0, w_hh, w_hh_p, w_hr, w_hr_p = unowned(c0), unowned(w_hh), unowned(w_hh_p), unowned(w_hr), unowned(w_hr_p)
+    mask, pe, ln_g, lnc_w, lnc_b = unowned(mask), unowned(pe), unowned(ln_g), unowned(lnc_w), unowned(lnc_b)
+    zc, zc_fill, zh, zh_fill, grad_out = unowned(zc), unowned(zc_fill), unowned(zh), unowned(zh_fill), unowned(grad_out)
+    dh, dc, bs, out, dgates, drs = unowned(dh), unowned(dc), unowned(bs), unowned(out), unowned(dgates), unowned(drs)
+    dhs, hps, ln_ih, xn, xr, dp = unowned(dhs), unowned(hps), unowned(ln_ih), unowned(xn), unowned(xr), unowned(dp)
+    hprev, dpe, dln_g, dlnc_w, dlnc_b = unowned(hprev), unowned(dpe), unowned(dln_g), unowned(dlnc_w), unowned(dlnc_b)
+    dln_ih, db = unowned(dln_ih), unowned(db)
     variant_layer_bwd(sgemm, mkl, gates, cs, cts, lnr, lns, c0, w_hh, w_hh_p, w_hr, w_hr_p, mask, pe, ln_g, lnc_w,
                       lnc_b, zc, zc_fill, zh, zh_fill, grad_out, dh, dc, bs, reverse, dgates, drs, dhs, hps, dpe,
                       dln_g, dlnc_w, dlnc_b, r0, r1)
@@ -429,6 +446,9 @@ def layer_rows_grads(sgemm, mkl, x, w_ih, dp, dr, hprev, dhs, hps, dx, dw_ih, dw
     dr (T, B, G) gradient of the recurrent pre-activations; hprev (T, B, P) from layer_rows_bwd
     """
     wide_vectors()
+    x, w_ih, dp, dr, hprev, dhs, hps, dx, dw_ih, dw_hh, dw_hr = (
+        unowned(x), unowned(w_ih), unowned(dp), unowned(dr), unowned(hprev), unowned(dhs), unowned(hps),
+        unowned(dx), unowned(dw_ih), unowned(dw_hh), unowned(dw_hr))
     B = x.shape[1]
     I = x.shape[2]
     G = dp.shape[2]
@@ -474,6 +494,9 @@ def layer_fwd_units(sgemm, mkl, sched_yield, flags, part, u0, u1, x, w_ih, w_hh,
     bs     (T,)                  active rows per step, or (0,)
     out    (T, B, H)             columns u0 .. u1 written; zeros at inactive rows
     """
+    flags, x, w_ih, w_hh, w_hh_p, bias, hbuf, c, bs, out = (
+        unowned(flags), unowned(x), unowned(w_ih), unowned(w_hh), unowned(w_hh_p), unowned(bias), unowned(hbuf),
+        unowned(c), unowned(bs), unowned(out))
     T, B, I = x.shape
     hk = u1 - u0
     G4 = 4 * hk
@@ -579,6 +602,10 @@ def stack_bwd_tasks(sgemm, mkl, sched_yield, sched, wg, abort, chunk, x, ys, h0,
                         else (L, 0, B, *)
     """
     wide_vectors()
+    sched, wg, abort, x, ys, h0, bs, c0, gates, cs, grad_out, dys, dx, dh, dc, dgates, dhs, hps = (
+        unowned(sched), unowned(wg), unowned(abort), unowned(x), unowned(ys), unowned(h0), unowned(bs),
+        unowned(c0), unowned(gates), unowned(cs), unowned(grad_out), unowned(dys), unowned(dx), unowned(dh),
+        unowned(dc), unowned(dgates), unowned(dhs), unowned(hps))
     L = num_layers
     T, B, _ = grad_out.shape
     per = 2 + (2 if has_bias else 0) + (1 if has_proj else 0)

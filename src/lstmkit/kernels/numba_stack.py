@@ -22,7 +22,7 @@ import numpy as np
 from numba import njit
 
 from ._cache import tie_module
-from .numba_blas import NO_TRANS, ROW_MAJOR, TRANS, call_int_int, wide_vectors
+from .numba_blas import NO_TRANS, ROW_MAJOR, TRANS, call_int_int, call_sgemm, unowned, wide_vectors
 from .numba_lstm import _JIT, SMALL_FLOPS, SMALL_FLOPS_MKL, layer_bwd, layer_fwd, mm
 
 _ZERO32 = np.float32(0.0)
@@ -52,8 +52,8 @@ def mm_tn(sgemm, mkl, a, b, out, acc):
                 for j in range(N):
                     orow[j] += av * brow[j]
     elif mkl:
-        sgemm(ROW_MAJOR, TRANS, NO_TRANS, M, N, n, a.ctypes.data, M, b.ctypes.data, N,
-              _ONE32 if acc else _ZERO32, out.ctypes.data, N)
+        call_sgemm(sgemm, ROW_MAJOR, TRANS, NO_TRANS, M, N, n, a.ctypes.data, M, b.ctypes.data, N,
+                   _ONE32 if acc else _ZERO32, out.ctypes.data, N)
     elif acc:
         out += np.dot(a.T, b)
     else:
@@ -120,6 +120,7 @@ def _prev_h(y, col0, h0, bs, reverse, hprev):
     y (T, B, Q), its columns col0 .. col0+P; h0 (B, P); hprev (T, B, P) written
     """
     wide_vectors()
+    y, h0, bs, hprev = unowned(y), unowned(h0), unowned(bs), unowned(hprev)
     T, B, P = hprev.shape
     for t in range(T):
         nb = B if bs.shape[0] == 0 else bs[t]
@@ -174,6 +175,9 @@ def grads_hh(sgemm, mkl, dgates, y, col0, h0, bs, reverse, hprev, dw_hh):
 def grads_ih(sgemm, mkl, dgates, inp, dhs, hps, dw_ih, db_ih, db_hh, has_bias, dw_hr):
     """dw_ih, the biases and dw_hr of :func:`weight_grads`."""
     wide_vectors()
+    dgates, inp, dhs, hps, dw_ih, db_ih, db_hh, dw_hr = (
+        unowned(dgates), unowned(inp), unowned(dhs), unowned(hps), unowned(dw_ih), unowned(db_ih), unowned(db_hh),
+        unowned(dw_hr))
     T, B, G = dgates.shape
     n = T * B
     dg2 = dgates.reshape(n, G)

@@ -39,7 +39,7 @@ from numba import njit
 
 from ..backends._contract import LN_EPS
 from ._cache import tie_module
-from .numba_blas import wide_vectors
+from .numba_blas import unowned, wide_vectors
 from .numba_lstm import act_sigmoid, act_tanh, mm
 
 _JIT = dict(cache=True, fastmath=True, error_model="numpy", nogil=True)
@@ -466,6 +466,11 @@ def layer_fwd(sgemm, mkl, xg, w_hh, w_hh_p, w_hr, w_hr_p, h, c, bs, reverse, out
                         row ranges may run at once on different threads.
     """
     wide_vectors()
+    xg, w_hh, w_hh_p, w_hr, w_hr_p = unowned(xg), unowned(w_hh), unowned(w_hh_p), unowned(w_hr), unowned(w_hr_p)
+    h, c, bs, out, mask, pe = unowned(h), unowned(c), unowned(bs), unowned(out), unowned(mask), unowned(pe)
+    ln_g, lnc_w, lnc_b, zc, zc_fill = unowned(ln_g), unowned(lnc_w), unowned(lnc_b), unowned(zc), unowned(zc_fill)
+    zh, zh_fill, gates, cs, cts = unowned(zh), unowned(zh_fill), unowned(gates), unowned(cs), unowned(cts)
+    lnr, lns = unowned(lnr), unowned(lns)
     T, B, G = xg.shape
     H = G // 4
     P = h.shape[1]
@@ -571,6 +576,12 @@ def layer_bwd(sgemm, mkl, gates, cs, cts, lnr, lns, c0, w_hh, w_hh_p, w_hr, w_hr
                         disjoint rows at once need their own dpe ... dlnc_b)
     """
     wide_vectors()
+    gates, cs, cts, lnr, lns, c0 = unowned(gates), unowned(cs), unowned(cts), unowned(lnr), unowned(lns), unowned(c0)
+    w_hh, w_hh_p, w_hr, w_hr_p, mask = unowned(w_hh), unowned(w_hh_p), unowned(w_hr), unowned(w_hr_p), unowned(mask)
+    pe, ln_g, lnc_w, lnc_b, zc = unowned(pe), unowned(ln_g), unowned(lnc_w), unowned(lnc_b), unowned(zc)
+    zc_fill, zh, zh_fill, grad_out, dh = unowned(zc_fill), unowned(zh), unowned(zh_fill), unowned(grad_out), unowned(dh)
+    dc, bs, dgates, drs, dhs, hps = unowned(dc), unowned(bs), unowned(dgates), unowned(drs), unowned(dhs), unowned(hps)
+    dpe, dln_g, dlnc_w, dlnc_b = unowned(dpe), unowned(dln_g), unowned(dlnc_w), unowned(dlnc_b)
     T, B, G = gates.shape
     H = G // 4
     P = dh.shape[1]
