@@ -39,9 +39,9 @@ from ._cache import tie_module
 from .numba_blas import call_int_void, unowned, wide_vectors
 from .numba_lstm import _JIT, act_sigmoid, act_tanh, layer_bwd, layer_fwd, mm
 from .numba_stack import grads_hh, grads_ih, mm_tn, weight_grads
+from .numba_variants import _mean_rstd, ln_bwd_row
 from .numba_variants import layer_bwd as variant_layer_bwd
 from .numba_variants import layer_fwd as variant_layer_fwd
-from .numba_variants import ln_bwd_row
 
 
 @intrinsic
@@ -246,14 +246,9 @@ def _input_rows(xc, bias, ln_gain, eps):
     if ln_gain.shape[0] > 0:
         for r in range(n):
             row = xc[r]
-            mean = row.sum() / G
-            var = 0.0
+            mean, rstd = _mean_rstd(row, eps)
             for j in range(G):
-                d = row[j] - mean
-                var += d * d
-            inv = 1.0 / np.sqrt(var / G + eps)
-            for j in range(G):
-                row[j] = (row[j] - mean) * inv * ln_gain[j]
+                row[j] = (row[j] - mean) * rstd * ln_gain[j]
     if bias.shape[0] > 0:
         for r in range(n):
             row = xc[r]
@@ -341,24 +336,17 @@ def layer_rows_fwd(sgemm, mkl, x, w_ih, w_ih_p, bias, ln_ih, eps, w_hh, w_hh_p, 
             if lni:
                 for b in range(r1 - r0):
                     row = xt[b]
-                    # statistics accumulated in float64, as in _input_rows
-                    mean = 0.0
-                    for j in range(G):
-                        mean += row[j]
-                    mean /= G
-                    var = 0.0
-                    for j in range(G):
-                        d = row[j] - mean
-                        var += d * d
-                    rstd = x.dtype.type(1.0 / np.sqrt(var / G + eps))
-                    mean = x.dtype.type(mean)
+                    mean, rstd = _mean_rstd(row, eps)  # as in _input_rows
                     if save_n:
                         nr = xn[t, r0 + b]
                         for j in range(G):
                             nr[j] = (row[j] - mean) * rstd
                         xr[t, r0 + b] = rstd
-                    for j in range(G):
-                        row[j] = (row[j] - mean) * rstd * ln_ih[j]
+                        for j in range(G):
+                            row[j] = nr[j] * ln_ih[j]
+                    else:
+                        for j in range(G):
+                            row[j] = (row[j] - mean) * rstd * ln_ih[j]
             if bias.shape[0] > 0:
                 for b in range(r1 - r0):
                     row = xt[b]

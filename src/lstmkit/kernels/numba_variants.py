@@ -39,7 +39,7 @@ from numba import njit
 
 from ..backends._contract import LN_EPS
 from ._cache import tie_module
-from .numba_blas import unowned, wide_vectors
+from .numba_blas import keep, unowned, wide_vectors
 from .numba_lstm import act_sigmoid, act_tanh, mm
 
 _JIT = dict(cache=True, fastmath=True, error_model="numpy", nogil=True)
@@ -51,8 +51,8 @@ _JIT = dict(cache=True, fastmath=True, error_model="numpy", nogil=True)
 # step's elementwise time, B=16, H=128; the same branch around the row loop costs nothing.)
 
 @njit(inline="always", **_JIT)
-def _mean_rstd(v):
-    """Mean and 1 / std of one row (X,): a layer norm's statistics."""
+def _mean_rstd(v, eps=LN_EPS):
+    """Mean and 1 / std of one row (X,): a layer norm's statistics (two passes in the row's dtype)."""
     X = v.shape[0]
     one = v.dtype.type(1.0)
     inv = one / v.dtype.type(X)  # stays float32: an int divisor would promote the row to float64
@@ -64,7 +64,7 @@ def _mean_rstd(v):
     for j in range(X):
         dv = v[j] - mu
         q += dv * dv
-    return mu, one / math.sqrt(q * inv + v.dtype.type(LN_EPS))
+    return mu, one / math.sqrt(q * inv + v.dtype.type(eps))
 
 
 @njit(**_JIT)
@@ -493,6 +493,9 @@ def layer_fwd(sgemm, mkl, xg, w_hh, w_hh_p, w_hr, w_hr_p, h, c, bs, reverse, out
     hp = np.empty((R, H), xg.dtype)       # o * tanh(LN_c(c~)) before the projection
     hr = np.empty((R, P), xg.dtype)       # projected h~
     hin = np.empty((R, P), xg.dtype)      # h_{t-1} * mask
+    own = (z, zr, st, ct, hp, hr, hin)      # kept alive to the end: their views below are unowned
+    z, zr, st, ct = unowned(z), unowned(zr), unowned(st), unowned(ct)
+    hp, hr, hin = unowned(hp), unowned(hr), unowned(hin)
     # this call's rows; below, row b is batch row r0 + b
     hv = h[r0:r1]
     cv = c[r0:r1]
@@ -543,6 +546,7 @@ def layer_fwd(sgemm, mkl, xg, w_hh, w_hh_p, w_hr, w_hr_p, h, c, bs, reverse, out
             ot[:nb] = hv[:nb]
         if save:
             cs[t][r0:r1] = cv
+    keep(own)
 
 
 @njit(**_JIT)
@@ -596,7 +600,7 @@ def layer_bwd(sgemm, mkl, gates, cs, cts, lnr, lns, c0, w_hh, w_hh_p, w_hr, w_hr
     peep = pe.shape[0] > 0
     R = r1 - r0
     dht = np.empty((R, P), gates.dtype)    # gradient of h~ (after the hidden zoneout)
-    keep = np.empty((R, P), gates.dtype)   # the part of dh_t that goes straight to h_{t-1}
+    dkeep = np.empty((R, P), gates.dtype)  # the part of dh_t that goes straight to h_{t-1}
     dhp = np.empty((R, H), gates.dtype)
     dhin = np.empty((R, P), gates.dtype)
     no_hp = np.empty((0, H), gates.dtype)
@@ -606,6 +610,9 @@ def layer_bwd(sgemm, mkl, gates, cs, cts, lnr, lns, c0, w_hh, w_hh_p, w_hr, w_hr
     dct = np.empty((R, H), gates.dtype)
     xh = np.empty((R, H), gates.dtype)
     rsb = np.empty(R, gates.dtype)
+    own = (dht, dkeep, dhp, dhin, tc, dct, xh, rsb)  # kept alive to the end: their views below are unowned
+    dht, dkeep, dhp, dhin = unowned(dht), unowned(dkeep), unowned(dhp), unowned(dhin)
+    tc, dct, xh, rsb = unowned(tc), unowned(dct), unowned(xh), unowned(rsb)
     # this call's rows; below, row b is batch row r0 + b
     dhv = dh[r0:r1]
     dcv = dc[r0:r1]
@@ -640,7 +647,7 @@ def layer_bwd(sgemm, mkl, gates, cs, cts, lnr, lns, c0, w_hh, w_hh_p, w_hr, w_hr
                 d = zht[b] if zh_arr else zh_fill
                 go = got[b]
                 db = dhv[b]
-                kb = keep[b]
+                kb = dkeep[b]
                 tb = dht[b]
                 for j in range(P):
                     kb[j] = d[j] * (db[j] + go[j])
@@ -677,7 +684,7 @@ def layer_bwd(sgemm, mkl, gates, cs, cts, lnr, lns, c0, w_hh, w_hh_p, w_hr, w_hr
                 db = dhv[b]
                 ib = dhin[b]
                 mb = mv[b]
-                kb = keep[b]
+                kb = dkeep[b]
                 for j in range(P):
                     db[j] = kb[j] + mb[j] * ib[j]
         elif masked:
@@ -691,9 +698,10 @@ def layer_bwd(sgemm, mkl, gates, cs, cts, lnr, lns, c0, w_hh, w_hh_p, w_hr, w_hr
             for b in range(nb):
                 db = dhv[b]
                 ib = dhin[b]
-                kb = keep[b]
+                kb = dkeep[b]
                 for j in range(P):
                     db[j] = kb[j] + ib[j]
+    keep(own)
 
 
 # the cache of the kernels above follows edits of the files compiled into them (``_cache``)
