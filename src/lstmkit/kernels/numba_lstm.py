@@ -353,12 +353,13 @@ def layer_fwd(sgemm, mkl, xg, bias, w_hh, w_hh_p, w_hr, w_hr_p, h, c, bs, revers
     P = h.shape[1]
     save = gates.shape[0] > 0
     proj = w_hr.shape[0] > 0
-    z0 = np.empty((B, G), xg.dtype)        # recurrent pre-activations, then gate activations
-    hp0 = np.empty((B, H), xg.dtype)       # o * tanh(c) before the projection
-    hr0 = np.empty((B, P), xg.dtype)       # projected h
-    tc0 = np.empty(B * H, xg.dtype)
-    co0 = act_coefficients(B, H, bias)
-    z, hp, hr, tc, co = unowned(z0), unowned(hp0), unowned(hr0), unowned(tc0), unowned(co0)
+    z = np.empty((B, G), xg.dtype)        # recurrent pre-activations, then gate activations
+    hp = np.empty((B, H), xg.dtype)       # o * tanh(c) before the projection
+    hr = np.empty((B, P), xg.dtype)       # projected h
+    tc = np.empty(B * H, xg.dtype)
+    co = act_coefficients(B, H, bias)
+    own = (z, hp, hr, tc, co)             # kept alive to the end: their views below are unowned
+    z, hp, hr, tc, co = unowned(z), unowned(hp), unowned(hr), unowned(tc), unowned(co)
     for s in range(T):
         t = T - 1 - s if reverse else s
         nb = B if bs.shape[0] == 0 else bs[t]
@@ -388,7 +389,7 @@ def layer_fwd(sgemm, mkl, xg, bias, w_hh, w_hh_p, w_hr, w_hr_p, h, c, bs, revers
                 for j in range(G):
                     gates[t, b, j] = 0
             cs[t] = c
-    keep(z0, hp0, hr0, tc0, co0)
+    keep(own)
 
 
 @njit(inline="always", **_JIT)
@@ -468,9 +469,8 @@ def layer_bwd(sgemm, mkl, gates, cs, c0, w_hh, w_hh_p, w_hr, w_hr_p, grad_out, d
     H = G // 4
     P = dh.shape[1]
     proj = w_hr.shape[0] > 0
-    dht = np.empty((B, P), gates.dtype)
-    dhp = np.empty((B, H), gates.dtype)
-    tcb = np.empty(B * H, gates.dtype)
+    own = (np.empty((B, P), gates.dtype), np.empty((B, H), gates.dtype), np.empty(B * H, gates.dtype))
+    dht, dhp, tcb = unowned(own[0]), unowned(own[1]), unowned(own[2])  # own: kept alive to the end
     for s in range(T):
         t = s if reverse else T - 1 - s
         nb = B if bs.shape[0] == 0 else bs[t]
@@ -507,6 +507,7 @@ def layer_bwd(sgemm, mkl, gates, cs, c0, w_hh, w_hh_p, w_hr, w_hr_p, grad_out, d
                 for j in range(H):
                     hr[j] = go[j] * tr[j]
         mm(sgemm, mkl, dgates[t, :nb], w_hh, w_hh_p, False, dh[:nb])
+    keep(own)
 
 
 @njit(**_JIT)
@@ -571,7 +572,8 @@ def stack_fwd_short(x, h0, c0, ws, num_layers, num_dirs, has_bias, has_proj, out
     H = c0.shape[2]
     Q = num_dirs * P
     per = 2 + (2 if has_bias else 0) + (1 if has_proj else 0)
-    bufs = _short_buffers(B, H, P, x.dtype)
+    own = _short_buffers(B, H, P, x.dtype)  # kept alive to the end: their views below are unowned
+    bufs = (unowned(own[0]), unowned(own[1]), unowned(own[2]), unowned(own[3]))
     inp = x
     for layer in range(num_layers):
         dst = out if layer == num_layers - 1 else np.empty((T, B, Q), x.dtype)
@@ -585,6 +587,7 @@ def stack_fwd_short(x, h0, c0, ws, num_layers, num_dirs, has_bias, has_proj, out
             _short_layer(inp, ws[k], ws[k + 1], ws[k + 2 if has_bias else 0][0], ws[k + 3 if has_bias else 0][0],
                          ws[k + per - 1], has_bias, has_proj, d == 1, h, c, dst[:, :, d * P:(d + 1) * P], bufs)
         inp = dst
+    keep(own)
 
 
 @njit(**_JIT)
@@ -603,7 +606,9 @@ def stack_step_ptr(x, h0, c0, wptr, num_layers, B, I, H, P, has_bias, has_proj, 
     xs = carray(address_as(x, y), (1, B, I))
     h0s = carray(address_as(h0, y), (num_layers, B, P))
     c0s = carray(address_as(c0, y), (num_layers, B, H))
-    bufs = _short_buffers(B, H, P, y.dtype)
+    own = _short_buffers(B, H, P, y.dtype)  # kept alive to the end: their views below are unowned
+    bufs = (unowned(own[0]), unowned(own[1]), unowned(own[2]), unowned(own[3]))
+    y, h_n, c_n = unowned(y), unowned(h_n), unowned(c_n)
     nob = y.reshape(-1)[:0]
     inp = xs
     for layer in range(num_layers):
@@ -621,6 +626,7 @@ def stack_step_ptr(x, h0, c0, wptr, num_layers, B, I, H, P, has_bias, has_proj, 
         dst = y.reshape(1, B, P) if layer == num_layers - 1 else np.empty((1, B, P), y.dtype)
         _short_layer(inp, w_ih, w_hh, b_ih, b_hh, w_hr, has_bias, has_proj, False, h, c, dst, bufs)
         inp = dst
+    keep(own)
 
 
 @njit(inline="always", **_JIT)
