@@ -169,3 +169,17 @@ def test_stack_train_leaves_large_multithreaded_shapes_to_the_per_layer_path(mon
     weights = [torch.randn(512, 32), torch.randn(512, 128)]
     assert nb.lstm_stack_train(x, h0, c0, weights, num_layers=1, bidirectional=False, has_biases=False,
                                proj_size=0, batch_sizes=None) is NotImplemented
+
+
+def test_stack_train_second_derivative_raises():
+    """The fused node is differentiable once: a backward that builds a graph (create_graph=True)
+    returns first derivatives equal to torch's, and differentiating those again raises rather than
+    giving silently wrong second derivatives."""
+    ref, ours = _models(3, 4, 2, False, 0, True, torch.float64)
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    state = (torch.zeros(2, 2, 4, dtype=torch.float64),) * 2
+    (gx,) = torch.autograd.grad(ours(x, state)[0].pow(2).sum(), x, create_graph=True)
+    (want,) = torch.autograd.grad(ref(x, state)[0].pow(2).sum(), x)
+    assert_close(gx, want)
+    with pytest.raises(RuntimeError, match="once_differentiable|twice"):
+        gx.sum().backward()

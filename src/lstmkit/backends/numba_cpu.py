@@ -21,6 +21,7 @@ P = proj_size or H, L layers, D directions.
 
 from __future__ import annotations
 
+import functools
 import operator
 import os
 import threading
@@ -1261,6 +1262,20 @@ def _train_plan(x_shape: tuple, h_shape: tuple, c_shape: tuple, dtype: torch.dty
 _NO_PLAN = object()
 
 
+def _once_differentiable(fn: Callable) -> Callable:
+    """``once_differentiable`` without its ``torch.no_grad()`` block where grad mode is already off
+    (every backward pass but one that builds a graph, ``create_graph=True``, which gets the real
+    thing and its error on a second differentiation): a backward of NumPy kernels records
+    nothing, and the block costs a few microseconds of a tiny model's step."""
+    checked = once_differentiable(fn)
+
+    @functools.wraps(fn)
+    def wrapper(ctx, *args):
+        return checked(ctx, *args) if torch.is_grad_enabled() else fn(ctx, *args)
+
+    return wrapper
+
+
 class _StackFn(torch.autograd.Function):
     """A whole stacked LSTM: forward one compiled call, backward one compiled call."""
 
@@ -1300,7 +1315,7 @@ class _StackFn(torch.autograd.Function):
         return out, h_n, c_n
 
     @staticmethod
-    @once_differentiable
+    @_once_differentiable
     def backward(ctx, grad_out, grad_h, grad_c):
         _ = ctx.saved_tensors  # unpacking raises if an input was changed in place since forward
         plan, views, x_np, h0_np, c0_np, bs, ys, gates, cs = ctx.saved
