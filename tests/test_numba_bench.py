@@ -70,3 +70,31 @@ def test_cuda_delegation_without_cuda(capsys):
         pytest.skip("a CUDA device is present")
     assert bench.main(["--device", "cuda"]) == 2
     assert "cuda" in capsys.readouterr().err
+
+
+def test_variants_suite_runs_and_bounds_the_speed_ups_by_the_peak(tmp_path, monkeypatch):
+    """``--suite variants`` on a tiny shape: every variant in both modes and the step API, with
+    lstmkit's share of the SGEMM peak and the speed-up over the loop at 100% of it computed from
+    the GEMM work (Case.flops) and the measured peak."""
+    from lstmkit.bench import variants
+
+    monkeypatch.setattr(variants, "SHAPES", [(6, 3, 4, 8, 2)])
+    monkeypatch.setattr(variants, "STREAM_H", (8,))
+    monkeypatch.setattr(variants, "sgemm_peak", lambda repeats: {"gflops": 2.0, "shape": [1, 1, 1]})
+    threads = torch.get_num_threads()
+    out, md = tmp_path / "v.json", tmp_path / "v.md"
+    try:
+        assert variants.main(["--repeats", "1", "--sample-ms", "1", "--json", str(out), "--markdown", str(md)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    res = json.loads(out.read_text())
+    assert [(r["variant"], r["mode"]) for r in res["variants"]] == [
+        (v, m) for v in variants.VARIANTS for m in ("inference", "training")]
+    for r in res["variants"]:
+        peak_s = _cpu.Case(6, 3, 4, 8, 2).flops(r["mode"] == "training") / 2e9
+        assert r["pct_of_peak"] == pytest.approx(100 * peak_s / r["lstmkit_s"])
+        assert r["speedup_at_peak"] == pytest.approx(r["loop_s"] / peak_s)
+        assert r["speedup_vs_loop"] == pytest.approx(r["loop_s"] / r["lstmkit_s"])
+    assert [r["H"] for r in res["streaming"]] == [8]
+    text = md.read_text()
+    assert "2.0 GFLOP/s" in text and "speed-up at 100% of peak" in text and len(text.splitlines()) > 14

@@ -7,7 +7,9 @@ repeats; :func:`lstmkit.bench._cpu.time_pair`):
   variant time / plain time (target <= 1.3);
 * speed-up: each variant against the straightforward implementation of the same variant, a per-step
   loop of torch ops differentiated by autograd (lstmkit's ``reference`` backend), as
-  loop time / lstmkit time (target >= 4);
+  loop time / lstmkit time (target >= 4); beside it lstmkit's share of the machine's SGEMM peak
+  (GEMM work only, as in the CPU suite) and the speed-up it would have at 100% of the peak (loop
+  time / the GEMM work's time at the peak): no implementation of the same products does better;
 * streaming: one-step latency of ``LSTM.step`` (B=1, 2 layers) against one-step calls of
   ``torch.nn.LSTM`` (target >= 10x) and a stack of ``torch.nn.LSTMCell`` (target >= 3x).
 """
@@ -23,7 +25,7 @@ import torch
 
 import lstmkit
 
-from ._cpu import add_malloc_option, apply_malloc_option, machine_info, time_pair
+from ._cpu import Case, add_malloc_option, apply_malloc_option, machine_info, sgemm_peak, time_pair
 
 # (T, B, I, H, layers)
 SHAPES = [(100, 16, 32, 128, 2), (50, 64, 128, 256, 1)]
@@ -55,7 +57,7 @@ def _call(model: torch.nn.Module, x, lengths, training: bool) -> Callable[[], No
     return train
 
 
-def variant_rows(repeats: int, sample_s: float, quick: bool) -> list[dict]:
+def variant_rows(repeats: int, sample_s: float, quick: bool, peak_gflops: float) -> list[dict]:
     rows = []
     shapes = SHAPES[:1] if quick else SHAPES
     for T, B, I, H, L in shapes:
@@ -80,9 +82,12 @@ def variant_rows(repeats: int, sample_s: float, quick: bool) -> list[dict]:
                 f_fast = _call(fast, x, lengths, training)
                 cost = time_pair(_call(plain, x, None, training), f_fast, repeats, sample_s)
                 speed = time_pair(_call(loop, x, lengths, training), f_fast, repeats, sample_s)
+                peak_s = Case(T, B, I, H, L).flops(training) / (peak_gflops * 1e9)  # the GEMMs at the peak
                 rows.append({"shape": [T, B, I, H, L], "variant": name, "mode": mode, "backend": backend,
                              "lstmkit_s": speed["lstmkit_s"], "plain_s": cost["torch_s"], "loop_s": speed["torch_s"],
-                             "cost_vs_plain": 1.0 / cost["ratio"], "speedup_vs_loop": speed["ratio"]})
+                             "cost_vs_plain": 1.0 / cost["ratio"], "speedup_vs_loop": speed["ratio"],
+                             "pct_of_peak": 100 * peak_s / speed["lstmkit_s"],
+                             "speedup_at_peak": speed["torch_s"] / peak_s})
                 print(_fmt_variant(rows[-1]), flush=True)
     return rows
 
@@ -138,7 +143,8 @@ def _stream_row(H: int, repeats: int, sample_s: float, steps: int) -> dict:
 def _fmt_variant(r: dict) -> str:
     T, B, I, H, L = r["shape"]
     return (f"| ({T},{B},{I},{H},{L}) | {r['variant']} | {r['mode']} | {r['backend']} | {1e3 * r['lstmkit_s']:.2f} | "
-            f"{r['cost_vs_plain']:.2f}x | {r['speedup_vs_loop']:.1f}x |")
+            f"{r['cost_vs_plain']:.2f}x | {r['speedup_vs_loop']:.1f}x | {r['pct_of_peak']:.0f}% | "
+            f"{r['speedup_at_peak']:.1f}x |")
 
 
 def _fmt_stream(r: dict) -> str:
@@ -148,10 +154,11 @@ def _fmt_stream(r: dict) -> str:
 
 def markdown(res: dict) -> str:
     m = res["machine"]
-    lines = [f"Machine: {m}", "",
+    peak = f"SGEMM peak measured in the same run (torch.mm): {res['sgemm_peak_gflops']:.1f} GFLOP/s."
+    lines = [f"Machine: {m}", "", peak, "",
              "| shape (T,B,I,H,layers) | variant | mode | backend | lstmkit ms | cost vs plain lstmkit "
-             "(<= 1.3) | speed-up vs torch loop (>= 4) |",
-             "|---|---|---|---|---|---|---|"]
+             "(<= 1.3) | speed-up vs torch loop (>= 4) | % of SGEMM peak | speed-up at 100% of peak |",
+             "|---|---|---|---|---|---|---|---|---|"]
     lines += [_fmt_variant(r) for r in res["variants"]]
     lines += ["", "Streaming, B=1, 2 layers, input size = H, per step (`LSTM.step`):", "",
               "| H | lstmkit us | torch.nn.LSTM us | ratio (>= 10) | torch.nn.LSTMCell x2 us | ratio (>= 3) |",
@@ -176,8 +183,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         torch.set_num_threads(a.threads)
     threads = torch.get_num_threads()
     res = {"machine": {**machine_info(threads), "freed_memory_kept": malloc_fixed}}
-    print("| shape | variant | mode | backend | lstmkit ms | cost vs plain | speed-up vs loop |")
-    res["variants"] = variant_rows(a.repeats, a.sample_ms / 1e3, a.quick)
+    res["sgemm_peak_gflops"] = sgemm_peak(3)["gflops"]
+    print(f"# SGEMM peak (torch.mm): {res['sgemm_peak_gflops']:.1f} GFLOP/s")
+    print("| shape | variant | mode | backend | lstmkit ms | cost vs plain | speed-up vs loop | % of peak | at peak |")
+    res["variants"] = variant_rows(a.repeats, a.sample_ms / 1e3, a.quick, res["sgemm_peak_gflops"])
     print("| H | step us | torch.nn.LSTM us | ratio | LSTMCell x2 us | ratio |")
     res["streaming"] = streaming_rows(a.repeats, a.sample_ms / 1e3, a.quick)
     if a.json:
