@@ -33,6 +33,17 @@ and the results
 Inactive rows keep their state unchanged. Every result is differentiable with respect to
 xg, w_hh, w_hr, h0, c0 and the tensors in opts that are parameters.
 
+Optional hooks, for speed (each documented where the numba backend defines it; without them the
+callers build everything from ``layer``):
+
+    lstm_stack, lstm_stack_train, lstm_stack_variants, layer_rows_train    whole stacks or layers
+                                                    (``functional.lstm``; NotImplemented: not here)
+    lstm_cell_step                                  one LSTMCell step (``functional.lstm_cell``)
+    call_runner(x_shape, h_shape, c_shape, dtype, *, num_layers, bidirectional, has_biases,
+                proj_size, batch_first, grad) -> run(x, h0, c0, weights) or None
+                                                    plain ``LSTM.forward`` / ``LSTM.step`` calls of
+                                                    one shape; the module keeps the function
+
 The equations (reference.py is their executable form):
 
     z_t  = xg_t + LN_h((h_{t-1} * m) W_hh^T)              m: recurrent-dropout mask, LN_h optional
