@@ -183,3 +183,26 @@ def test_stack_train_second_derivative_raises():
     assert_close(gx, want)
     with pytest.raises(RuntimeError, match="once_differentiable|twice"):
         gx.sum().backward()
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_module_calls_without_a_state_take_the_same_functions(batch_first, monkeypatch):
+    """``lstm(x)`` (no state) on CPU: zeros, then the same per-shape functions as a given state, in
+    inference and in training; torch's numbers and gradients."""
+    made = []
+    real_make = nb.call_runner
+    monkeypatch.setattr(nb, "call_runner", lambda *a, **k: made.append(k["grad"]) or real_make(*a, **k))
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(3, 5, 2, batch_first=batch_first)
+    ours = lstmkit.LSTM(3, 5, 2, batch_first=batch_first, backend="numba")
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 6, 3, requires_grad=True)
+    with torch.no_grad():
+        for a, b in zip(ours(x)[0:1] + ours(x)[1], ref(x)[0:1] + ref(x)[1]):
+            assert_close(a, b)
+    out, (h, c) = ours(x)
+    (gx,) = torch.autograd.grad((out.sum() + h.sum() + c.sum()), x)
+    out, (h, c) = ref(x)
+    (want,) = torch.autograd.grad((out.sum() + h.sum() + c.sum()), x)
+    assert_close(gx, want)
+    assert made == [False, True]

@@ -398,10 +398,13 @@ class LSTM(nn.Module):
         *,
         lengths: Optional[Union[Tensor, list[int]]] = None,
     ):
-        if type(input) is Tensor and type(hx) is tuple and lengths is None and input.dim() == 3:
-            fast = self._fast(input, hx)  # plain calls: the checks once per shape
-            if fast is not None:
-                return fast
+        if type(input) is Tensor and lengths is None and input.dim() == 3:
+            if hx is None and input.is_cpu:  # zeros, then the same path as a given state
+                hx = self._zeros_state(input, input.shape[0 if self.batch_first else 1])
+            if type(hx) is tuple:
+                fast = self._fast(input, hx)  # plain calls: the checks once per shape
+                if fast is not None:
+                    return fast
         if isinstance(input, PackedSequence):
             if lengths is not None:
                 raise ValueError("lengths: must be None for a PackedSequence input (it carries its lengths)")
