@@ -181,27 +181,38 @@ def mm(sgemm, mkl, a, w, wp, trans, out):
     flops = n * N * K
     wt_copy = trans and wp.shape[0] == K * N + 1
     if wt_copy and (flops <= SMALL_FLOPS_WT or n <= WT_MAX_ROWS):
-        # rows of w.T are contiguous: the inner loop over N vectorizes
+        # rows of w.T are contiguous: the inner loop over N vectorizes; four rows of w.T a pass
+        # (a quarter of the loads and stores of the output row)
         wt = wp[:K * N].reshape(K, N)
         for r in range(n):
             orow = out[r]
+            ar = a[r]
             for j in range(N):
                 orow[j] = 0
-            for k in range(K):
-                av = a[r, k]
+            k = 0
+            while k + 4 <= K:
+                a0 = ar[k]
+                a1 = ar[k + 1]
+                a2 = ar[k + 2]
+                a3 = ar[k + 3]
+                w0 = wt[k]
+                w1 = wt[k + 1]
+                w2 = wt[k + 2]
+                w3 = wt[k + 3]
+                for j in range(N):
+                    orow[j] += a0 * w0[j] + a1 * w1[j] + a2 * w2[j] + a3 * w3[j]
+                k += 4
+            while k < K:
+                av = ar[k]
                 wrow = wt[k]
                 for j in range(N):
                     orow[j] += av * wrow[j]
+                k += 1
     elif trans and n <= WT_MAX_ROWS and N * K <= DOT_MAX_SIZE:
         _dot_rows(a, w, out)
     elif flops <= (SMALL_FLOPS_MKL if mkl else SMALL_FLOPS):
         if trans:
-            for r in range(n):
-                for j in range(N):
-                    acc = out.dtype.type(0.0)
-                    for k in range(K):
-                        acc += a[r, k] * w[j, k]
-                    out[r, j] = acc
+            _dot_rows(a, w, out)  # four independent sums at a time (one would wait on each add)
         else:
             for r in range(n):
                 orow = out[r]
