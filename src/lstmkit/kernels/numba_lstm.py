@@ -162,6 +162,41 @@ def _dot_rows(a, w, out):
             j += 1
 
 
+@njit(inline="always", **_JIT)
+def _row_sums(a, w, out):
+    """out = a @ w for a few rows of a, w (K, N) with contiguous rows (the transposed copy of a
+    weight): each output row the sum of the rows of w scaled by a's entries, four rows of w a pass
+    (the inner loop over N vectorizes, and the output row is loaded and stored a quarter as often
+    as one row a pass). For w as stored in the backward's a @ w, MKL's call measured faster (T=1000
+    B=1 H=128 training, 2 threads: 7.7 ms against 8.8)."""
+    n, K = a.shape
+    N = out.shape[1]
+    for r in range(n):
+        orow = out[r]
+        ar = a[r]
+        for j in range(N):
+            orow[j] = 0
+        k = 0
+        while k + 4 <= K:
+            a0 = ar[k]
+            a1 = ar[k + 1]
+            a2 = ar[k + 2]
+            a3 = ar[k + 3]
+            w0 = w[k]
+            w1 = w[k + 1]
+            w2 = w[k + 2]
+            w3 = w[k + 3]
+            for j in range(N):
+                orow[j] += a0 * w0[j] + a1 * w1[j] + a2 * w2[j] + a3 * w3[j]
+            k += 4
+        while k < K:
+            av = ar[k]
+            wrow = w[k]
+            for j in range(N):
+                orow[j] += av * wrow[j]
+            k += 1
+
+
 @njit(**_JIT)
 def mm(sgemm, mkl, a, w, wp, trans, out):
     """out = a @ w.T if trans else a @ w.
@@ -181,33 +216,7 @@ def mm(sgemm, mkl, a, w, wp, trans, out):
     flops = n * N * K
     wt_copy = trans and wp.shape[0] == K * N + 1
     if wt_copy and (flops <= SMALL_FLOPS_WT or n <= WT_MAX_ROWS):
-        # rows of w.T are contiguous: the inner loop over N vectorizes; four rows of w.T a pass
-        # (a quarter of the loads and stores of the output row)
-        wt = wp[:K * N].reshape(K, N)
-        for r in range(n):
-            orow = out[r]
-            ar = a[r]
-            for j in range(N):
-                orow[j] = 0
-            k = 0
-            while k + 4 <= K:
-                a0 = ar[k]
-                a1 = ar[k + 1]
-                a2 = ar[k + 2]
-                a3 = ar[k + 3]
-                w0 = wt[k]
-                w1 = wt[k + 1]
-                w2 = wt[k + 2]
-                w3 = wt[k + 3]
-                for j in range(N):
-                    orow[j] += a0 * w0[j] + a1 * w1[j] + a2 * w2[j] + a3 * w3[j]
-                k += 4
-            while k < K:
-                av = ar[k]
-                wrow = wt[k]
-                for j in range(N):
-                    orow[j] += av * wrow[j]
-                k += 1
+        _row_sums(a, wp[:K * N].reshape(K, N), out)  # rows of w.T are contiguous
     elif trans and n <= WT_MAX_ROWS and N * K <= DOT_MAX_SIZE:
         _dot_rows(a, w, out)
     elif flops <= (SMALL_FLOPS_MKL if mkl else SMALL_FLOPS):
