@@ -1393,9 +1393,10 @@ def call_runner(x_shape: tuple, h_shape: tuple, c_shape: tuple, dtype: torch.dty
                 bidirectional: bool, has_biases: bool, proj_size: int, batch_first: bool,
                 grad: bool) -> Optional[Callable[[Tensor, Tensor, Tensor, Sequence[Tensor]], tuple]]:
     """The module's function for plain calls of these shapes (``LSTM.forward`` of a batched CPU
-    tensor with a state, ``LSTM.step``): run(x, h0, c0, weights) -> (output in x's layout, h_n,
-    c_n), or None where the general path is the one to take. x is (T, B, I), or (B, T, I) when
-    batch_first, or (B, I) for one step; ``grad``: the call needs gradients. The choices that
+    tensor, ``LSTM.step``; the module passes zeros for a missing state): run(x, h0, c0, weights) ->
+    (output in x's layout, h_n, c_n), or None where the general path is the one to take. x is
+    (T, B, I), or (B, T, I) when batch_first, or (B, I) for one step; ``grad``: the call needs
+    gradients. The choices that
     depend only on the shapes and the thread count are made here, once (on a tiny model they
     cost as much as its kernels): the module asks again for another thread count."""
     if dtype not in _DTYPES:

@@ -394,13 +394,17 @@ def _malloc_note(machine: dict) -> str:
             if kept else "glibc's default malloc thresholds (`--default-malloc`).")
 
 
+def machine_line(m: dict, peak_gflops: float) -> str:
+    """The markdown tables' first line: the machine, versions, load, SGEMM peak and allocator."""
+    return (f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads; torch {m['torch']}, "
+            f"numba {m['numba']}, numpy {m['numpy']}, Python {m['python']}; 1-min load average at start "
+            f"{m['load_avg_1min']}. SGEMM peak measured in the same run (torch.mm): "
+            f"{peak_gflops:.1f} GFLOP/s. {_malloc_note(m)}")
+
+
 def markdown(res: dict) -> str:
-    m = res["machine"]
     lines = [
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads; torch {m['torch']}, "
-        f"numba {m['numba']}, numpy {m['numpy']}, Python {m['python']}; 1-min load average at start "
-        f"{m['load_avg_1min']}. SGEMM peak measured in the same run (torch.mm): "
-        f"{res['sgemm_peak']['gflops']:.1f} GFLOP/s. {_malloc_note(m)}",
+        machine_line(res["machine"], res["sgemm_peak"]["gflops"]),
         "",
         "| mode | shape | torch ms | lstmkit ms | ratio | lstmkit GFLOP/s | % of SGEMM peak |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",

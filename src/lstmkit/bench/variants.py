@@ -25,7 +25,7 @@ import torch
 
 import lstmkit
 
-from ._cpu import Case, add_malloc_option, apply_malloc_option, machine_info, sgemm_peak, time_pair
+from ._cpu import Case, add_malloc_option, apply_malloc_option, machine_info, machine_line, sgemm_peak, time_pair
 
 # (T, B, I, H, layers)
 SHAPES = [(100, 16, 32, 128, 2), (50, 64, 128, 256, 1)]
@@ -153,9 +153,7 @@ def _fmt_stream(r: dict) -> str:
 
 
 def markdown(res: dict) -> str:
-    m = res["machine"]
-    peak = f"SGEMM peak measured in the same run (torch.mm): {res['sgemm_peak_gflops']:.1f} GFLOP/s."
-    lines = [f"Machine: {m}", "", peak, "",
+    lines = [machine_line(res["machine"], res["sgemm_peak_gflops"]), "",
              "| shape (T,B,I,H,layers) | variant | mode | backend | lstmkit ms | cost vs plain lstmkit "
              "(<= 1.3) | speed-up vs torch loop (>= 4) | % of SGEMM peak | speed-up at 100% of peak |",
              "|---|---|---|---|---|---|---|---|---|"]
