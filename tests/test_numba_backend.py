@@ -262,27 +262,31 @@ def test_module_inference_uses_the_stack_hook(monkeypatch):
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_module_cell_uses_the_cell_hook(bias, monkeypatch):
+def test_module_cell_uses_the_step_function_or_the_cell_hook(bias, monkeypatch):
+    """LSTMCell calls without gradients: up to SHORT_CALL_ROWS rows through the backend's one-step
+    function for their shapes (made once; zeros for a missing state), more rows through its
+    lstm_cell_step; torch.nn.LSTMCell's numbers either way. Pickling drops the kept functions."""
+    import pickle
+
     calls = []
     real = nb.lstm_cell_step
-
-    def spy(*a, **kw):
-        calls.append(1)
-        return real(*a, **kw)
-
-    monkeypatch.setattr(nb, "lstm_cell_step", spy)
+    monkeypatch.setattr(nb, "lstm_cell_step", lambda *a, **kw: calls.append("cell") or real(*a, **kw))
+    spy_step_runs(monkeypatch, calls, "step")
     torch.manual_seed(5)
     ours = lstmkit.LSTMCell(4, 6, bias=bias, backend="numba")
     oracle = torch.nn.LSTMCell(4, 6, bias=bias)
     oracle.load_state_dict(ours.state_dict())
-    x = torch.randn(3, 4)
-    hc = (torch.randn(3, 6), torch.randn(3, 6))
+    rows = nb.SHORT_CALL_ROWS
     with torch.no_grad():
-        got = ours(x, hc)
-        want = oracle(x, hc)  # oracle
-    assert_close(got[0], want[0])
-    assert_close(got[1], want[1])
-    assert calls == [1]
+        for B, hc in ((3, True), (3, False), (rows + 1, True)):
+            x = torch.randn(B, 4)
+            state = (torch.randn(B, 6), torch.randn(B, 6)) if hc else None
+            got = ours(x, state)
+            want = oracle(x, state)  # oracle
+            assert_close(got[0], want[0])
+            assert_close(got[1], want[1])
+    assert calls == ["step", "step", "cell"]
+    assert len(ours._runners) == 2 and pickle.loads(pickle.dumps(ours))._runners == {}
 
 
 # --- kernels, options, operators --------------------------------------------------------------

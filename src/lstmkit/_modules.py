@@ -29,7 +29,8 @@ State = tuple[Tensor, Tensor]
 
 # (backend name, dtype) -> the backend module that runs CPU tensors of that dtype (plain calls)
 _CALL_BACKENDS: dict = {}
-_NO_RUNNER = object()  # LSTM._runners: shapes not seen yet
+_NO_RUNNER = object()  # LSTM._runners, LSTMCell._runners: shapes not seen yet
+_CELL_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
 
 def _check_int(name: str, value, minimum: int) -> None:
@@ -688,7 +689,22 @@ class LSTMCell(nn.Module):
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)
         self._variant_names = self.variants.register(self, "", hidden_size, factory)
+        self._weights_getter = operator.itemgetter(*_CELL_WEIGHTS[:4 if bias else 2])
+        # (x.shape, h.shape, c.shape, dtype, backend, threads) -> the backend's one-step function for
+        # calls without gradients (``_runner``), or None
+        self._runners: dict = {}
         self.reset_parameters()
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_runners"] = {}  # closures: made again on the first call
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "_weights_getter" not in self.__dict__:  # pickled by an earlier version
+            self._weights_getter = operator.itemgetter(*_CELL_WEIGHTS[:4 if self.bias else 2])
+            self._runners = {}
 
     def reset_parameters(self) -> None:
         stdv = 1.0 / math.sqrt(self.hidden_size)
@@ -713,6 +729,14 @@ class LSTMCell(nn.Module):
         return s + self.variants.extra_repr()
 
     def forward(self, input: Tensor, hx: Optional[State] = None) -> State:
+        if type(input) is Tensor and input.dim() == 2 and input.is_cpu:
+            if hx is None:  # zeros, then the same path as a given state
+                z = torch.zeros(input.shape[0], self.hidden_size, dtype=input.dtype)
+                hx = (z, z)
+            if type(hx) is tuple:
+                fast = self._fast(input, hx)  # token-by-token calls: the checks once per shape
+                if fast is not None:
+                    return fast
         if not isinstance(input, Tensor):
             raise TypeError(f"input: expected a Tensor, got {type(input).__name__}")
         if input.dim() not in (1, 2):
@@ -759,3 +783,46 @@ class LSTMCell(nn.Module):
         if not batched:
             return h1.squeeze(0), c1.squeeze(0)
         return h1, c1
+
+    def _fast(self, x: Tensor, state: tuple) -> Optional[State]:
+        """A batched CPU step without gradients straight into the backend's one-step function for
+        these shapes (``LSTM.step``'s, one layer; no variant at work), or None: the general path,
+        which also names what is wrong. The shapes are checked once, where that function is made."""
+        if len(state) != 2 or torch.compiler.is_compiling():
+            return None
+        h, c = state
+        weights = self._weights_getter(self._parameters)
+        dt = x.dtype
+        if (type(h) is not Tensor or type(c) is not Tensor or h.dtype is not dt or c.dtype is not dt
+                or weights[0].dtype is not dt or not (h.is_cpu and c.is_cpu and weights[0].is_cpu)
+                or self.variants.active(self.training)
+                or (torch.is_grad_enabled() and functional.needs_grad([x, h, c, *weights]))):
+            return None
+        key = (x.shape, h.shape, c.shape, dt, self.backend, torch.get_num_threads())
+        run = self._runners.get(key, _NO_RUNNER)
+        if run is _NO_RUNNER:
+            run = self._runner(key)
+        if run is None:
+            return None
+        y, _, c1 = run(x, h[None], c[None], weights)
+        return y, c1[0]
+
+    def _runner(self, key: tuple) -> Optional[Callable]:
+        """The backend's one-step function for (x.shape, h.shape, c.shape, dtype, backend, thread
+        count), or None where those are not a well-formed step of this cell or the backend has none;
+        remembered (a few shapes per cell)."""
+        x_shape, h_shape, c_shape, dt, backend, _ = key
+        B, H = x_shape[0], self.hidden_size
+        run = None
+        if x_shape[1] == self.input_size and B > 0 and h_shape == (B, H) and c_shape == (B, H):
+            be = _CALL_BACKENDS.get((backend, dt))
+            if be is None:
+                be = _CALL_BACKENDS[backend, dt] = backends.resolve(backend, torch.device("cpu"), dt)
+            make = getattr(be, "call_runner", None)
+            if make is not None:
+                run = make(x_shape, (1, B, H), (1, B, H), dt, num_layers=1, bidirectional=False,
+                           has_biases=self.bias, proj_size=0, batch_first=False, grad=False)
+        if len(self._runners) >= 16:
+            self._runners.clear()
+        self._runners[key] = run
+        return run

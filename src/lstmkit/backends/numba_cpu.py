@@ -1393,17 +1393,19 @@ def call_runner(x_shape: tuple, h_shape: tuple, c_shape: tuple, dtype: torch.dty
                 bidirectional: bool, has_biases: bool, proj_size: int, batch_first: bool,
                 grad: bool) -> Optional[Callable[[Tensor, Tensor, Tensor, Sequence[Tensor]], tuple]]:
     """The module's function for plain calls of these shapes (``LSTM.forward`` of a batched CPU
-    tensor, ``LSTM.step``; the module passes zeros for a missing state): run(x, h0, c0, weights) ->
-    (output in x's layout, h_n, c_n), or None where the general path is the one to take. x is
-    (T, B, I), or (B, T, I) when batch_first, or (B, I) for one step; ``grad``: the call needs
-    gradients. The choices that
-    depend only on the shapes and the thread count are made here, once (on a tiny model they
+    tensor, ``LSTM.step``, ``LSTMCell.forward`` as a one-layer step of h0, c0 (1, B, H) without
+    gradients; the modules pass zeros for a missing state): run(x, h0, c0, weights) -> (output in
+    x's layout, h_n, c_n), or None where the general path is the one to take. x is (T, B, I), or (B,
+    T, I) when batch_first, or (B, I) for one step; ``grad``: the call needs gradients. The choices
+    that depend only on the shapes and the thread count are made here, once (on a tiny model they
     cost as much as its kernels): the module asks again for another thread count."""
     if dtype not in _DTYPES:
         raise RuntimeError(unavailable(torch.device("cpu"), dtype))
     D = 2 if bidirectional else 1
     if len(x_shape) == 2 or (not grad and D == 1 and x_shape[1 if batch_first else 0] == 1):
-        if grad:
+        if grad or (len(x_shape) == 2 and x_shape[0] > SHORT_CALL_ROWS):
+            # a (B, I) step of many rows: the general paths (LSTMCell's prepared weights; measured
+            # B=256 H=64: 168 us a step there against 394 through the stack's threaded rows)
             return None
         return step_runner(x_shape, h_shape, c_shape, dtype, num_layers=num_layers, has_biases=has_biases,
                            proj_size=proj_size)
