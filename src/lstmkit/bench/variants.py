@@ -11,7 +11,8 @@ repeats; :func:`lstmkit.bench._cpu.time_pair`):
   (GEMM work only, as in the CPU suite) and the speed-up it would have at 100% of the peak (loop
   time / the GEMM work's time at the peak): no implementation of the same products does better;
 * streaming: one-step latency of ``LSTM.step`` (B=1, 2 layers) against one-step calls of
-  ``torch.nn.LSTM`` (target >= 10x) and a stack of ``torch.nn.LSTMCell`` (target >= 3x).
+  ``torch.nn.LSTM`` (target >= 10x) and a stack of ``torch.nn.LSTMCell`` (target >= 3x); and the
+  same stack of ``lstmkit.LSTMCell`` against torch's.
 """
 
 from __future__ import annotations
@@ -107,8 +108,10 @@ def _stream_row(H: int, repeats: int, sample_s: float, steps: int) -> dict:
     ref = torch.nn.LSTM(I, H, L).eval()  # baseline
     ref.load_state_dict(ours.state_dict())
     cells = [torch.nn.LSTMCell(I, H).eval(), torch.nn.LSTMCell(H, H).eval()]  # baseline
-    for k, cell in enumerate(cells):
+    our_cells = [lstmkit.LSTMCell(I, H).eval(), lstmkit.LSTMCell(H, H).eval()]
+    for k, (cell, our_cell) in enumerate(zip(cells, our_cells)):
         cell.load_state_dict({n[:-3]: v for n, v in ours.state_dict().items() if n.endswith(f"_l{k}")})
+        our_cell.load_state_dict(cell.state_dict())
     xs = torch.randn(steps, 1, I)
 
     def f_ours():
@@ -123,21 +126,26 @@ def _stream_row(H: int, repeats: int, sample_s: float, steps: int) -> dict:
             for t in range(steps):
                 _, (h, c) = ref(xs[t : t + 1], (h, c))
 
-    def f_cells():
-        with torch.no_grad():
-            state = [(torch.zeros(1, H), torch.zeros(1, H)) for _ in cells]
-            for t in range(steps):
-                inp = xs[t]
-                for k, cell in enumerate(cells):
-                    state[k] = cell(inp, state[k])
-                    inp = state[k][0]
+    def cells_loop(stack: list) -> Callable[[], None]:
+        def f():
+            with torch.no_grad():
+                state = [(torch.zeros(1, H), torch.zeros(1, H)) for _ in stack]
+                for t in range(steps):
+                    inp = xs[t]
+                    for k, cell in enumerate(stack):
+                        state[k] = cell(inp, state[k])
+                        inp = state[k][0]
+        return f
 
     vs_lstm = time_pair(f_lstm, f_ours, repeats, sample_s)
-    vs_cell = time_pair(f_cells, f_ours, repeats, sample_s)
+    vs_cell = time_pair(cells_loop(cells), f_ours, repeats, sample_s)
+    cell_vs_cell = time_pair(cells_loop(cells), cells_loop(our_cells), repeats, sample_s)
     return {"H": H, "layers": L, "B": 1, "step_us": 1e6 * vs_lstm["lstmkit_s"] / steps,
             "torch_lstm_step_us": 1e6 * vs_lstm["torch_s"] / steps,
             "torch_cell_step_us": 1e6 * vs_cell["torch_s"] / steps,
-            "ratio_vs_lstm": vs_lstm["ratio"], "ratio_vs_cell": vs_cell["ratio"]}
+            "ratio_vs_lstm": vs_lstm["ratio"], "ratio_vs_cell": vs_cell["ratio"],
+            "lstmkit_cell_step_us": 1e6 * cell_vs_cell["lstmkit_s"] / steps,
+            "lstmkit_cell_ratio_vs_cell": cell_vs_cell["ratio"]}
 
 
 def _fmt_variant(r: dict) -> str:
@@ -149,7 +157,8 @@ def _fmt_variant(r: dict) -> str:
 
 def _fmt_stream(r: dict) -> str:
     return (f"| {r['H']} | {r['step_us']:.1f} | {r['torch_lstm_step_us']:.1f} | {r['ratio_vs_lstm']:.1f}x | "
-            f"{r['torch_cell_step_us']:.1f} | {r['ratio_vs_cell']:.1f}x |")
+            f"{r['torch_cell_step_us']:.1f} | {r['ratio_vs_cell']:.1f}x | {r['lstmkit_cell_step_us']:.1f} | "
+            f"{r['lstmkit_cell_ratio_vs_cell']:.1f}x |")
 
 
 def markdown(res: dict) -> str:
@@ -159,8 +168,9 @@ def markdown(res: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     lines += [_fmt_variant(r) for r in res["variants"]]
     lines += ["", "Streaming, B=1, 2 layers, input size = H, per step (`LSTM.step`):", "",
-              "| H | lstmkit us | torch.nn.LSTM us | ratio (>= 10) | torch.nn.LSTMCell x2 us | ratio (>= 3) |",
-              "|---|---|---|---|---|---|"]
+              "| H | lstmkit us | torch.nn.LSTM us | ratio (>= 10) | torch.nn.LSTMCell x2 us | ratio (>= 3) | "
+              "lstmkit.LSTMCell x2 us | its ratio to torch's |",
+              "|---|---|---|---|---|---|---|---|"]
     lines += [_fmt_stream(r) for r in res["streaming"]]
     return "\n".join(lines)
 
@@ -185,7 +195,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"# SGEMM peak (torch.mm): {res['sgemm_peak_gflops']:.1f} GFLOP/s")
     print("| shape | variant | mode | backend | lstmkit ms | cost vs plain | speed-up vs loop | % of peak | at peak |")
     res["variants"] = variant_rows(a.repeats, a.sample_ms / 1e3, a.quick, res["sgemm_peak_gflops"])
-    print("| H | step us | torch.nn.LSTM us | ratio | LSTMCell x2 us | ratio |")
+    print("| H | step us | torch.nn.LSTM us | ratio | LSTMCell x2 us | ratio | lstmkit cells us | ratio |")
     res["streaming"] = streaming_rows(a.repeats, a.sample_ms / 1e3, a.quick)
     if a.json:
         with open(a.json, "w") as f:
