@@ -33,6 +33,21 @@ _NO_RUNNER = object()  # LSTM._runners, LSTMCell._runners: shapes not seen yet
 _CELL_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
 
+class _KeepsRunners:
+    """A module that keeps the backend's functions per input shape in ``_runners``: closures, so
+    pickling and deepcopy drop them (made again on the first call)."""
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_runners"] = {}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.pop("_step_runners", None)  # pickled by an earlier version
+        self.__dict__.setdefault("_runners", {})
+
+
 def _check_int(name: str, value, minimum: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
@@ -63,7 +78,7 @@ def _unpack_hx(hx, name: str = "hx") -> State:
     return hx[0], hx[1]
 
 
-class LSTM(nn.Module):
+class LSTM(_KeepsRunners, nn.Module):
     r"""A multi-layer LSTM, numerically the same as :class:`torch.nn.LSTM`, run by lstmkit's backends.
 
     For each element in the input sequence, each layer computes
@@ -247,18 +262,10 @@ class LSTM(nn.Module):
         self._runners: dict = {}
         self.reset_parameters()
 
-    def __getstate__(self) -> dict:
-        state = super().__getstate__()
-        state["_runners"] = {}  # closures: made again on the first call
-        return state
-
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         if "_flat_getter" not in self.__dict__:  # pickled before the getter existed
             self._flat_getter = operator.itemgetter(*self._flat_weights_names)
-        self.__dict__.pop("_step_runners", None)  # pickled by an earlier version
-        if "_runners" not in self.__dict__:
-            self._runners = {}
 
     # -- torch.nn.LSTM compatibility -------------------------------------------------------------
     def reset_parameters(self) -> None:
@@ -625,7 +632,7 @@ class LSTM(nn.Module):
         return out_packed, (h_n, c_n)
 
 
-class LSTMCell(nn.Module):
+class LSTMCell(_KeepsRunners, nn.Module):
     r"""A long short-term memory cell, numerically the same as :class:`torch.nn.LSTMCell`.
 
     .. math::
@@ -695,16 +702,10 @@ class LSTMCell(nn.Module):
         self._runners: dict = {}
         self.reset_parameters()
 
-    def __getstate__(self) -> dict:
-        state = super().__getstate__()
-        state["_runners"] = {}  # closures: made again on the first call
-        return state
-
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         if "_weights_getter" not in self.__dict__:  # pickled by an earlier version
             self._weights_getter = operator.itemgetter(*_CELL_WEIGHTS[:4 if self.bias else 2])
-            self._runners = {}
 
     def reset_parameters(self) -> None:
         stdv = 1.0 / math.sqrt(self.hidden_size)
