@@ -304,7 +304,7 @@ def _step_fwd(xt, z, c, hp, tc, co, nb):
     c   (B, H)      c in, c~ out
     hp  (B, H)      o * tanh(c~) out
     tc  (B * H,)    scratch
-    co  (4, B * G)  :func:`act_coefficients`
+    co  (4, B * G)  :func:`act_coefficients` ((4, G), one row of it, when H >= ROW_MIN_H)
     """
     G = z.shape[1]
     H = c.shape[1]
@@ -383,7 +383,7 @@ def layer_fwd(sgemm, mkl, xg, bias, w_hh, w_hh_p, w_hr, w_hr_p, h, c, bs, revers
     hp = np.empty((B, H), xg.dtype)       # o * tanh(c) before the projection
     hr = np.empty((B, P), xg.dtype)       # projected h
     tc = np.empty(B * H, xg.dtype)
-    co = act_coefficients(B, H, bias)
+    co = act_coefficients(B if H < ROW_MIN_H else 1, H, bias)  # rows of H >= ROW_MIN_H read one row of it
     own = (z, hp, hr, tc, co)             # kept alive to the end: their views below are unowned
     z, hp, hr, tc, co = unowned(z), unowned(hp), unowned(hr), unowned(tc), unowned(co)
     for s in range(T):
