@@ -37,6 +37,23 @@ class _KeepsRunners:
     """A module that keeps the backend's functions per input shape in ``_runners``: closures, so
     pickling and deepcopy drop them (made again on the first call)."""
 
+    @staticmethod
+    def _make_runner(backend: str, dt: torch.dtype, *args, **kwargs) -> Optional[Callable]:
+        """``call_runner(*args, **kwargs)`` of the backend that runs CPU tensors of dtype dt, or None
+        where it has no such hook."""
+        be = _CALL_BACKENDS.get((backend, dt))
+        if be is None:
+            be = _CALL_BACKENDS[backend, dt] = backends.resolve(backend, torch.device("cpu"), dt)
+        make = getattr(be, "call_runner", None)
+        return None if make is None else make(*args, **kwargs)
+
+    def _remember(self, key: tuple, run: Optional[Callable]) -> Optional[Callable]:
+        """Keep run (or None: the general path) for key; a few shapes at most (streams keep theirs)."""
+        if len(self._runners) >= 16:
+            self._runners.clear()
+        self._runners[key] = run
+        return run
+
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         state["_runners"] = {}
@@ -539,8 +556,8 @@ class LSTM(_KeepsRunners, nn.Module):
 
     def _runner(self, key: tuple) -> Optional[Callable]:
         """The backend's function for plain calls of (x.shape, h.shape, c.shape, dtype, backend,
-        batch_first, grad, thread count), or None where those shapes are not a well-formed call of this module
-        or the backend has none; remembered (a few shapes per module: streams keep theirs)."""
+        batch_first, grad, thread count), or None where those shapes are not a well-formed call of
+        this module or the backend has none; remembered (``_remember``)."""
         x_shape, h_shape, c_shape, dt, backend, batch_first, grad, _ = key
         if len(x_shape) == 2:
             T, B = 1, x_shape[0]
@@ -550,17 +567,10 @@ class LSTM(_KeepsRunners, nn.Module):
         run = None
         if (x_shape[-1] == self.input_size and B > 0 and T > 0 and h_shape == (LD, B, self._real_hidden_size)
                 and c_shape == (LD, B, self.hidden_size)):
-            be = _CALL_BACKENDS.get((backend, dt))
-            if be is None:
-                be = _CALL_BACKENDS[backend, dt] = backends.resolve(backend, torch.device("cpu"), dt)
-            make = getattr(be, "call_runner", None)
-            if make is not None:
-                run = make(x_shape, h_shape, c_shape, dt, num_layers=self.num_layers, bidirectional=self.bidirectional,
-                           has_biases=self.bias, proj_size=self.proj_size, batch_first=batch_first, grad=grad)
-        if len(self._runners) >= 16:
-            self._runners.clear()
-        self._runners[key] = run
-        return run
+            run = self._make_runner(backend, dt, x_shape, h_shape, c_shape, dt, num_layers=self.num_layers,
+                                    bidirectional=self.bidirectional, has_biases=self.bias, proj_size=self.proj_size,
+                                    batch_first=batch_first, grad=grad)
+        return self._remember(key, run)
 
     @staticmethod
     def reset_state(state: State, rows) -> State:
@@ -811,19 +821,12 @@ class LSTMCell(_KeepsRunners, nn.Module):
     def _runner(self, key: tuple) -> Optional[Callable]:
         """The backend's one-step function for (x.shape, h.shape, c.shape, dtype, backend, thread
         count), or None where those are not a well-formed step of this cell or the backend has none;
-        remembered (a few shapes per cell)."""
+        remembered (``_remember``)."""
         x_shape, h_shape, c_shape, dt, backend, _ = key
         B, H = x_shape[0], self.hidden_size
         run = None
         if x_shape[1] == self.input_size and B > 0 and h_shape == (B, H) and c_shape == (B, H):
-            be = _CALL_BACKENDS.get((backend, dt))
-            if be is None:
-                be = _CALL_BACKENDS[backend, dt] = backends.resolve(backend, torch.device("cpu"), dt)
-            make = getattr(be, "call_runner", None)
-            if make is not None:
-                run = make(x_shape, (1, B, H), (1, B, H), dt, num_layers=1, bidirectional=False,
-                           has_biases=self.bias, proj_size=0, batch_first=False, grad=False)
-        if len(self._runners) >= 16:
-            self._runners.clear()
-        self._runners[key] = run
-        return run
+            run = self._make_runner(backend, dt, x_shape, (1, B, H), (1, B, H), dt, num_layers=1,
+                                    bidirectional=False, has_biases=self.bias, proj_size=0, batch_first=False,
+                                    grad=False)
+        return self._remember(key, run)

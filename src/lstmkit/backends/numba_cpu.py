@@ -22,6 +22,7 @@ P = proj_size or H, L layers, D directions.
 from __future__ import annotations
 
 import functools
+import math
 import operator
 import os
 import threading
@@ -1174,15 +1175,15 @@ def _packs(views: Sequence[np.ndarray], rows: list[int], transpose: bool, pk: Pa
     stale), and only where ``mm`` would otherwise call a GEMM per step: the hand-written loops of
     tiny products need no packed form. The backward's products are not transposed: only MKL's
     packed form helps them, and only on matrices worth its ~8 MB buffer."""
-    return tuple(pk.pack(v, n, transpose) if _packed(v, n, transpose) else _EMPTY[v.dtype.type]
+    return tuple(pk.pack(v, n, transpose) if _packed(v.size, v.dtype, n, transpose) else _EMPTY[v.dtype.type]
                  for v, n in zip(views, rows))
 
 
-def _packed(v: np.ndarray, n: int, transpose: bool) -> bool:
-    """Whether :func:`_packs` prepares weight v for products of n rows."""
-    if n == 0 or n * v.size <= SMALL_FLOPS_MKL:
+def _packed(size: int, dtype, n: int, transpose: bool) -> bool:
+    """Whether :func:`_packs` prepares a weight of ``size`` elements for products of n rows."""
+    if n == 0 or n * size <= SMALL_FLOPS_MKL:
         return False
-    return transpose or (n > 1 and HAVE_MKL and v.dtype == np.float32 and v.size >= PACK_MIN_SIZE)
+    return transpose or (n > 1 and HAVE_MKL and dtype == np.float32 and size >= PACK_MIN_SIZE)
 
 
 _EMPTY = {np.float32: np.zeros(0, np.float32), np.float64: np.zeros(0, np.float64)}
@@ -1223,7 +1224,6 @@ class _TrainPlan:
         self.dt = _NP_DTYPE[dtype]
         self.mkl = HAVE_MKL and dtype == torch.float32
         self.serial, self.threads = _stack_threads(T, B, H, P, I)
-        self.packs = None  # whether any weight is prepared (forward, backward): set on the first call
         # the weights' shapes in _flat_weights order (of their gradients)
         shapes = []
         for layer in range(num_layers):
@@ -1231,6 +1231,9 @@ class _TrainPlan:
             for _ in range(D):
                 shapes += [(4 * H, K), (4 * H, P)] + [(4 * H,), (4 * H,)] * has_biases + [(P, H)] * (proj_size > 0)
         self.grad_shapes = tuple(shapes)
+        # whether _packs prepares any weight (forward, backward)
+        self.packs = tuple(any(_packed(math.prod(shape), self.dt, n, t) for shape, n in zip(shapes, self.rows))
+                           for t in (True, False))
 
 
 _PLANS: dict = {}
@@ -1287,8 +1290,6 @@ class _StackFn(torch.autograd.Function):
         has_biases, has_proj = plan.has_biases, plan.proj_size > 0
         views = _weight_views(weights, x.dtype)
         dt = plan.dt
-        if plan.packs is None:
-            plan.packs = tuple(any(map(_packed, views, plan.rows, [t] * len(views))) for t in (True, False))
         ys = np.empty((num_layers, T, B, D * P), dt)
         gates = np.empty((LD, T, B, 4 * c0.shape[2]), dt)
         cs = np.empty((LD, T, B, c0.shape[2]), dt)

@@ -20,11 +20,12 @@ Conventions
       library (float32; weights packed once per sequence, ``numba_blas``) or ``np.dot`` (SciPy's
       BLAS: float64, and float32 where MKL is missing).
     * Kernels with per-step loops (here, in ``numba_stack``, ``numba_parallel`` and
-      ``numba_variants``) first rebind their array arguments, and their own step buffers, to
-      ``numba_blas.unowned`` views: Numba counts a reference, atomically, on the owner of every
-      row or step view a loop takes, which costs more than a small step's arithmetic and, on
-      arrays the threads share, contends between the cores. The callers keep the arguments
-      alive; a kernel's own buffers are kept alive to its end (``numba_blas.keep``).
+      ``numba_variants``) first rebind the arrays their loops take views of or pass on at every
+      step or chunk, and their own step buffers, to ``numba_blas.unowned`` views: Numba counts a
+      reference, atomically, on the owner of every view a loop takes and of every array argument
+      a compiled callee receives, which costs more than a small step's arithmetic and, on arrays
+      the threads share, contends between the cores. The callers keep the arguments alive; a
+      kernel's own buffers are kept alive to its end (``numba_blas.keep``).
 """
 
 from __future__ import annotations

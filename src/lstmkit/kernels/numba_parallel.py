@@ -378,14 +378,9 @@ def layer_rows_bwd(sgemm, mkl, gates, cs, cts, lnr, lns, h0, c0, w_hh, w_hh_p, w
     db     (G,)        bias gradient (sum of dgates), accumulated, or (0,)
     """
     wide_vectors()
-    gates, cs, cts, lnr, lns, h0 = unowned(gates), unowned(cs), unowned(cts), unowned(lnr), unowned(lns), unowned(h0)
-    c0, w_hh, w_hh_p, w_hr, w_hr_p = unowned(c0), unowned(w_hh), unowned(w_hh_p), unowned(w_hr), unowned(w_hr_p)
-    mask, pe, ln_g, lnc_w, lnc_b = unowned(mask), unowned(pe), unowned(ln_g), unowned(lnc_w), unowned(lnc_b)
-    zc, zc_fill, zh, zh_fill, grad_out = unowned(zc), unowned(zc_fill), unowned(zh), unowned(zh_fill), unowned(grad_out)
-    dh, dc, bs, out, dgates, drs = unowned(dh), unowned(dc), unowned(bs), unowned(out), unowned(dgates), unowned(drs)
-    dhs, hps, ln_ih, xn, xr, dp = unowned(dhs), unowned(hps), unowned(ln_ih), unowned(xn), unowned(xr), unowned(dp)
-    hprev, dpe, dln_g, dlnc_w, dlnc_b = unowned(hprev), unowned(dpe), unowned(dln_g), unowned(dlnc_w), unowned(dlnc_b)
-    dln_ih, db = unowned(dln_ih), unowned(db)
+    # the arrays the loop below takes views of (variant_layer_bwd, called once, unowns its own)
+    dgates, xn, dp, h0, out, hprev, mask = (unowned(dgates), unowned(xn), unowned(dp), unowned(h0), unowned(out),
+                                            unowned(hprev), unowned(mask))
     variant_layer_bwd(sgemm, mkl, gates, cs, cts, lnr, lns, c0, w_hh, w_hh_p, w_hr, w_hr_p, mask, pe, ln_g, lnc_w,
                       lnc_b, zc, zc_fill, zh, zh_fill, grad_out, dh, dc, bs, reverse, dgates, drs, dhs, hps, dpe,
                       dln_g, dlnc_w, dlnc_b, r0, r1)
@@ -434,9 +429,6 @@ def layer_rows_grads(sgemm, mkl, x, w_ih, dp, dr, hprev, dhs, hps, dx, dw_ih, dw
     dr (T, B, G) gradient of the recurrent pre-activations; hprev (T, B, P) from layer_rows_bwd
     """
     wide_vectors()
-    x, w_ih, dp, dr, hprev, dhs, hps, dx, dw_ih, dw_hh, dw_hr = (
-        unowned(x), unowned(w_ih), unowned(dp), unowned(dr), unowned(hprev), unowned(dhs), unowned(hps),
-        unowned(dx), unowned(dw_ih), unowned(dw_hh), unowned(dw_hr))
     B = x.shape[1]
     I = x.shape[2]
     G = dp.shape[2]
