@@ -89,3 +89,29 @@ def test_inference_matches_training_path(backend):
         out_n, (h_n, c_n) = m(x, lengths=lengths)
     for a, b in ((out_g, out_n), (h_g, h_n), (c_g, c_n)):
         torch.testing.assert_close(a.detach(), b, rtol=1e-6, atol=1e-6)
+
+
+def _graph_ops(roots) -> list[str]:
+    """The names of every autograd node reachable from the given grad_fns."""
+    seen, names, todo = set(), [], [r for r in roots if r is not None]
+    while todo:
+        fn = todo.pop()
+        if fn in seen:
+            continue
+        seen.add(fn)
+        names.append(type(fn).__name__)
+        todo.extend(f for f, _ in fn.next_functions if f is not None)
+    return names
+
+
+@pytest.mark.parametrize("variant", [{}, {"layer_norm": True, "zoneout": 0.1}])
+def test_reference_takes_steps_with_one_unbind(variant):
+    """The reference loop reads each step of the input projection from one ``unbind``: indexing
+    it per step gives every step's backward a zero-filled gradient of the whole sequence to add
+    (O(T^2) work: 10x torch.nn.LSTM's training step at T=200, B=64, H=512)."""
+    T = 6
+    m = lstmkit.LSTM(3, 4, 1, backend="reference", **variant).train()
+    out, (h, c) = m(torch.randn(T, 2, 3))
+    ops = _graph_ops([out.grad_fn, h.grad_fn, c.grad_fn])
+    assert ops.count("UnbindBackward0") == 1
+    assert "SelectBackward0" not in ops
