@@ -38,7 +38,30 @@ def test_suite_runs_on_a_tiny_grid(tmp_path, monkeypatch):
         assert r["torch_s"] > 0 and r["lstmkit_s"] > 0
         assert r["ratio"] == pytest.approx(r["torch_s"] / r["lstmkit_s"])
     assert set(res["summary"]) == {"inference", "training", "streaming"}
-    assert "| training |" in md.read_text()
+    floor = res["autograd_floor"]
+    assert floor["case"] == _cpu.GRID[0].name and floor["floor_s"] > 0
+    assert floor["max_ratio"] == pytest.approx(floor["torch_s"] / floor["floor_s"])
+    assert "| training |" in md.read_text() and "autograd floor, training" in md.read_text()
+
+
+@pytest.mark.parametrize("kw", [{}, {"bidirectional": True, "proj_size": 2}])
+def test_autograd_floor_node_has_the_lstm_interface(kw):
+    """The floor's node takes the LSTM's inputs and parameters and hands every parameter (and any
+    input that needs one) a gradient of its shape, so the step it times pays the same autograd
+    bookkeeping as a real single-node LSTM."""
+    import lstmkit
+
+    model = lstmkit.LSTM(3, 4, 2, **kw)
+    floor = _cpu._NothingLSTM(model)
+    D, P = (2 if model.bidirectional else 1), model.proj_size or 4
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    out, (h, c) = floor(x, (torch.zeros(2 * D, 2, P), torch.zeros(2 * D, 2, 4)))
+    assert out.shape == (5, 2, D * P) and h.shape == (2 * D, 2, P) and c.shape == (2 * D, 2, 4)
+    torch.autograd.backward([out, h, c], [torch.ones_like(out), torch.ones_like(h), torch.ones_like(c)])
+    params = list(model.parameters())
+    assert len(list(floor.parameters())) == len(params)
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in params)
+    assert x.grad is not None and x.grad.shape == x.shape
 
 
 def test_small_h_grid_runs_its_shapes_without_probes(tmp_path, monkeypatch):
@@ -98,5 +121,11 @@ def test_variants_suite_runs_and_bounds_the_speed_ups_by_the_peak(tmp_path, monk
     assert [r["H"] for r in res["streaming"]] == [8]
     for r in res["streaming"]:
         assert r["step_us"] > 0 and r["lstmkit_cell_step_us"] > 0 and r["lstmkit_cell_ratio_vs_cell"] > 0
+        # 2 layers of H=8, input 8: 4H x (8 + 8) weights and two 4H biases each, float32
+        assert r["weights_mb"] == pytest.approx(2 * (32 * 16 + 2 * 32) * 4 / 2**20)
+        if r["weights_read_us"] > 0:
+            assert r["bound_vs_lstm"] == pytest.approx(r["torch_lstm_step_us"] / r["weights_read_us"])
+            assert r["bound_vs_cell"] == pytest.approx(r["torch_cell_step_us"] / r["weights_read_us"])
     text = md.read_text()
     assert "2.0 GFLOP/s" in text and "speed-up at 100% of peak" in text and "lstmkit.LSTMCell x2" in text
+    assert "weights read once us" in text

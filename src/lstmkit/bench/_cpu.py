@@ -144,6 +144,50 @@ def _training_fn(model, x, h0, c0) -> Callable[[], None]:
     return f
 
 
+class _Nothing(torch.autograd.Function):
+    """An LSTM node that computes nothing: outputs of the right shapes, uninitialized, and
+    uninitialized gradients for the inputs that need them (see :func:`autograd_floor`)."""
+
+    @staticmethod
+    def forward(ctx, out_shape, x, h0, c0, *weights):
+        ctx.save_for_backward(x, h0, c0, *weights)
+        return x.new_empty(out_shape), torch.empty_like(h0), torch.empty_like(c0)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_h, grad_c):
+        need = ctx.needs_input_grad[1:]
+        return (None, *(torch.empty_like(t) if n else None for t, n in zip(ctx.saved_tensors, need)))
+
+
+# the C-level apply, as lstmkit's fused node uses it (no Python wrapper)
+_nothing_apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, _Nothing)
+
+
+class _NothingLSTM(torch.nn.Module):
+    """The autograd cost of one LSTM node without its work: ``model``'s parameters (shared) into
+    :class:`_Nothing`, called like ``torch.nn.LSTM``."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.weights = torch.nn.ParameterList(model.parameters())
+        self.out_size = (2 if model.bidirectional else 1) * (model.proj_size or model.hidden_size)
+
+    def forward(self, x, hx):
+        out, h, c = _nothing_apply((x.shape[0], x.shape[1], self.out_size), x, hx[0], hx[1], *self.weights)
+        return out, (h, c)
+
+
+def autograd_floor(case: Case, dtype: torch.dtype, repeats: int, sample_s: float) -> dict:
+    """The training step of ``case`` through one autograd node that computes nothing, against
+    torch.nn.LSTM's, side by side: what any implementation as one autograd.Function (lstmkit's
+    fused node) pays for the node, the engine and the parameters' gradient accumulation. torch time
+    / this time bounds the training ratio such an implementation can reach on the shape."""
+    base, ours = _models(case, dtype)
+    x, h0, c0 = _inputs(case, dtype)
+    r = time_pair(_training_fn(base, x, h0, c0), _training_fn(_NothingLSTM(ours), x, h0, c0), repeats, sample_s)
+    return {"case": case.name, "torch_s": r["torch_s"], "floor_s": r["lstmkit_s"], "max_ratio": r["ratio"]}
+
+
 def _streaming_fn(model, xs, h0, c0) -> Callable[[], None]:
     def f():
         h, c = h0, c0
@@ -357,13 +401,21 @@ def run_suite(modes: list[str], repeats: int, sample_s: float, quick: bool, thre
                    "fraction_of_peak": gf / peak["gflops"]}
             rows.append(row)
             log(_fmt(row))
+    floor = None
+    if "training" in modes and grid == "issue":
+        floor = autograd_floor(GRID[0], dtype, repeats, sample_s)
+        log(f"# autograd floor, training {floor['case']}: torch {1e3 * floor['torch_s']:.3f} ms, one node that "
+            f"computes nothing {1e3 * floor['floor_s']:.3f} ms (ratio bound {floor['max_ratio']:.2f})")
     summary = {}
     for mode in modes:
         ratios = [r["ratio"] for r in rows if r["mode"] == mode]
         if ratios:
             summary[mode] = {"geomean": math.exp(sum(map(math.log, ratios)) / len(ratios)),
                              "min": min(ratios), "n": len(ratios)}
-    return {"machine": info, "sgemm_peak": peak, "rows": rows, "summary": summary}
+    res = {"machine": info, "sgemm_peak": peak, "rows": rows, "summary": summary}
+    if floor is not None:
+        res["autograd_floor"] = floor
+    return res
 
 
 def _fmt(row: dict) -> str:
@@ -417,6 +469,12 @@ def markdown(res: dict) -> str:
     lines.append("")
     for mode, s in res["summary"].items():
         lines.append(f"- {mode}: geomean ratio {s['geomean']:.2f}, min {s['min']:.2f} ({s['n']} shapes)")
+    if "autograd_floor" in res:
+        f = res["autograd_floor"]
+        lines.append(f"- autograd floor, training {f['case']}: one autograd node that computes nothing (same inputs, "
+                     f"outputs and parameter gradients) {1e3 * f['floor_s']:.3f} ms a step against torch's "
+                     f"{1e3 * f['torch_s']:.3f} ms, side by side: no single-node implementation exceeds "
+                     f"{f['max_ratio']:.2f}x there")
     if "compile" in res:
         c = res["compile"]
         lines.append(f"- first call in a fresh process (JIT), cold Numba cache: {json.dumps(c.get('cold_cache'))}; "

@@ -12,7 +12,9 @@ repeats; :func:`lstmkit.bench._cpu.time_pair`):
   time / the GEMM work's time at the peak): no implementation of the same products does better;
 * streaming: one-step latency of ``LSTM.step`` (B=1, 2 layers) against one-step calls of
   ``torch.nn.LSTM`` (target >= 10x) and a stack of ``torch.nn.LSTMCell`` (target >= 3x); and the
-  same stack of ``lstmkit.LSTMCell`` against torch's.
+  same stack of ``lstmkit.LSTMCell`` against torch's. Beside them the time to read the model's
+  weights once (a sum over one copy of them, less the same call on one element): every step reads
+  them all, so torch's time / that time bounds the step's ratio for any implementation.
 """
 
 from __future__ import annotations
@@ -101,6 +103,15 @@ def streaming_rows(repeats: int, sample_s: float, quick: bool, steps: int = 32) 
     return rows
 
 
+def weights_read_s(model: torch.nn.Module, repeats: int, sample_s: float) -> float:
+    """Seconds to read every parameter of ``model`` once: a sum over one contiguous copy of
+    them (torch's threads), less the time of the same call on one element (its overhead)."""
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    one = flat[:1].clone()
+    r = time_pair(flat.sum, one.sum, repeats, sample_s)
+    return max(r["torch_s"] - r["lstmkit_s"], 0.0)
+
+
 def _stream_row(H: int, repeats: int, sample_s: float, steps: int) -> dict:
     I, L = H, 2
     torch.manual_seed(0)
@@ -140,7 +151,12 @@ def _stream_row(H: int, repeats: int, sample_s: float, steps: int) -> dict:
     vs_lstm = time_pair(f_lstm, f_ours, repeats, sample_s)
     vs_cell = time_pair(cells_loop(cells), f_ours, repeats, sample_s)
     cell_vs_cell = time_pair(cells_loop(cells), cells_loop(our_cells), repeats, sample_s)
-    return {"H": H, "layers": L, "B": 1, "step_us": 1e6 * vs_lstm["lstmkit_s"] / steps,
+    read_us = 1e6 * weights_read_s(ours, repeats, sample_s)
+    return {"weights_mb": sum(p.numel() * p.element_size() for p in ours.parameters()) / 2**20,
+            "weights_read_us": read_us,
+            "bound_vs_lstm": 1e6 * vs_lstm["torch_s"] / steps / read_us if read_us > 0 else float("inf"),
+            "bound_vs_cell": 1e6 * vs_cell["torch_s"] / steps / read_us if read_us > 0 else float("inf"),
+            "H": H, "layers": L, "B": 1, "step_us": 1e6 * vs_lstm["lstmkit_s"] / steps,
             "torch_lstm_step_us": 1e6 * vs_lstm["torch_s"] / steps,
             "torch_cell_step_us": 1e6 * vs_cell["torch_s"] / steps,
             "ratio_vs_lstm": vs_lstm["ratio"], "ratio_vs_cell": vs_cell["ratio"],
@@ -158,7 +174,8 @@ def _fmt_variant(r: dict) -> str:
 def _fmt_stream(r: dict) -> str:
     return (f"| {r['H']} | {r['step_us']:.1f} | {r['torch_lstm_step_us']:.1f} | {r['ratio_vs_lstm']:.1f}x | "
             f"{r['torch_cell_step_us']:.1f} | {r['ratio_vs_cell']:.1f}x | {r['lstmkit_cell_step_us']:.1f} | "
-            f"{r['lstmkit_cell_ratio_vs_cell']:.1f}x |")
+            f"{r['lstmkit_cell_ratio_vs_cell']:.1f}x | {r['weights_read_us']:.1f} ({r['weights_mb']:.2f} MiB) | "
+            f"{r['bound_vs_lstm']:.1f}x / {r['bound_vs_cell']:.1f}x |")
 
 
 def markdown(res: dict) -> str:
@@ -169,8 +186,9 @@ def markdown(res: dict) -> str:
     lines += [_fmt_variant(r) for r in res["variants"]]
     lines += ["", "Streaming, B=1, 2 layers, input size = H, per step (`LSTM.step`):", "",
               "| H | lstmkit us | torch.nn.LSTM us | ratio (>= 10) | torch.nn.LSTMCell x2 us | ratio (>= 3) | "
-              "lstmkit.LSTMCell x2 us | its ratio to torch's |",
-              "|---|---|---|---|---|---|---|---|"]
+              "lstmkit.LSTMCell x2 us | its ratio to torch's | weights read once us | "
+              "ratio bound at that time (vs LSTM / cells) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [_fmt_stream(r) for r in res["streaming"]]
     return "\n".join(lines)
 
@@ -195,7 +213,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"# SGEMM peak (torch.mm): {res['sgemm_peak_gflops']:.1f} GFLOP/s")
     print("| shape | variant | mode | backend | lstmkit ms | cost vs plain | speed-up vs loop | % of peak | at peak |")
     res["variants"] = variant_rows(a.repeats, a.sample_ms / 1e3, a.quick, res["sgemm_peak_gflops"])
-    print("| H | step us | torch.nn.LSTM us | ratio | LSTMCell x2 us | ratio | lstmkit cells us | ratio |")
+    print("| H | step us | torch.nn.LSTM us | ratio | LSTMCell x2 us | ratio | lstmkit cells us | ratio "
+          "| weights read us | bound |")
     res["streaming"] = streaming_rows(a.repeats, a.sample_ms / 1e3, a.quick)
     if a.json:
         with open(a.json, "w") as f:
