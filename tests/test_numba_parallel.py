@@ -432,6 +432,111 @@ def test_variant_training_rows_match_reference(threaded, rows_train_seen, kw, L,
     assert len(rows_train_seen) == 2 * L * D and (0, 4) in rows_train_seen and (4, 9) in rows_train_seen
 
 
+def _variant_training_pair(L, kw, seed=0, **extra):
+    """A numba and a reference LSTM (4 -> 16, L layers) with the variants in kw and the same
+    perturbed parameters."""
+    torch.manual_seed(seed)
+    ours = lstmkit.LSTM(4, 16, L, backend="numba", **kw, **extra)
+    ref = lstmkit.LSTM(4, 16, L, backend="reference", **kw, **extra)
+    with torch.no_grad():
+        for p in ours.parameters():  # gains off 1, biases and peepholes off 0
+            p.add_(0.3 * torch.randn_like(p))
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref
+
+
+def _graph_nodes(t) -> list:
+    """The class names of every node in t's autograd graph."""
+    seen, todo, names = set(), [t.grad_fn], []
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.append(type(fn).__name__)
+        todo.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+def _train_step(m, x, h0, c0, lengths, x_grad=True):
+    """Output, final state and every gradient of one seeded training step (the same masks)."""
+    xs, hs, cs = x.clone().requires_grad_(x_grad), h0.clone().requires_grad_(), c0.clone().requires_grad_()
+    torch.manual_seed(7)
+    out, (h, c) = m(xs, (hs, cs), lengths=None if lengths is None else torch.tensor(lengths))
+    (out.square().sum() + h.sin().sum() + c.cos().sum()).backward()
+    return out, [out, h, c, xs.grad, hs.grad, cs.grad] + [p.grad for p in m.parameters()]
+
+
+@pytest.mark.parametrize("kw,proj,bias,lengths,x_grad", [
+    (dict(recurrent_dropout=0.25), 0, True, None, True),
+    (dict(layer_norm=True, peephole=True, recurrent_dropout=0.25, zoneout=(0.2, 0.1)), 3, False,
+     [11, 6, 5, 11, 1, 3, 2, 9, 11], False),
+    (dict(peephole=True, zoneout=0.1), 0, True, [11, 2, 5, 1, 11, 3, 9, 4, 11], True),
+])
+def test_variant_stack_trains_as_one_node(threaded, rows_train_seen, kw, proj, bias, lengths, x_grad):
+    """A 3-layer unidirectional stack with variants in training is one autograd node by rows: one
+    threaded call forward (each thread its rows through every layer), two backward (the
+    recurrences of every layer, last first, passing each layer's input gradient down by rows; then
+    every layer's weight products); its numbers and gradients are the reference backend's, the
+    input's gradient absent when the input needs none."""
+    ours, ref = _variant_training_pair(3, kw, proj_size=proj, bias=bias)
+    x, h0, c0 = _inputs(11, 9, 4, 16, 3, 1, proj or 16)
+    want = _train_step(ref, x, h0, c0, lengths, x_grad)[1]
+    threaded.clear()
+    out, got = _train_step(ours, x, h0, c0, lengths, x_grad)
+    names = ["output", "h_n", "c_n", "d input", "d h0", "d c0"] + [n for n, _ in ours.named_parameters()]
+    for w, g, name in zip(want, got, names):
+        if w is None:
+            assert g is None, name
+        else:
+            assert_close(g, w, msg=name, table=TOL_NORMALIZED if "layer_norm" in kw else TOL)
+    nodes = _graph_nodes(out)
+    assert nodes.count("_RowsStackFnBackward") == 1 and "_RowsLayerFnBackward" not in nodes
+    assert threaded == [(2, True)] * 3
+    assert sorted(rows_train_seen) == [(0, 4)] * 3 + [(4, 9)] * 3
+
+
+@pytest.mark.parametrize("extra", [dict(dropout=0.3), dict(bidirectional=True)])
+def test_variant_stack_node_leaves_what_it_cannot_run(threaded, extra):
+    """Dropout between layers in training, and bidirectional stacks, keep one node per
+    layer-direction (each by rows), with the reference backend's numbers under the same seed."""
+    ours, ref = _variant_training_pair(2, dict(recurrent_dropout=0.25), **extra)
+    D = 2 if extra.get("bidirectional") else 1
+    x, h0, c0 = _inputs(11, 9, 4, 16, 2, D, 16)
+    want = _train_step(ref, x, h0, c0, None)[1]
+    out, got = _train_step(ours, x, h0, c0, None)
+    for w, g in zip(want, got):
+        assert_close(g, w)
+    nodes = _graph_nodes(out)
+    assert "_RowsStackFnBackward" not in nodes and nodes.count("_RowsLayerFnBackward") == 2 * D
+    assert threaded.count((2, True)) == 3 * 2 * D  # three threaded calls per layer-direction
+
+
+def test_variant_stack_masks_drawn_once_when_left_to_layers(threaded, monkeypatch):
+    """When the stack node declines a shape (NotImplemented), the per-layer path runs with the
+    dropout and zoneout masks already drawn for it, not new ones: the reference's numbers under the
+    same seed. The same holds for inference in training mode when the threaded stack declines."""
+    from lstmkit.backends import _numba_variants as nv
+
+    kw = dict(recurrent_dropout=0.25, zoneout=0.2)
+    monkeypatch.setattr(nv, "stack_rows_train", lambda *a, **k: NotImplemented)
+    ours, ref = _variant_training_pair(2, kw)
+    x, h0, c0 = _inputs(11, 9, 4, 16, 2, 1, 16)
+    want = _train_step(ref, x, h0, c0, None)[1]
+    out, got = _train_step(ours, x, h0, c0, None)
+    for w, g in zip(want, got):
+        assert_close(g, w)
+    assert _graph_nodes(out).count("_RowsLayerFnBackward") == 2
+    monkeypatch.setattr(nv, "lstm_stack_variants", lambda *a, **k: NotImplemented)
+    results = []
+    for m in (ref, ours):
+        torch.manual_seed(7)
+        with torch.no_grad():
+            results.append(m(x, (h0, c0)))
+    assert_close(results[1][0], results[0][0])
+    assert_close(results[1][1][1], results[0][1][1])
+
+
 def test_rows_training_choice(threaded, rows_train_seen, monkeypatch):
     """Plain layers with small steps train on the fused paths: no row threads; every variant trains
     by rows."""

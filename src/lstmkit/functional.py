@@ -136,7 +136,7 @@ def lstm(
                                      has_biases=has_biases, proj_size=proj_size, batch_sizes=batch_sizes)
         if res is not NotImplemented:
             return res
-        opts_for = (lambda layer, d, B, T: opts[layer]) if opts_for is not None else None
+        opts_for = (lambda layer, d, B, T, opts=opts: opts[layer]) if opts_for is not None else None
     # Training with plain options: a backend may run the whole stack as one autograd node
     # (``lstm_stack_train``, e.g. numba); it returns NotImplemented for shapes it leaves to the
     # per-layer path below.
@@ -148,10 +148,19 @@ def lstm(
             return res
 
     # Training: a backend may run each layer-direction, its input projection included, as one
-    # autograd node on several threads (``layer_rows_train``; NotImplemented: not this shape)
+    # autograd node on several threads (``layer_rows_train``; NotImplemented: not this shape), or
+    # a unidirectional stack with variants as one such node (``stack_rows_train``)
     rows = getattr(be, "layer_rows_train", None)
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         rows = None
+    stack_rows = getattr(be, "stack_rows_train", None)
+    if rows is not None and stack_rows is not None and not plain and D == 1 and num_layers > 1 and not inter_dropout:
+        opts = [first_opts] + [opts_for(layer, 0, B, T) for layer in range(1, num_layers)]
+        res = stack_rows(input, h0, c0, list(weights), opts, ln_ih, num_layers=num_layers, has_biases=has_biases,
+                         proj_size=proj_size, batch_sizes=batch_sizes)
+        if res is not NotImplemented:
+            return res
+        opts_for = (lambda layer, d, B, T, opts=opts: opts[layer]) if opts_for is not None else None
     x = input
     h_n: list[Tensor] = []
     c_n: list[Tensor] = []

@@ -15,6 +15,7 @@ Dimension legend: T steps, B batch rows, H hidden size, G = 4H, P = proj_size or
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Optional, Union
 
 import numpy as np
@@ -233,6 +234,110 @@ def stack_rows(x: Tensor, views: tuple, packed: tuple, num_layers: int, has_bias
     _plain.run_rows(part, B, nparts)
 
 
+class _Rows:
+    """One layer-direction for the row kernels (``kernels.numba_parallel.layer_rows_fwd``,
+    ``layer_rows_bwd``, ``layer_rows_grads``): its input and weights as NumPy views, its options,
+    what forward saves for backward, then backward's buffers and each part's partial sums.
+
+    x (T, B, I) NumPy; the tensors as :func:`layer_rows_train` takes them; bs from ``_bs_np``."""
+
+    def __init__(self, x: np.ndarray, w_ih: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
+                 ln_ih: Optional[Tensor], w_hh: Tensor, w_hr: Optional[Tensor], opts: LayerOptions, bs: np.ndarray,
+                 reverse: bool):
+        T, B, _ = x.shape
+        G = w_ih.shape[0]
+        H = G // 4
+        P = w_hh.shape[1]
+        npd = _plain._NP_DTYPE[w_ih.dtype]
+        self.ko = ko = _Opts(opts, T, B, H, P, w_ih.dtype)
+        self.x, self.w_ih, self.w_hh = x, _plain._np(w_ih), _plain._np(w_hh)
+        self.proj = w_hr is not None
+        self.w_hr = _plain._np(w_hr) if w_hr is not None else np.zeros((0, H), npd)
+        self.has_bias = b_ih is not None
+        self.bias = _plain._np(b_ih + b_hh) if b_ih is not None else np.zeros(0, npd)
+        self.ln = _plain._np(ln_ih) if ln_ih is not None else np.zeros(0, npd)
+        self.bs, self.reverse = bs, bool(reverse)
+        self.lnh = ko.ln_g.shape[0] > 0
+        self.gates = np.empty((T, B, G), npd)
+        self.cs = np.empty((T, B, H), npd)
+        self.cts = np.empty((T if ko.cell_zone else 0, B, H), npd)
+        self.lnr = np.empty((T if self.lnh else 0, B, G), npd)
+        self.lns = np.empty((self.lnr.shape[0], B, 2), npd)
+        self.xn = np.empty((T if self.ln.shape[0] else 0, B, G), npd)
+        self.xr = np.empty((self.xn.shape[0], B), npd)
+
+    def fwd_args(self, pk: PackScratch, h: np.ndarray, c: np.ndarray, out: np.ndarray) -> tuple:
+        """layer_rows_fwd's arguments but the row range: h (B, P) and c (B, H) hold h0, c0 and get
+        h_n, c_n; out (T, B, P) is written. The packed weights live as long as ``pk``'s block."""
+        B = self.x.shape[1]
+        with serial_blas(True):  # no OpenMP region (spinning threads) right before the row threads
+            packs = [pk.pack(w, B if w.shape[0] else 0, True) for w in (self.w_ih, self.w_hh, self.w_hr)]
+        return (self.x, self.w_ih, packs[0], self.bias, self.ln, LN_EPS, self.w_hh, packs[1], self.w_hr, packs[2],
+                h, c, self.bs, self.reverse, out, *self.ko.args(), self.gates, self.cs, self.cts, self.lnr, self.lns,
+                self.xn, self.xr)
+
+    def bwd_args(self, pk: PackScratch, h0: np.ndarray, c0: np.ndarray, out: np.ndarray, grad_out: np.ndarray,
+                 dh: np.ndarray, dc: np.ndarray, nparts: int) -> tuple:
+        """layer_rows_bwd's arguments but each part's sums (``self.acc[k]``) and the row range: out
+        the forward's output; dh (B, P), dc (B, H) hold the gradients of h_n, c_n and get those of
+        h0, c0. Allocates the buffers the weight products read."""
+        T, B, G = self.gates.shape
+        H = G // 4
+        P = self.w_hh.shape[1]
+        npd = self.gates.dtype
+        self.dgates = np.empty((T, B, G), npd)
+        self.drs = np.empty((T if self.lnh else 0, B, G), npd)
+        self.dhs = np.empty((T if self.proj else 0, B, P), npd)
+        self.hps = np.empty((T if self.proj else 0, B, H), npd)
+        self.hprev = np.empty((T, B, P), npd)
+        self.dp = np.empty((T, B, G), npd) if self.ln.shape[0] else self.dgates
+        ko = self.ko
+        shapes = (ko.pe.shape, ko.ln_g.shape, ko.lnc_w.shape, ko.lnc_b.shape, self.ln.shape,
+                  (G,) if self.has_bias else (0,))
+        self.acc = [[np.zeros(sh, npd) for sh in shapes] for _ in range(nparts)]
+        with serial_blas(True):
+            wp_hh = pk.pack(self.w_hh, B, False)
+            wp_hr = pk.pack(self.w_hr, B if self.proj else 0, False)
+        return (self.gates, self.cs, self.cts, self.lnr, self.lns, h0, c0, self.w_hh, wp_hh, self.w_hr, wp_hr,
+                *ko.args(), grad_out, dh, dc, self.bs, self.reverse, out, self.dgates, self.drs, self.dhs, self.hps,
+                self.ln, self.xn, self.xr, self.dp, self.hprev)
+
+    def grads_args(self, spans: list) -> tuple:
+        """layer_rows_grads's arguments before dx; allocates each span's weight sums (``self.dws``)."""
+        G, I = self.w_ih.shape
+        P = self.w_hh.shape[1]
+        H = G // 4
+        npd = self.gates.dtype
+        self.dws = [(np.zeros((G, I), npd), np.zeros((G, P), npd), np.zeros((P, H) if self.proj else (0, 0), npd))
+                    for _ in spans]
+        return (self.x, self.w_ih, self.dp, self.drs if self.lnh else self.dgates, self.hprev, self.dhs, self.hps)
+
+    def grads(self) -> tuple:
+        """(d w_ih, d b_ih, d b_hh, d ln_ih, d w_hh, d w_hr, d peephole, d ln_hh, d ln_cell_w, d ln_cell_b)
+        from the parts' sums; None for what the layer does not have."""
+        dw_ih, dw_hh, dw_hr = (torch.from_numpy(sum(parts[1:], parts[0])) for parts in zip(*self.dws))
+        dpe, dln_g, dlnc_w, dlnc_b, dln_ih, db = (torch.from_numpy(sum(parts[1:], parts[0]))
+                                                  for parts in zip(*self.acc))
+        ko = self.ko
+        return (dw_ih, db if self.has_bias else None,
+                db.clone() if self.has_bias else None,  # b_ih and b_hh get the same gradient, not one tensor
+                dln_ih if self.ln.shape[0] else None, dw_hh, dw_hr if self.proj else None,
+                dpe if ko.pe.shape[0] else None, dln_g if self.lnh else None,
+                dlnc_w if ko.lnc_w.shape[0] else None, dlnc_b if ko.lnc_w.shape[0] else None)
+
+
+def _time_spans(T: int, nparts: int) -> list:
+    bounds = _plain.even_bounds(T, nparts)
+    return [(t0, t1) for t0, t1 in zip(bounds, bounds[1:]) if t1 > t0]
+
+
+def _run_spans(job: Callable[[int], None], n: int) -> None:
+    """job(k) for k < n at once on the thread pool (one after another here when the pool is busy)."""
+    if n < 2 or not _plain._run_threads([lambda k=k: job(k) for k in range(n)], np.zeros(1, np.int64)):
+        for k in range(n):
+            job(k)
+
+
 class _RowsLayerFn(torch.autograd.Function):
     """A layer-direction with variants and its input projection (input layer norm and biases
     included), its batch rows shared by several threads, forward and backward
@@ -245,96 +350,169 @@ class _RowsLayerFn(torch.autograd.Function):
     def forward(ctx, x, w_ih, b_ih, b_hh, ln_ih, w_hh, w_hr, h0, c0, peephole, ln_hh, ln_cell_w, ln_cell_b,
                 batch_sizes, reverse, opts, nparts):
         T, B, _ = x.shape
-        G = w_ih.shape[0]
-        H = G // 4
-        P = w_hh.shape[1]
-        dt = x.dtype
-        npd = _plain._NP_DTYPE[dt]
-        ko = _Opts(opts, T, B, H, P, dt)
-        x_np, w_ih_np, w_hh_np = _plain._np(x), _plain._np(w_ih), _plain._np(w_hh)
-        w_hr_np = _plain._np(w_hr) if w_hr is not None else np.zeros((0, H), npd)
-        bias = _plain._np(b_ih + b_hh) if b_ih is not None else np.zeros(0, npd)
-        ln = _plain._np(ln_ih) if ln_ih is not None else np.zeros(0, npd)
-        lnh = ko.ln_g.shape[0] > 0
-        out, out_np = _plain._new((T, B, P), dt)
+        r = _Rows(_plain._np(x), w_ih, b_ih, b_hh, ln_ih, w_hh, w_hr, opts, _plain._bs_np(batch_sizes), reverse)
+        out, out_np = _plain._new((T, B, w_hh.shape[1]), x.dtype)
         h_n = h0.detach().clone(memory_format=torch.contiguous_format)
         c_n = c0.detach().clone(memory_format=torch.contiguous_format)
-        gates = np.empty((T, B, G), npd)
-        cs = np.empty((T, B, H), npd)
-        cts = np.empty((T if ko.cell_zone else 0, B, H), npd)
-        lnr = np.empty((T if lnh else 0, B, G), npd)
-        lns = np.empty((lnr.shape[0], B, 2), npd)
-        xn = np.empty((T if ln.shape[0] else 0, B, G), npd)
-        xr = np.empty((xn.shape[0], B), npd)
-        bs = _plain._bs_np(batch_sizes)
-        mkl = HAVE_MKL and dt == torch.float32
+        mkl = HAVE_MKL and x.dtype == torch.float32
         with PackScratch() as pk:
-            with serial_blas(True):  # no OpenMP region (spinning threads) right before the row threads
-                packs = [pk.pack(w, B if w.shape[0] else 0, True) for w in (w_ih_np, w_hh_np, w_hr_np)]
-            args = (x_np, w_ih_np, packs[0], bias, ln, LN_EPS, w_hh_np, packs[1], w_hr_np, packs[2], h_n.numpy(),
-                    c_n.numpy(), bs, bool(reverse), out_np, *ko.args(), gates, cs, cts, lnr, lns, xn, xr)
+            args = r.fwd_args(pk, h_n.numpy(), c_n.numpy(), out_np)
             _plain.run_rows(lambda k, r0, r1: KP.layer_rows_fwd(SGEMM, mkl, *args, r0, r1), B, nparts)
         ctx.save_for_backward(x, w_ih, b_ih, ln_ih, w_hh, w_hr, h0, c0, out, peephole, ln_hh, ln_cell_w, ln_cell_b)
-        ctx.saved = (x_np, w_ih_np, w_hh_np, w_hr_np, ln, bs, bool(reverse), ko, gates, cs, cts, lnr, lns, xn, xr,
-                     nparts)
+        ctx.rows, ctx.nparts = r, nparts
         return out, h_n, c_n
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, grad_h, grad_c):
-        x, w_ih, b_ih, ln_ih, w_hh, w_hr, h0, c0, out = ctx.saved_tensors[:9]
-        x_np, w_ih_np, w_hh_np, w_hr_np, ln, bs, reverse, ko, gates, cs, cts, lnr, lns, xn, xr, nparts = ctx.saved
-        T, B, G = gates.shape
-        H = G // 4
-        P = w_hh_np.shape[1]
-        I = x_np.shape[2]
-        dt = grad_out.dtype
-        npd = _plain._NP_DTYPE[dt]
-        proj = w_hr is not None
-        lnh = ko.ln_g.shape[0] > 0
-        ng = ctx.needs_input_grad
-        dgates = np.empty((T, B, G), npd)
-        drs = np.empty((T if lnh else 0, B, G), npd)
-        dhs = np.empty((T if proj else 0, B, P), npd)
-        hps = np.empty((T if proj else 0, B, H), npd)
-        hprev = np.empty((T, B, P), npd)
-        dp = np.empty((T, B, G), npd) if ln.shape[0] else dgates
+        h0, c0, out = ctx.saved_tensors[6:9]
+        r, nparts = ctx.rows, ctx.nparts
+        T, B, I = r.x.shape
         dh = grad_h.detach().clone(memory_format=torch.contiguous_format)
         dc = grad_c.detach().clone(memory_format=torch.contiguous_format)
-        shapes = (ko.pe.shape, ko.ln_g.shape, ko.lnc_w.shape, ko.lnc_b.shape, ln.shape,
-                  (G,) if b_ih is not None else (0,))
-        acc = [[np.zeros(sh, npd) for sh in shapes] for _ in range(nparts)]
-        mkl = HAVE_MKL and dt == torch.float32
+        mkl = HAVE_MKL and grad_out.dtype == torch.float32
         with PackScratch() as pk:
-            with serial_blas(True):
-                wp_hh = pk.pack(w_hh_np, B, False)
-                wp_hr = pk.pack(w_hr_np, B if proj else 0, False)
-            args = (gates, cs, cts, lnr, lns, _plain._np(h0), _plain._np(c0), w_hh_np, wp_hh, w_hr_np, wp_hr,
-                    *ko.args(), _plain._np(grad_out), dh.numpy(), dc.numpy(), bs, reverse, out.numpy(), dgates, drs,
-                    dhs, hps, ln, xn, xr, dp, hprev)
-            _plain.run_rows(lambda k, r0, r1: KP.layer_rows_bwd(SGEMM, mkl, *args, *acc[k], r0, r1), B, nparts)
+            args = r.bwd_args(pk, _plain._np(h0), _plain._np(c0), out.numpy(), _plain._np(grad_out), dh.numpy(),
+                              dc.numpy(), nparts)
+            _plain.run_rows(lambda k, r0, r1: KP.layer_rows_bwd(SGEMM, mkl, *args, *r.acc[k], r0, r1), B, nparts)
         # the weight products, split by steps among the threads (each its own partial sums)
-        dx, dx_np = _plain._new((T, B, I) if ng[0] else (0, B, I), dt)
-        bounds = _plain.even_bounds(T, nparts)
-        spans = [(t0, t1) for t0, t1 in zip(bounds, bounds[1:]) if t1 > t0]
-        dws = [(np.zeros((G, I), npd), np.zeros((G, P), npd), np.zeros((P, H) if proj else (0, 0), npd))
-               for _ in spans]
-        dr = drs if lnh else dgates
-
-        def grads(k: int) -> None:
-            KP.layer_rows_grads(SGEMM, mkl, x_np, w_ih_np, dp, dr, hprev, dhs, hps, dx_np, *dws[k], *spans[k])
-
-        if len(spans) < 2 or not _plain._run_threads([lambda k=k: grads(k) for k in range(len(spans))],
-                                                      np.zeros(1, np.int64)):
-            for k in range(len(spans)):
-                grads(k)
-        dw_ih, dw_hh, dw_hr = (torch.from_numpy(sum(parts[1:], parts[0])) for parts in zip(*dws))
-        dpe, dln_g, dlnc_w, dlnc_b, dln_ih, db = (torch.from_numpy(sum(parts[1:], parts[0])) for parts in zip(*acc))
-        db2 = db.clone() if b_ih is not None else None  # b_ih and b_hh get the same gradient, not one tensor
-        return (dx if ng[0] else None, dw_ih, db if b_ih is not None else None, db2,
-                dln_ih if ln_ih is not None else None, dw_hh, dw_hr if proj else None, dh, dc,
+        ng = ctx.needs_input_grad
+        dx, dx_np = _plain._new((T, B, I) if ng[0] else (0, B, I), grad_out.dtype)
+        spans = _time_spans(T, nparts)
+        gargs = r.grads_args(spans)
+        _run_spans(lambda k: KP.layer_rows_grads(SGEMM, mkl, *gargs, dx_np, *r.dws[k], *spans[k]), len(spans))
+        dw_ih, db, db2, dln_ih, dw_hh, dw_hr, dpe, dln_g, dlnc_w, dlnc_b = r.grads()
+        return (dx if ng[0] else None, dw_ih, db, db2, dln_ih, dw_hh, dw_hr, dh, dc,
                 dpe if ng[9] else None, dln_g if ng[10] else None, dlnc_w if ng[11] else None,
                 dlnc_b if ng[12] else None, None, None, None, None)
+
+
+# the tensors of one layer in _RowsStackFn's inputs, in this order
+_STACK_SLOTS = ("w_ih", "b_ih", "b_hh", "ln_ih", "w_hh", "w_hr", "peephole", "ln_hh", "ln_cell_w", "ln_cell_b")
+
+
+class _RowsStackFn(torch.autograd.Function):
+    """A unidirectional stack with variants as one autograd node, its batch rows shared by several
+    threads through every layer: forward is one threaded call (each part runs its rows through all
+    layers, ``layer_rows_fwd``: rows are independent at every layer); backward is one threaded call
+    for the recurrences of all layers, last first, each part passing the gradient of its rows of a
+    layer's input to the layer below (``layer_rows_bwd``, ``rows_input_grad``), then one for every
+    layer's weight products, split by steps (``layer_rows_grads``). Against a node per layer
+    (:class:`_RowsLayerFn`) it saves two threaded calls a layer and the Python between them.
+
+    Inputs: (meta, x (T, B, I), h0 (L, B, P), c0 (L, B, H), then per layer the tensors named in
+    ``_STACK_SLOTS``, None where absent); meta = (opts per layer, batch_sizes, nparts)."""
+
+    @staticmethod
+    def forward(ctx, meta, x, h0, c0, *params):
+        opts, batch_sizes, nparts = meta
+        T, B, _ = x.shape
+        L, _, P = h0.shape
+        dt = x.dtype
+        n = len(_STACK_SLOTS)
+        bs = _plain._bs_np(batch_sizes)
+        out, out_np = _plain._new((T, B, P), dt)
+        ys = [np.empty((T, B, P), _plain._NP_DTYPE[dt]) for _ in range(L - 1)] + [out_np]
+        layers = []
+        for layer in range(L):
+            p = params[layer * n:(layer + 1) * n]
+            layers.append(_Rows(_plain._np(x) if layer == 0 else ys[layer - 1], *p[:6], opts[layer], bs, False))
+        h_n = h0.detach().clone(memory_format=torch.contiguous_format)
+        c_n = c0.detach().clone(memory_format=torch.contiguous_format)
+        h_np, c_np = h_n.numpy(), c_n.numpy()
+        mkl = HAVE_MKL and dt == torch.float32
+        with PackScratch() as pk:
+            args = [r.fwd_args(pk, h_np[layer], c_np[layer], ys[layer]) for layer, r in enumerate(layers)]
+
+            def part(k: int, r0: int, r1: int) -> None:
+                for a in args:
+                    KP.layer_rows_fwd(SGEMM, mkl, *a, r0, r1)
+
+            _plain.run_rows(part, B, nparts)
+        ctx.save_for_backward(x, h0, c0, out, *params)
+        ctx.layers, ctx.ys, ctx.nparts = layers, ys, nparts
+        return out, h_n, c_n
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, grad_h, grad_c):
+        x, h0, c0 = ctx.saved_tensors[:3]
+        layers, ys, nparts = ctx.layers, ctx.ys, ctx.nparts
+        T, B, I = x.shape
+        L = len(layers)
+        dt = grad_out.dtype
+        npd = _plain._NP_DTYPE[dt]
+        ng = ctx.needs_input_grad
+        dh = grad_h.detach().clone(memory_format=torch.contiguous_format)
+        dc = grad_c.detach().clone(memory_format=torch.contiguous_format)
+        dh_np, dc_np, h0_np, c0_np = dh.numpy(), dc.numpy(), _plain._np(h0), _plain._np(c0)
+        gys = [np.empty(y.shape, npd) for y in ys[:-1]] + [_plain._np(grad_out)]  # gradients of the outputs
+        mkl = HAVE_MKL and dt == torch.float32
+        with PackScratch() as pk:
+            work = []
+            for layer in reversed(range(L)):
+                r = layers[layer]
+                args = r.bwd_args(pk, h0_np[layer], c0_np[layer], ys[layer], gys[layer], dh_np[layer], dc_np[layer],
+                                  nparts)
+                if layer > 0:
+                    with serial_blas(True):
+                        wp_ih = pk.pack(r.w_ih, B, False)
+                work.append((r, args, wp_ih if layer > 0 else None, gys[layer - 1] if layer > 0 else None))
+
+            def part(k: int, r0: int, r1: int) -> None:
+                for r, args, wp_ih, gx in work:
+                    KP.layer_rows_bwd(SGEMM, mkl, *args, *r.acc[k], r0, r1)
+                    if gx is not None:
+                        KP.rows_input_grad(SGEMM, mkl, r.dp, r.w_ih, wp_ih, gx, r0, r1)
+
+            _plain.run_rows(part, B, nparts)
+        # every layer's weight products, split by steps (dx of the stack's input with the first layer's)
+        dx, dx_np = _plain._new((T, B, I) if ng[1] else (0, B, I), dt)
+        spans = _time_spans(T, nparts)
+        gargs = [(r, r.grads_args(spans), dx_np if layer == 0 else np.empty((0, B, r.x.shape[2]), npd))
+                 for layer, r in enumerate(layers)]
+
+        def grads(k: int) -> None:
+            for r, a, dxl in gargs:
+                KP.layer_rows_grads(SGEMM, mkl, *a, dxl, *r.dws[k], *spans[k])
+
+        _run_spans(grads, len(spans))
+        dparams = []
+        for r in layers:
+            dparams.extend(r.grads())
+        dparams = [d if need else None for d, need in zip(dparams, ng[4:])]
+        return (None, dx if ng[1] else None, dh, dc, *dparams)
+
+
+def stack_rows_train(x: Tensor, h0: Tensor, c0: Tensor, weights: list[Tensor], opts: list[LayerOptions],
+                     ln_ih: Optional[list[Tensor]], *, num_layers: int, has_biases: bool, proj_size: int,
+                     batch_sizes: Optional[Tensor]):
+    """A differentiable unidirectional stack with variants as one autograd node, by batch rows on
+    several threads (:class:`_RowsStackFn`): (out (T,B,P), h_n (L,B,P), c_n (L,B,H)), or
+    NotImplemented where :func:`numba_cpu.rows_train` would not run every layer by rows with the
+    same number of threads (the per-layer path decides then).
+
+    weights: torch.nn.LSTM's _flat_weights order; opts, ln_ih: per layer."""
+    T, B, I = x.shape
+    H = c0.shape[2]
+    P = h0.shape[2]
+    opts = [o if o is not None else LayerOptions() for o in opts]
+    parts = {_plain.rows_train(T, B, I if layer == 0 else P, H, P, x.dtype, False, num_layers)
+             for layer in range(num_layers)}
+    if len(parts) != 1 or min(parts) < 1:
+        return NotImplemented
+    for name, t in (("h0", h0), ("c0", c0), *((f"weights[{k}]", w) for k, w in enumerate(weights))):
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name}: expected dtype {x.dtype}, got {t.dtype}")
+    per = len(weights) // num_layers
+    params: list = []
+    for layer in range(num_layers):
+        w = weights[layer * per:(layer + 1) * per]
+        o = opts[layer]
+        params += [w[0], w[2] if has_biases else None, w[3] if has_biases else None,
+                   ln_ih[layer] if ln_ih is not None else None, w[1], w[-1] if proj_size > 0 else None,
+                   o.peephole, o.ln_hh, o.ln_cell_w, o.ln_cell_b]
+    return _RowsStackFn.apply((opts, batch_sizes, min(parts)), x, h0, c0, *params)
 
 
 def layer_rows_train(x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor], ln_ih: Optional[Tensor],

@@ -1119,6 +1119,15 @@ def layer_rows_train(*args, **kwargs):
     return _numba_variants.layer_rows_train(*args, **kwargs)
 
 
+def stack_rows_train(*args, **kwargs):
+    """A differentiable unidirectional stack with variants as one autograd node, its batch rows on
+    several threads through every layer (``_numba_variants``); NotImplemented where
+    :func:`rows_train` would not run each of its layers by rows."""
+    from . import _numba_variants
+
+    return _numba_variants.stack_rows_train(*args, **kwargs)
+
+
 def prefers_stack_variants(*args) -> bool:
     from . import _numba_variants
 

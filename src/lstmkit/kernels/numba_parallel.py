@@ -445,6 +445,22 @@ def layer_rows_grads(sgemm, mkl, x, w_ih, dp, dr, hprev, dhs, hps, dx, dw_ih, dw
 
 
 @njit(**_JIT)
+def rows_input_grad(sgemm, mkl, dp, w_ih, w_ih_p, dx, r0, r1):
+    """dx[t, r0:r1] = dp[t, r0:r1] @ w_ih at every step: one thread's rows of the gradient of a
+    layer's input (the output of the layer below it in a stack run by rows), after
+    :func:`layer_rows_bwd` of the same rows.
+
+    dp (T, B, G) the gradient of the layer's raw input projections; w_ih (G, I); w_ih_p its packed
+    form for ``a @ w_ih`` or (0,); dx (T, B, I) written at rows r0 .. r1 (inactive rows included:
+    dp is zero there)
+    """
+    wide_vectors()
+    dp, w_ih, w_ih_p, dx = unowned(dp), unowned(w_ih), unowned(w_ih_p), unowned(dx)
+    for t in range(dp.shape[0]):
+        mm(sgemm, mkl, dp[t][r0:r1], w_ih, w_ih_p, False, dx[t][r0:r1])
+
+
+@njit(**_JIT)
 def gather_units(w, u0, u1):
     """The rows of w (G, K) for hidden units u0 .. u1 of all four gates (a bias as (G, 1)),
     gate-major: (4 (u1 - u0), K), blocks i, f, g, o of u1 - u0 rows each."""
