@@ -537,6 +537,20 @@ def test_variant_stack_masks_drawn_once_when_left_to_layers(threaded, monkeypatc
     assert_close(results[1][1][1], results[0][1][1])
 
 
+def test_variant_stack_training_with_busy_pool(threaded):
+    """A stack with variants trained while the pool is in use elsewhere runs its node on this
+    thread alone (all rows, then every span of steps): the reference backend's numbers."""
+    ours, ref = _variant_training_pair(2, dict(layer_norm=True, recurrent_dropout=0.25))
+    x, h0, c0 = _inputs(11, 9, 4, 16, 2, 1, 16)
+    want = _train_step(ref, x, h0, c0, None)[1]
+    with nb._pool_lock:  # as if another call held the pool
+        out, got = _train_step(ours, x, h0, c0, None)
+    for w, g in zip(want, got):
+        assert_close(g, w, table=TOL_NORMALIZED)
+    assert _graph_nodes(out).count("_RowsStackFnBackward") == 1
+    assert threaded and all(not ok for _, ok in threaded)
+
+
 def test_rows_training_choice(threaded, rows_train_seen, monkeypatch):
     """Plain layers with small steps train on the fused paths: no row threads; every variant trains
     by rows."""
