@@ -36,8 +36,9 @@ xg, w_hh, w_hr, h0, c0 and the tensors in opts that are parameters.
 Optional hooks, for speed (each documented where the numba backend defines it; without them the
 callers build everything from ``layer``):
 
-    lstm_stack, lstm_stack_train, lstm_stack_variants, layer_rows_train    whole stacks or layers
-                                                    (``functional.lstm``; NotImplemented: not here)
+    lstm_stack, lstm_stack_train, lstm_stack_variants, stack_rows_train, layer_rows_train
+                                                    whole stacks or layers (``functional.lstm``;
+                                                    NotImplemented: not here)
     lstm_cell_step                                  one LSTMCell step (``functional.lstm_cell``)
     call_runner(x_shape, h_shape, c_shape, dtype, *, num_layers, bidirectional, has_biases,
                 proj_size, batch_first, grad) -> run(x, h0, c0, weights) or None
