@@ -397,8 +397,8 @@ class _RowsStackFn(torch.autograd.Function):
     layers, ``layer_rows_fwd``: rows are independent at every layer); backward is one threaded call
     for the recurrences of all layers, last first, each part passing the gradient of its rows of a
     layer's input to the layer below (``layer_rows_bwd``, ``rows_input_grad``), then one for every
-    layer's weight products, split by steps (``layer_rows_grads``). Against a node per layer
-    (:class:`_RowsLayerFn`) it saves two threaded calls a layer and the Python between them.
+    layer's weight products, split by steps (``layer_rows_grads``): three threaded calls in all,
+    where a node per layer (:class:`_RowsLayerFn`) takes three a layer, and the Python around them.
 
     Inputs: (meta, x (T, B, I), h0 (L, B, P), c0 (L, B, H), then per layer the tensors named in
     ``_STACK_SLOTS``, None where absent); meta = (opts per layer, batch_sizes, nparts)."""
