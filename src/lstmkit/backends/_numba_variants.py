@@ -497,8 +497,7 @@ def stack_rows_train(x: Tensor, h0: Tensor, c0: Tensor, weights: list[Tensor], o
     H = c0.shape[2]
     P = h0.shape[2]
     opts = [o if o is not None else LayerOptions() for o in opts]
-    parts = {_plain.rows_train(T, B, I if layer == 0 else P, H, P, x.dtype, False, num_layers)
-             for layer in range(num_layers)}
+    parts = {_plain.rows_train(T, B, K, H, P, x.dtype, False, num_layers) for K in (I, P)}  # layer 0, the others
     if len(parts) != 1 or min(parts) < 1:
         return NotImplemented
     for name, t in (("h0", h0), ("c0", c0), *((f"weights[{k}]", w) for k, w in enumerate(weights))):
