@@ -19,12 +19,22 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends
-from .backends._contract import LN_EPS, LayerOptions
+from .backends._contract import LayerOptions
+from .backends.reference import input_projection as _input_projection
+from .backends.reference import layer_weights as _layer_weights
 
 __all__ = ["lstm", "lstm_cell", "lengths_to_batch_sizes", "padded_to_packed", "packed_to_padded"]
 
 # opts_for(layer, direction, B, T) -> LayerOptions or None; built by the module (variants)
 OptsFn = Callable[[int, int, int, int], Optional[LayerOptions]]
+
+
+def direct_calls_ok() -> bool:
+    """Whether a call may run kernels outside torch's dispatcher (NumPy and Numba calls, which record
+    nothing): not while torch.compile, torch.export or torch.jit.trace record the call, nor under a
+    torch.func transform (jacrev, vmap, grad), none of which would see them."""
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or torch._C._are_functorch_transforms_active())
 
 
 def needs_grad(tensors: Sequence[Optional[Tensor]]) -> bool:
@@ -57,35 +67,6 @@ def padded_to_packed(padded: Tensor, batch_sizes: Tensor) -> Tensor:
     """Inverse of :func:`packed_to_padded`: (T, B, *) -> (N, *)."""
     mask = _active_mask(batch_sizes, padded.shape[1], padded.device)
     return padded[mask]
-
-
-def _layer_weights(weights: Sequence[Tensor], has_biases: bool, proj_size: int, D: int, layer: int, d: int):
-    per = 2 + (2 if has_biases else 0) + (1 if proj_size > 0 else 0)
-    w = weights[(layer * D + d) * per:(layer * D + d + 1) * per]
-    w_ih, w_hh = w[0], w[1]
-    b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
-    w_hr = w[-1] if proj_size > 0 else None
-    return w_ih, w_hh, b_ih, b_hh, w_hr
-
-
-def _input_projection(
-    x: Tensor,                 # (T, B, I)
-    w_ih: Tensor,              # (4H, I)
-    b_ih: Optional[Tensor],    # (4H,)
-    b_hh: Optional[Tensor],    # (4H,)
-    ln_ih: Optional[Tensor],   # (4H,) layer-norm gain, or None
-) -> Tensor:                   # (T, B, 4H)
-    T, B, _ = x.shape
-    x2 = x.reshape(T * B, x.shape[2])
-    if ln_ih is not None:
-        xg = F.layer_norm(x2 @ w_ih.t(), (w_ih.shape[0],), ln_ih, None, LN_EPS)
-        if b_ih is not None:
-            xg = xg + (b_ih + b_hh)
-    elif b_ih is not None:
-        xg = torch.addmm(b_ih + b_hh, x2, w_ih.t())
-    else:
-        xg = x2 @ w_ih.t()
-    return xg.view(T, B, w_ih.shape[0])
 
 
 def lstm(

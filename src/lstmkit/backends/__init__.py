@@ -61,7 +61,18 @@ def resolve(
 
     ``"auto"`` picks the first backend in :data:`BACKEND_MODULES` order that can serve the input.
     An explicit name that cannot serve it raises; nothing falls back silently.
+
+    Under a ``torch.func`` transform (``jacrev``, ``vmap``, ``grad``, ...) only the reference
+    backend can run: the fused kernels work outside torch's dispatcher, where no transform sees
+    them. ``"auto"`` picks it there; an explicit other name raises.
     """
+    if torch._C._are_functorch_transforms_active() and name != "reference":
+        if name != "auto":
+            raise RuntimeError(
+                f"backend {name!r} cannot run under torch.func transforms (jacrev, vmap, grad, ...): its "
+                "kernels run outside torch's dispatcher; use backend='auto' or 'reference'"
+            )
+        return _resolve("reference", device, dtype, opts)
     if opts is None:  # the per-call path of plain LSTMs: remember the answer
         key = (name, device, dtype)
         mod = _plain_choice.get(key)

@@ -16,18 +16,20 @@ Dimension legend: T steps, B batch rows, H hidden size, G = 4H, P = proj_size or
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Optional, Union
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from ..kernels import numba_parallel as KP
 from ..kernels import numba_variants as KV
 from ..kernels.numba_blas import HAVE_MKL, SGEMM, PackScratch, serial_blas
 from . import numba_cpu as _plain  # attributes looked up at call time: numba_cpu imports this module
+from . import reference
 from ._contract import LN_EPS, LayerOptions
+from ._twice import differentiable
 
 _Zone = Union[Tensor, float, None]
 
@@ -144,6 +146,21 @@ def _backward(saved, out: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Op
     return dgates, dw_hh, dw_hr, dh, dc, dpe, dln_g, dlnc_w, dlnc_b
 
 
+def _with_params(opts: LayerOptions, peephole, ln_hh, ln_cell_w, ln_cell_b) -> LayerOptions:
+    """opts with its parameters replaced by the given tensors (the node's inputs as saved)."""
+    return replace(opts, peephole=peephole, ln_hh=ln_hh, ln_cell_w=ln_cell_w, ln_cell_b=ln_cell_b)
+
+
+def _layer_reference(ctx) -> tuple:
+    xg, pe, ln_hh, lnc_w, lnc_b, out, h0, c0, w_hh, w_hr, batch_sizes = ctx.saved_tensors[:11]
+
+    def fn(xg, w_hh, w_hr, h0, c0, pe, ln_hh, lnc_w, lnc_b, batch_sizes, reverse, opts):
+        return reference.layer(xg, w_hh, w_hr, h0, c0, batch_sizes, reverse, _with_params(opts, pe, ln_hh, lnc_w,
+                                                                                           lnc_b))
+
+    return (xg, w_hh, w_hr, h0, c0, pe, ln_hh, lnc_w, lnc_b, batch_sizes, ctx.reverse, ctx.opts), fn
+
+
 class _LayerFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xg, w_hh, w_hr, h0, c0, peephole, ln_hh, ln_cell_w, ln_cell_b,
@@ -151,17 +168,19 @@ class _LayerFn(torch.autograd.Function):
         T, B, G = xg.shape
         ko = _Opts(opts, T, B, G // 4, w_hh.shape[1], xg.dtype)
         out, h_n, c_n, saved = _forward(xg, w_hh, w_hr, h0, c0, batch_sizes, reverse, ko, True)
-        ctx.save_for_backward(out, h0, c0, w_hh, w_hr, batch_sizes, *saved)
+        ctx.save_for_backward(xg, peephole, ln_hh, ln_cell_w, ln_cell_b, out, h0, c0, w_hh, w_hr, batch_sizes,
+                              *saved)
         ctx.reverse = reverse
         ctx.ko = ko
-        ctx.mask = opts.rec_mask
+        ctx.opts = opts
         return out, h_n, c_n
 
     @staticmethod
+    @differentiable(_layer_reference)
     def backward(ctx, grad_out, grad_h, grad_c):
-        out, h0, c0, w_hh, w_hr, batch_sizes, *saved = ctx.saved_tensors
+        out, h0, c0, w_hh, w_hr, batch_sizes, *saved = ctx.saved_tensors[5:]
         dxg, dw_hh, dw_hr, dh0, dc0, dpe, dln_g, dlnc_w, dlnc_b = _backward(
-            saved, out, h0, c0, w_hh, w_hr, batch_sizes, ctx.reverse, ctx.ko, ctx.mask,
+            saved, out, h0, c0, w_hh, w_hr, batch_sizes, ctx.reverse, ctx.ko, ctx.opts.rec_mask,
             grad_out, grad_h, grad_c)
         ng = ctx.needs_input_grad
         return (dxg, dw_hh, dw_hr, dh0, dc0,
@@ -338,6 +357,17 @@ def _run_spans(job: Callable[[int], None], n: int) -> None:
             job(k)
 
 
+def _rows_layer_reference(ctx) -> tuple:
+    x, w_ih, b_ih, ln_ih, w_hh, w_hr, h0, c0, _, pe, ln_hh, lnc_w, lnc_b, b_hh = ctx.saved_tensors
+
+    def fn(x, w_ih, b_ih, b_hh, ln_ih, w_hh, w_hr, h0, c0, pe, ln_hh, lnc_w, lnc_b, batch_sizes, reverse, opts, _):
+        xg = reference.input_projection(x, w_ih, b_ih, b_hh, ln_ih)
+        return reference.layer(xg, w_hh, w_hr, h0, c0, batch_sizes, reverse, _with_params(opts, pe, ln_hh, lnc_w,
+                                                                                           lnc_b))
+
+    return (x, w_ih, b_ih, b_hh, ln_ih, w_hh, w_hr, h0, c0, pe, ln_hh, lnc_w, lnc_b, *ctx.meta), fn
+
+
 class _RowsLayerFn(torch.autograd.Function):
     """A layer-direction with variants and its input projection (input layer norm and biases
     included), its batch rows shared by several threads, forward and backward
@@ -358,12 +388,14 @@ class _RowsLayerFn(torch.autograd.Function):
         with PackScratch() as pk:
             args = r.fwd_args(pk, h_n.numpy(), c_n.numpy(), out_np)
             _plain.run_rows(lambda k, r0, r1: KP.layer_rows_fwd(SGEMM, mkl, *args, r0, r1), B, nparts)
-        ctx.save_for_backward(x, w_ih, b_ih, ln_ih, w_hh, w_hr, h0, c0, out, peephole, ln_hh, ln_cell_w, ln_cell_b)
+        ctx.save_for_backward(x, w_ih, b_ih, ln_ih, w_hh, w_hr, h0, c0, out, peephole, ln_hh, ln_cell_w, ln_cell_b,
+                              b_hh)
         ctx.rows, ctx.nparts = r, nparts
+        ctx.meta = (batch_sizes, reverse, opts, nparts)
         return out, h_n, c_n
 
     @staticmethod
-    @once_differentiable
+    @differentiable(_rows_layer_reference)
     def backward(ctx, grad_out, grad_h, grad_c):
         h0, c0, out = ctx.saved_tensors[6:9]
         r, nparts = ctx.rows, ctx.nparts
@@ -389,6 +421,25 @@ class _RowsLayerFn(torch.autograd.Function):
 
 # the tensors of one layer in _RowsStackFn's inputs, in this order
 _STACK_SLOTS = ("w_ih", "b_ih", "b_hh", "ln_ih", "w_hh", "w_hr", "peephole", "ln_hh", "ln_cell_w", "ln_cell_b")
+
+
+def _rows_stack_reference(ctx) -> tuple:
+    x, h0, c0, _, *params = ctx.saved_tensors
+    n = len(_STACK_SLOTS)
+
+    def fn(meta, x, h0, c0, *params):
+        opts, batch_sizes, _ = meta
+        weights, lns, layer_opts = [], [], []
+        for layer, o in enumerate(opts):
+            w_ih, b_ih, b_hh, ln_ih, w_hh, w_hr, pe, ln_hh, lnc_w, lnc_b = params[layer * n:(layer + 1) * n]
+            weights += [w for w in (w_ih, w_hh, b_ih, b_hh, w_hr) if w is not None]
+            lns.append(ln_ih)
+            layer_opts.append(_with_params(o, pe, ln_hh, lnc_w, lnc_b))
+        return reference.stack(x, h0, c0, weights, num_layers=len(opts), D=1, has_biases=params[1] is not None,
+                               proj_size=int(params[5] is not None), batch_sizes=batch_sizes, opts=layer_opts,
+                               ln_ih=lns)
+
+    return (ctx.meta, x, h0, c0, *params), fn
 
 
 class _RowsStackFn(torch.autograd.Function):
@@ -430,11 +481,11 @@ class _RowsStackFn(torch.autograd.Function):
 
             _plain.run_rows(part, B, nparts)
         ctx.save_for_backward(x, h0, c0, out, *params)
-        ctx.layers, ctx.ys, ctx.nparts = layers, ys, nparts
+        ctx.layers, ctx.ys, ctx.nparts, ctx.meta = layers, ys, nparts, meta
         return out, h_n, c_n
 
     @staticmethod
-    @once_differentiable
+    @differentiable(_rows_stack_reference)
     def backward(ctx, grad_out, grad_h, grad_c):
         x, h0, c0 = ctx.saved_tensors[:3]
         layers, ys, nparts = ctx.layers, ctx.ys, ctx.nparts

@@ -21,7 +21,6 @@ P = proj_size or H, L layers, D directions.
 
 from __future__ import annotations
 
-import functools
 import math
 import operator
 import os
@@ -35,7 +34,6 @@ from typing import Optional
 import numpy as np
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from ..kernels import numba_lstm as K
 from ..kernels import numba_parallel as KP
@@ -54,7 +52,9 @@ from ..kernels.numba_blas import (
     serial_blas,
 )
 from ..kernels.numba_lstm import DOT_MAX_SIZE, SMALL_FLOPS_MKL
+from . import reference
 from ._contract import LayerOptions
+from ._twice import differentiable
 
 NAME = "numba"
 AUTO_DEVICE_TYPES = ("cpu",)
@@ -223,17 +223,23 @@ def _backward(gates: Tensor, cs: Tensor, out: Tensor, h0: Tensor, c0: Tensor, w_
 
 # --- eager autograd ---------------------------------------------------------------------------
 
+def _layer_reference(ctx) -> tuple:
+    xg, _, _, _, h0, c0, w_hh, w_hr, batch_sizes = ctx.saved_tensors
+    return (xg, w_hh, w_hr, h0, c0, batch_sizes, ctx.reverse), reference.layer
+
+
 class _LayerFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xg, w_hh, w_hr, h0, c0, batch_sizes, reverse):
         out, h_n, c_n, gates, cs = _forward(xg, w_hh, w_hr, h0, c0, batch_sizes, reverse, True)
-        ctx.save_for_backward(gates, cs, out, h0, c0, w_hh, w_hr, batch_sizes)
+        ctx.save_for_backward(xg, gates, cs, out, h0, c0, w_hh, w_hr, batch_sizes)
         ctx.reverse = reverse
         return out, h_n, c_n
 
     @staticmethod
+    @differentiable(_layer_reference)
     def backward(ctx, grad_out, grad_h, grad_c):
-        gates, cs, out, h0, c0, w_hh, w_hr, batch_sizes = ctx.saved_tensors
+        _, gates, cs, out, h0, c0, w_hh, w_hr, batch_sizes = ctx.saved_tensors
         dxg, dw_hh, dw_hr, dh0, dc0 = _backward(gates, cs, out, h0, c0, w_hh, w_hr, batch_sizes,
                                                 ctx.reverse, grad_out, grad_h, grad_c)
         return dxg, dw_hh, dw_hr, dh0, dc0, None, None
@@ -1274,18 +1280,15 @@ def _train_plan(x_shape: tuple, h_shape: tuple, c_shape: tuple, dtype: torch.dty
 _NO_PLAN = object()
 
 
-def _once_differentiable(fn: Callable) -> Callable:
-    """``once_differentiable`` without its ``torch.no_grad()`` block where grad mode is already off
-    (every backward pass but one that builds a graph, ``create_graph=True``, which gets the real
-    thing and its error on a second differentiation): a backward of NumPy kernels records
-    nothing, and the block costs a few microseconds of a tiny model's step."""
-    checked = once_differentiable(fn)
+def _stack_reference(ctx) -> tuple:
+    x, h0, c0, _, *weights = ctx.saved_tensors
+    plan, bs = ctx.saved[0], ctx.batch_sizes
 
-    @functools.wraps(fn)
-    def wrapper(ctx, *args):
-        return checked(ctx, *args) if torch.is_grad_enabled() else fn(ctx, *args)
+    def fn(_plan, _bs, x, h0, c0, *weights):
+        return reference.stack(x, h0, c0, weights, num_layers=plan.num_layers, D=plan.D,
+                               has_biases=plan.has_biases, proj_size=plan.proj_size, batch_sizes=bs)
 
-    return wrapper
+    return (plan, bs, x, h0, c0, *weights), fn
 
 
 class _StackFn(torch.autograd.Function):
@@ -1322,10 +1325,11 @@ class _StackFn(torch.autograd.Function):
         # saved for autograd's checks against in-place changes; backward uses the NumPy views
         ctx.save_for_backward(x, h0, c0, out, *weights)
         ctx.saved = (plan, views, x_np, h0_np, c0_np, bs, ys, gates, cs)
+        ctx.batch_sizes = batch_sizes
         return out, h_n, c_n
 
     @staticmethod
-    @_once_differentiable
+    @differentiable(_stack_reference)
     def backward(ctx, grad_out, grad_h, grad_c):
         _ = ctx.saved_tensors  # unpacking raises if an input was changed in place since forward
         plan, views, x_np, h0_np, c0_np, bs, ys, gates, cs = ctx.saved

@@ -6,6 +6,7 @@ It never calls torch's recurrent kernels.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Optional
 
 import torch
@@ -84,3 +85,101 @@ def layer(
     if T == 0:
         return xg.new_zeros((0, B, h0.shape[1])), h, c
     return torch.stack(outs), h, c  # type: ignore[arg-type]
+
+
+@torch.library.custom_op("lstmkit::grad_copies", mutates_args=())
+def _grad_copies(g: Tensor) -> tuple[Tensor, Tensor]:
+    return g.clone(), g.clone()
+
+
+@_grad_copies.register_fake
+def _(g):
+    return torch.empty_like(g), torch.empty_like(g)
+
+
+@torch.library.custom_op("lstmkit::bias_sum", mutates_args=())
+def _bias_sum_op(b_ih: Tensor, b_hh: Tensor) -> Tensor:
+    return b_ih + b_hh
+
+
+@_bias_sum_op.register_fake
+def _(b_ih, b_hh):
+    return torch.empty_like(b_ih)
+
+
+_bias_sum_op.register_autograd(lambda ctx, g: torch.ops.lstmkit.grad_copies(g))
+
+
+def _bias_sum(b_ih: Tensor, b_hh: Tensor) -> Tensor:
+    """b_ih + b_hh. Under torch.compile an opaque op whose gradients are two distinct tensors: the
+    compiled backward of a plain sum returns one tensor as both parameters' gradients, which
+    accumulation and in-place clipping then count twice."""
+    if torch.compiler.is_compiling():
+        return torch.ops.lstmkit.bias_sum(b_ih, b_hh)
+    return b_ih + b_hh
+
+
+def layer_weights(weights: Sequence[Tensor], has_biases: bool, proj_size: int, D: int, layer: int, d: int):
+    """(w_ih, w_hh, b_ih, b_hh, w_hr) of one layer-direction from torch.nn.LSTM's _flat_weights order
+    (None where absent)."""
+    per = 2 + (2 if has_biases else 0) + (1 if proj_size > 0 else 0)
+    w = weights[(layer * D + d) * per:(layer * D + d + 1) * per]
+    w_ih, w_hh = w[0], w[1]
+    b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
+    w_hr = w[-1] if proj_size > 0 else None
+    return w_ih, w_hh, b_ih, b_hh, w_hr
+
+
+def input_projection(
+    x: Tensor,                 # (T, B, I)
+    w_ih: Tensor,              # (4H, I)
+    b_ih: Optional[Tensor],    # (4H,)
+    b_hh: Optional[Tensor],    # (4H,)
+    ln_ih: Optional[Tensor],   # (4H,) layer-norm gain, or None
+) -> Tensor:                   # (T, B, 4H)
+    """The input projections of every step at once: xg = x W_ih^T + b_ih + b_hh (with layer norm:
+    LN_x(x W_ih^T) * gain + b_ih + b_hh)."""
+    T, B, _ = x.shape
+    x2 = x.reshape(T * B, x.shape[2])
+    if ln_ih is not None:
+        xg = F.layer_norm(x2 @ w_ih.t(), (w_ih.shape[0],), ln_ih, None, LN_EPS)
+        if b_ih is not None:
+            xg = xg + _bias_sum(b_ih, b_hh)
+    elif b_ih is not None:
+        xg = torch.addmm(_bias_sum(b_ih, b_hh), x2, w_ih.t())
+    else:
+        xg = x2 @ w_ih.t()
+    return xg.view(T, B, w_ih.shape[0])
+
+
+def stack(
+    x: Tensor,                                   # (T, B, I)
+    h0: Tensor,                                  # (L*D, B, P)
+    c0: Tensor,                                  # (L*D, B, H)
+    weights: Sequence[Tensor],                   # torch.nn.LSTM's _flat_weights order
+    *,
+    num_layers: int,
+    D: int,
+    has_biases: bool,
+    proj_size: int,
+    batch_sizes: Optional[Tensor],
+    opts: Optional[Sequence[Optional[LayerOptions]]] = None,   # per layer-direction
+    ln_ih: Optional[Sequence[Optional[Tensor]]] = None,        # per layer-direction
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A stacked LSTM without dropout between layers on the reference math: (out, h_n, c_n). The
+    recomputation behind differentiable backward passes of the fused backends' stack nodes."""
+    h_n: list[Tensor] = []
+    c_n: list[Tensor] = []
+    for lay in range(num_layers):
+        outs = []
+        for d in range(D):
+            idx = lay * D + d
+            w_ih, w_hh, b_ih, b_hh, w_hr = layer_weights(weights, has_biases, proj_size, D, lay, d)
+            xg = input_projection(x, w_ih, b_ih, b_hh, None if ln_ih is None else ln_ih[idx])
+            out, h, c = layer(xg, w_hh, w_hr, h0[idx], c0[idx], batch_sizes, d == 1,
+                              None if opts is None else opts[idx])
+            outs.append(out)
+            h_n.append(h)
+            c_n.append(c)
+        x = outs[0] if D == 1 else torch.cat(outs, 2)
+    return x, torch.stack(h_n), torch.stack(c_n)
