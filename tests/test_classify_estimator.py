@@ -190,7 +190,7 @@ def test_noise_augmentation_is_seeded_and_changes_training(data):
     plain, noisy = fit(), fit(noise=0.3)
     np.testing.assert_array_equal(noisy, fit(noise=0.3))
     assert not np.allclose(noisy, plain)
-    with pytest.raises(ValueError, match=r"noise: expected a float >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"noise: expected a number >= 0, got -1"):
         LSTMSequenceClassifier(noise=-1).fit(X, y)
 
 

@@ -194,7 +194,7 @@ def test_empty_sequence_is_an_error(data):
 
 def test_bad_parameters_named(data):
     X, y = data
-    with pytest.raises(ValueError, match=r"hidden_size: expected a positive integer, got 0"):
+    with pytest.raises(ValueError, match=r"hidden_size: expected an integer in \[1, 65536\], got 0"):
         LSTMSequenceClassifier(hidden_size=0).fit(X, y)
     with pytest.raises(ValueError, match=r"pooling: expected one of \[.*'last\+mean'\], got 'sum'"):
         LSTMSequenceClassifier(pooling="sum").fit(X, y)

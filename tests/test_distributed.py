@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from lstmkit.classify import write_csv
 from lstmkit.cli import main
 from test_classify_helpers import make_sequences
@@ -15,6 +17,7 @@ ARGS = ["--hidden-size", "8", "--epochs", "20", "--batch-size", "16", "--lr", "0
         "--validation-fraction", "0.1", "--no-progress"]
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_single_process(tmp_path):
     X, y = make_sequences(120, seed=0)
     Xt, yt = make_sequences(60, seed=1)

@@ -8,7 +8,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-IMPUTE_OPTIONS = (None, "zero", "ffill")
+from ._defaults import CHOICES
+
+IMPUTE_OPTIONS = CHOICES["impute"]
 
 
 def as_cases(X, *, channels_first: bool = False, name: str = "X") -> list[np.ndarray]:

@@ -1,7 +1,9 @@
-"""Default hyper-parameters: the one place they are set.
+"""Default hyper-parameters and the allowed values of the choice parameters: the one place they are set.
 
-The estimator's ``__init__`` defaults, the CLI's option defaults and the benchmark commands all read
-this mapping. Chosen once for all bundled datasets (see BENCHMARKS.md), never per dataset.
+The estimator's ``__init__`` defaults and checks, the CLI's option defaults and choices, and the
+benchmark commands all read this module. The defaults were chosen once for all bundled datasets (see
+BENCHMARKS.md), never per dataset. This module imports nothing, so that ``lstmkit --help`` can read it
+without importing torch.
 """
 
 from __future__ import annotations
@@ -38,3 +40,19 @@ DEFAULTS: dict[str, object] = {
     "backend": "auto",
     "num_threads": 1,
 }
+
+#: allowed values of the parameters that take one of a few names (``pooling`` must match
+#: ``lstmkit._classifier.POOLINGS`` and ``backend`` the backend registry; a test checks both)
+CHOICES: dict[str, tuple] = {
+    "pooling": ("last", "mean", "max", "last+mean"),
+    "monitor": ("loss", "acc"),
+    "impute": (None, "zero", "ffill"),
+    "backend": ("auto", "triton", "numba", "reference"),
+}
+
+#: the most CPU threads a model may ask for (``num_threads``); far beyond it OpenMP runtimes crash
+MAX_THREADS = 1024
+
+#: upper bounds of the model's sizes, checked on ``fit`` and on loading a saved model (a model.json
+#: must never make the process allocate without bound)
+MAX_SIZES = {"input_size": 1 << 20, "hidden_size": 1 << 16, "num_layers": 256, "output_size": 1 << 20}

@@ -16,14 +16,11 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
 from . import _distributed as D
-from ._checkpoint import atomic_write, load_checkpoint, read_json, save_checkpoint, write_json
-from ._data import IMPUTE_OPTIONS, Standardizer, as_cases, check_finite, pad
-from ._defaults import AUTO_MIN_EPOCHS, AUTO_MIN_STEPS, DEFAULTS
+from ._checkpoint import atomic_write, load_checkpoint, save_checkpoint, write_json
+from ._data import Standardizer, as_cases, check_finite, pad
+from ._defaults import AUTO_MIN_EPOCHS, AUTO_MIN_STEPS, CHOICES, DEFAULTS, MAX_SIZES, MAX_THREADS
+from ._modelfile import CONFIG_FILE, FORMAT, WEIGHTS_FILE, check_folder, read_config, read_weights
 from ._train import Batches, TrainConfig, train
-
-FORMAT = "lstmkit.classify/1"
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "model.json"
 
 
 def _unique_labels(y: np.ndarray) -> np.ndarray:
@@ -36,6 +33,11 @@ def _unique_labels(y: np.ndarray) -> np.ndarray:
         out = np.empty(len(seen), dtype=object)
         out[:] = list(seen)
         return out
+
+
+def _plain(v):
+    """A NumPy scalar as the Python value JSON can hold."""
+    return v.item() if isinstance(v, np.generic) else v
 
 
 @contextmanager
@@ -66,6 +68,80 @@ def _resolve_device(device: str) -> torch.device:
     if dev.type == "cuda" and dev.index is None and D.is_active():
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return dev
+
+
+class ParamError(ValueError):
+    """A parameter outside its type or range; ``param`` is its name, ``detail`` what was expected."""
+
+    def __init__(self, param: str, detail: str):
+        super().__init__(f"{param}: {detail}")
+        self.param = param
+        self.detail = detail
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_real(v) -> bool:
+    return (_is_int(v) or isinstance(v, (float, np.floating))) and math.isfinite(float(v))
+
+
+def check_params(params: dict) -> None:
+    """Check estimator parameters (a ``get_params()`` mapping; missing names are not checked).
+
+    Raises :class:`ParamError` naming the parameter, the expected values and the value given.
+    """
+
+    def fail(name, expected):
+        raise ParamError(name, f"expected {expected}, got {params[name]!r}")
+
+    def check(name, ok, expected):
+        if name in params and not ok(params[name]):
+            fail(name, expected)
+
+    def int_in(lo, hi=None):
+        return lambda v: _is_int(v) and v >= lo and (hi is None or v <= hi)
+
+    def real_in(lo, hi, *, lo_open=False, hi_open=False):
+        def ok(v):
+            if not _is_real(v):
+                return False
+            v = float(v)
+            return (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
+
+        return ok
+
+    def boolean(v):
+        return isinstance(v, (bool, np.bool_))
+
+    for name, hi in (("hidden_size", MAX_SIZES["hidden_size"]), ("num_layers", MAX_SIZES["num_layers"]),
+                     ("batch_size", None)):
+        check(name, int_in(1, hi), "a positive integer" if hi is None else f"an integer in [1, {hi}]")
+    check("epochs", lambda v: v == "auto" or int_in(1)(v), "a positive integer or 'auto'")
+    check("dropout", real_in(0.0, 1.0, hi_open=True), "a number in [0, 1)")
+    check("lr", real_in(0.0, None, lo_open=True), "a positive number")
+    check("weight_decay", real_in(0.0, None), "a number >= 0")
+    check("validation_fraction", real_in(0.0, 1.0, hi_open=True), "a number in [0, 1)")
+    check("patience", lambda v: v is None or int_in(1)(v), "None or a positive integer")
+    check("grad_clip", lambda v: v is None or real_in(0.0, None)(v), "None or a number >= 0 (0: off)")
+    check("noise", real_in(0.0, None), "a number >= 0")
+    check("seed", int_in(0, 2**32 - 1), f"an integer in [0, {2**32 - 1}]")
+    check("num_threads", lambda v: v is None or int_in(1, MAX_THREADS)(v),
+          f"None or an integer in [1, {MAX_THREADS}]")
+    for name in ("bidirectional", "standardize", "channels_first", "progress"):
+        check(name, boolean, "True or False")
+    for name, allowed in CHOICES.items():
+        check(name, lambda v, allowed=allowed: isinstance(v, (str, type(None))) and v in allowed,
+              f"one of {list(allowed)}")
+    check("device", lambda v: isinstance(v, str), "'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+    def class_weight_ok(v):
+        if v is None or v == "balanced":
+            return True
+        return isinstance(v, dict) and all(_is_real(w) and float(w) >= 0 for w in v.values())
+
+    check("class_weight", class_weight_ok, "None, 'balanced' or a dict {label: weight >= 0}")
 
 
 class LSTMSequenceClassifier(ClassifierMixin, BaseEstimator):
@@ -170,38 +246,22 @@ class LSTMSequenceClassifier(ClassifierMixin, BaseEstimator):
     # ------------------------------------------------------------------------------ checks
 
     def _check_params(self) -> None:
-        def positive_int(name):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+        """Check every parameter's type and range; :class:`ParamError` names the first bad one."""
+        check_params(self.get_params())
 
-        for name in ("hidden_size", "num_layers", "batch_size"):
-            positive_int(name)
-        if self.epochs != "auto":
-            positive_int("epochs")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"dropout: expected a float in [0, 1), got {self.dropout!r}")
-        n = self.num_threads
-        if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1):
-            raise ValueError(f"num_threads: expected None or a positive integer, got {self.num_threads!r}")
-        if not float(self.noise) >= 0:
-            raise ValueError(f"noise: expected a float >= 0, got {self.noise!r}")
-        if not float(self.lr) > 0:
-            raise ValueError(f"lr: expected a positive float, got {self.lr!r}")
-        if not 0.0 <= float(self.validation_fraction) < 1.0:
-            raise ValueError(f"validation_fraction: expected a float in [0, 1), got {self.validation_fraction!r}")
-        if self.patience is not None and (not isinstance(self.patience, (int, np.integer)) or self.patience < 1):
-            raise ValueError(f"patience: expected None or a positive integer, got {self.patience!r}")
-        from lstmkit._classifier import POOLINGS
+    def _check_device(self) -> torch.device:
+        """The device to train on, checked along with the backend's ability to run there."""
+        try:
+            device = _resolve_device(self.device)
+        except ValueError as exc:
+            raise ParamError("device", str(exc).removeprefix("device: ")) from None
+        from lstmkit.backends import resolve
 
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling: expected one of {list(POOLINGS)}, got {self.pooling!r}")
-        if self.monitor not in ("loss", "acc"):
-            raise ValueError(f"monitor: expected 'loss' or 'acc', got {self.monitor!r}")
-        if self.impute not in IMPUTE_OPTIONS:
-            raise ValueError(f"impute: expected one of {list(IMPUTE_OPTIONS)}, got {self.impute!r}")
-        if not (self.class_weight is None or self.class_weight == "balanced" or isinstance(self.class_weight, dict)):
-            raise ValueError(f"class_weight: expected None, 'balanced' or a dict, got {self.class_weight!r}")
+        try:
+            resolve(self.backend, device, torch.float32)
+        except (RuntimeError, ValueError) as exc:
+            raise ParamError("backend", str(exc).removeprefix("backend: ")) from None
+        return device
 
     def _cases(self, X, name: str = "X") -> list[np.ndarray]:
         cases = as_cases(X, channels_first=self.channels_first, name=name)
@@ -297,11 +357,12 @@ class LSTMSequenceClassifier(ClassifierMixin, BaseEstimator):
             resume: continue from ``checkpoint_path`` (it must exist and match X, y and the parameters).
             on_epoch_end: called as ``on_epoch_end(epoch, history)`` after each epoch's checkpoint.
         """
+        self._check_params()  # before anything else: num_threads reaches torch below
+        device = self._check_device()
         with _torch_threads(self.num_threads):
-            return self._fit(X, y, checkpoint_path, resume, on_epoch_end)
+            return self._fit(X, y, checkpoint_path, resume, on_epoch_end, device)
 
-    def _fit(self, X, y, checkpoint_path, resume, on_epoch_end) -> LSTMSequenceClassifier:
-        self._check_params()
+    def _fit(self, X, y, checkpoint_path, resume, on_epoch_end, device) -> LSTMSequenceClassifier:
         cases = as_cases(X, channels_first=self.channels_first)
         check_finite(cases, self.impute)
         y = self._labels(y, len(cases))
@@ -334,7 +395,6 @@ class LSTMSequenceClassifier(ClassifierMixin, BaseEstimator):
         train_data = Batches(x_all[tr], len_all[tr], y_all[tr])
         val_data = Batches(x_all[va], len_all[va], y_all[va]) if len(va) else None
 
-        device = _resolve_device(self.device)
         torch.manual_seed(self.seed)
         model = self._build_model(self.n_features_in_, len(self.classes_)).to(device)
         fingerprint = self._fingerprint(cases, y_idx)
@@ -397,6 +457,7 @@ class LSTMSequenceClassifier(ClassifierMixin, BaseEstimator):
     def predict_proba(self, X, batch_size: int = 512) -> np.ndarray:
         """Class probabilities ``(n_cases, n_classes)``, columns in the order of ``classes_``."""
         check_is_fitted(self, "model_")
+        check_params({k: getattr(self, k) for k in ("num_threads", "impute", "channels_first")})
         cases = self._cases(X)
         z = self.standardizer_.transform(cases, self.impute)
         device = self._device_for_inference()
@@ -451,7 +512,7 @@ class LSTMSequenceClassifier(ClassifierMixin, BaseEstimator):
                 "impute": self.impute,
                 "channels_first": bool(self.channels_first),
             },
-            "params": {k: v for k, v in self.get_params().items() if k != "class_weight"}
+            "params": {k: _plain(v) for k, v in self.get_params().items() if k != "class_weight"}
             | {"class_weight": self.class_weight if not isinstance(self.class_weight, dict) else None},
             "history": getattr(self, "history_", None),
         }
@@ -472,21 +533,19 @@ class LSTMSequenceClassifier(ClassifierMixin, BaseEstimator):
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "cpu") -> LSTMSequenceClassifier:
-        """Load a model written by :meth:`save` (or a run folder of ``lstmkit train``)."""
-        from safetensors.torch import load_file
+        """Load a model written by :meth:`save` (or a run folder of ``lstmkit train``).
 
+        Both files are checked before use: ``model.json`` against its schema (types, ranges, the
+        class list's length, finite standardization statistics with non-zero scales, one per
+        feature) and ``model.safetensors`` against the model ``model.json`` describes (names,
+        shapes and dtypes from its header, before any tensor is read; then finite values).
+        :class:`ModelFileError` names the file and the field.
+        """
         path = Path(path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"model folder {str(path)!r} does not exist")
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
-            if not (path / name).is_file():
-                raise FileNotFoundError(f"{str(path)!r} is not a saved model: {name} is missing")
-        config = read_json(path / CONFIG_FILE)
-        if config.get("format") != FORMAT:
-            raise ValueError(f"{path / CONFIG_FILE}: expected format {FORMAT!r}, got {config.get('format')!r}")
+        check_folder(path)
+        config = read_config(path)
         params = dict(config["params"])
-        valid = cls().get_params()
-        est = cls(**{k: v for k, v in params.items() if k in valid})
+        est = cls(**params)
         est.device = device
         dtype = config["classes_dtype"]
         if dtype == "object":
@@ -494,13 +553,19 @@ class LSTMSequenceClassifier(ClassifierMixin, BaseEstimator):
             classes[:] = config["classes"]
         else:
             classes = np.asarray(config["classes"], dtype=np.dtype(dtype))
+        m, pre = config["model"], config["preprocessing"]
+        # the model.json's own description of the network, whatever params says
+        est.set_params(**{k: m[k] for k in ("hidden_size", "num_layers", "bidirectional", "pooling", "dropout")})
+        est.set_params(**{k: pre[k] for k in ("standardize", "impute", "channels_first")})
         est.classes_ = classes
-        pre = config["preprocessing"]
         est.standardizer_ = Standardizer(np.asarray(pre["mean"]), np.asarray(pre["scale"]))
-        m = config["model"]
         est.n_features_in_ = int(m["input_size"])
-        model = est._build_model(est.n_features_in_, int(m["output_size"]))
-        model.load_state_dict(load_file(path / WEIGHTS_FILE))
+        with torch.device("meta"):  # shapes only: nothing allocated before the weight file is checked
+            shapes = {k: tuple(v.shape) for k, v in est._build_model(est.n_features_in_, len(classes))
+                      .state_dict().items()}
+        tensors = read_weights(path, shapes)
+        model = est._build_model(est.n_features_in_, len(classes))
+        model.load_state_dict(tensors)
         est.model_ = model.to(_resolve_device(device)).eval()
         if config.get("history") is not None:
             est.history_ = config["history"]

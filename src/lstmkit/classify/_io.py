@@ -1,7 +1,10 @@
 """Reading labelled sequence files: .ts (UEA/UCR, through aeon's loader), .npz and long-format CSV.
 
-Every reader returns ``(X, y)`` with X a list of ``(n_steps, n_features)`` float32 arrays and y a 1-D
-array of labels, and raises :class:`DataFileError` naming the file (and the line, for .ts and CSV).
+:func:`read_cases` returns :class:`Cases`: X a list of ``(n_steps, n_features)`` float32 arrays, y a
+1-D array of labels (or None), each case's id (the CSV's ``sequence_id``, the .npz's optional
+``ids``, else its position) and where each case and step sits in the file, so that an error can name
+the file, line and sequence. :func:`read_data` returns ``(X, y)``. Every reader raises
+:class:`DataFileError` naming the file (and the line, for .ts and CSV).
 """
 
 from __future__ import annotations
@@ -9,8 +12,9 @@ from __future__ import annotations
 import csv
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 
@@ -21,30 +25,96 @@ class DataFileError(ValueError):
     """A data file is missing or malformed; the message names the file and, where known, the line."""
 
 
-def read_data(
-    path: str | os.PathLike, *, labels: bool = True, channels_first: bool = False
-) -> tuple[list[np.ndarray], Optional[np.ndarray]]:
-    """Read a sequence file; the format follows the suffix (.ts, .npz or .csv).
+@dataclass
+class Cases:
+    """Sequences read from one source, with what it takes to point at any of them.
+
+    ``ids[i]`` identifies case i to the user (a CSV ``sequence_id``, an .npz ``ids`` entry, or the
+    case's 0-based position); ``lines[i]`` is the line of case i (.ts: an int) or the line of each of
+    its steps (CSV: a list, in step order); None where the source has no lines.
+    """
+
+    X: list[np.ndarray]
+    y: Optional[np.ndarray]
+    ids: list
+    source: str
+    lines: Optional[list[Union[int, list[int]]]] = None
+    feature_names: Optional[list[str]] = None
+    #: True when ids come from the file (CSV sequence_id, .npz ids), False when they are positions
+    named_ids: bool = False
+    path: Optional[Path] = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.X)
+
+    @property
+    def n_features(self) -> int:
+        return int(self.X[0].shape[1])
+
+    def where(self, i: int, step: Optional[int] = None) -> str:
+        """``file:line: sequence 'id'`` (CSV), ``file:line: case i`` (.ts) or ``source: case i``."""
+        line = None
+        if self.lines is not None:
+            at = self.lines[i]
+            line = at[step if step is not None else 0] if isinstance(at, list) else at
+        place = self.source if line is None else f"{self.source}:{line}"
+        who = f"sequence {self.ids[i]!r}" if self.named_ids else f"case {self.ids[i]}"
+        return f"{place}: {who}"
+
+    def feature_name(self, j: int) -> str:
+        if self.feature_names is not None:
+            return f"{j} ({self.feature_names[j]!r})"
+        return str(j)
+
+    def subset(self, idx) -> Cases:
+        idx = [int(i) for i in idx]
+        return Cases(
+            [self.X[i] for i in idx],
+            None if self.y is None else self.y[idx],
+            [self.ids[i] for i in idx],
+            self.source,
+            None if self.lines is None else [self.lines[i] for i in idx],
+            self.feature_names,
+            self.named_ids,
+            self.path,
+        )
+
+
+def read_cases(path: str | os.PathLike, *, labels: bool = True, channels_first: bool = False) -> Cases:
+    """Read a sequence file as :class:`Cases`; the format follows the suffix (.ts, .npz or .csv).
 
     Args:
-        labels: labels are required (else y may be None when the file has none).
+        labels: labels are required (else y is None when the file has none).
         channels_first: .npz ``X`` is ``(n_cases, n_channels, n_timepoints)``.
     """
     path = Path(path)
     if not path.exists():
         raise DataFileError(f"data file {str(path)!r} does not exist")
     if not path.is_file():
-        raise DataFileError(f"data file {str(path)!r} is not a file")
+        raise DataFileError(f"data file {str(path)!r} is a folder, not a file")
     suffix = path.suffix.lower()
     if suffix == ".ts":
-        return read_ts(path, labels=labels)
+        return _read_ts(path, labels=labels)
     if suffix == ".npz":
-        return read_npz(path, labels=labels, channels_first=channels_first)
+        return _read_npz(path, labels=labels, channels_first=channels_first)
     if suffix == ".csv":
-        return read_csv(path, labels=labels)
+        return _read_csv(path, labels=labels)
     raise DataFileError(
         f"data file {str(path)!r}: expected a suffix in {list(SUPPORTED_SUFFIXES)}, got {path.suffix!r}"
     )
+
+
+def read_data(
+    path: str | os.PathLike, *, labels: bool = True, channels_first: bool = False
+) -> tuple[list[np.ndarray], Optional[np.ndarray]]:
+    """Read a sequence file as ``(X, y)``; the format follows the suffix (.ts, .npz or .csv).
+
+    Args:
+        labels: labels are required (else y may be None when the file has none).
+        channels_first: .npz ``X`` is ``(n_cases, n_channels, n_timepoints)``.
+    """
+    cases = read_cases(path, labels=labels, channels_first=channels_first)
+    return cases.X, cases.y
 
 
 # ---------------------------------------------------------------------------------------------- .ts
@@ -85,9 +155,24 @@ def _failing_line(path: Path, lines: list[str]) -> Optional[int]:
         return hi
 
 
+def _ts_case_lines(lines: list[str], n_cases: int) -> Optional[list[int]]:
+    """1-based line of each case: aeon reads one case per line after the ``@data`` line."""
+    for k, line in enumerate(lines):
+        text = " ".join(line.strip().lower().split())
+        if text == "@data":
+            if len(lines) - (k + 1) < n_cases:
+                return None
+            return [k + 2 + i for i in range(n_cases)]
+    return None
+
+
 def read_ts(path: str | os.PathLike, labels: bool = True) -> tuple[list[np.ndarray], Optional[np.ndarray]]:
     """Read a UEA/UCR .ts file with :func:`aeon.datasets.load_from_ts_file`."""
-    path = Path(path)
+    cases = _read_ts(Path(path), labels)
+    return cases.X, cases.y
+
+
+def _read_ts(path: Path, labels: bool = True) -> Cases:
     try:
         X, y, meta = _aeon_ts(path)
     except FileNotFoundError:
@@ -108,7 +193,12 @@ def read_ts(path: str | os.PathLike, labels: bool = True) -> tuple[list[np.ndarr
     if labels and not has_labels:
         raise DataFileError(f"{path}: expected class labels (@classLabel true ...), the file has none")
     cases = [np.ascontiguousarray(np.asarray(c, dtype=np.float32).T) for c in X]
-    return cases, (np.asarray(y) if has_labels else None)
+    try:
+        case_lines = _ts_case_lines(path.read_text(encoding="utf-8").splitlines(), len(cases))
+    except (OSError, UnicodeDecodeError):
+        case_lines = None
+    return Cases(cases, np.asarray(y) if has_labels else None, list(range(len(cases))), str(path),
+                 case_lines, path=path)
 
 
 # --------------------------------------------------------------------------------------------- .npz
@@ -119,8 +209,12 @@ def read_npz(
 ) -> tuple[list[np.ndarray], Optional[np.ndarray]]:
     """Read ``X`` (n_cases, n_steps, n_features) or (n_cases, n_steps), ``y`` (n_cases,) and optional
     ``lengths`` (n_cases,): case i is ``X[i, :lengths[i]]``. With ``channels_first`` X is
-    ``(n_cases, n_channels, n_timepoints)``."""
-    path = Path(path)
+    ``(n_cases, n_channels, n_timepoints)``. An optional ``ids`` (n_cases,) names the cases."""
+    cases = _read_npz(Path(path), labels, channels_first)
+    return cases.X, cases.y
+
+
+def _read_npz(path: Path, labels: bool = True, channels_first: bool = False) -> Cases:
     import zipfile
 
     if not zipfile.is_zipfile(path):
@@ -155,15 +249,29 @@ def read_npz(
             raise DataFileError(
                 f"{path}: 'lengths' must be integers of shape ({len(X)},), got {lengths.dtype} {lengths.shape}"
             )
-        bad = np.flatnonzero((lengths < 0) | (lengths > n_steps))
+        bad = np.flatnonzero((lengths < 1) | (lengths > n_steps))
         if len(bad):
             raise DataFileError(
-                f"{path}: lengths[{bad[0]}] = {lengths[bad[0]]} is outside [0, {n_steps}] (X has {n_steps} steps)"
+                f"{path}: lengths[{bad[0]}] = {lengths[bad[0]]} is outside [1, {n_steps}] (X has {n_steps} steps; "
+                "every case needs at least one)"
             )
     else:
         lengths = np.full(len(X), n_steps)
+    if len(X) == 0:
+        raise DataFileError(f"{path}: 'X' holds no cases (shape {X.shape})")
+    ids: list = list(range(len(X)))
+    if "ids" in arrays:
+        raw = arrays["ids"]
+        if raw.shape != (len(X),) or raw.dtype.kind not in "iuUS":
+            raise DataFileError(
+                f"{path}: 'ids' must be integers or strings of shape ({len(X)},), got {raw.dtype} {raw.shape}"
+            )
+        ids = [v.decode() if isinstance(v, bytes) else v for v in raw.tolist()]
+        if len(set(ids)) != len(ids):
+            dup = next(v for v in ids if ids.count(v) > 1)
+            raise DataFileError(f"{path}: 'ids' repeats {dup!r}; every case needs its own id")
     cases = [np.ascontiguousarray(X[i, : lengths[i]], dtype=np.float32) for i in range(len(X))]
-    return cases, y
+    return Cases(cases, y, ids, str(path), named_ids="ids" in arrays, path=path)
 
 
 # --------------------------------------------------------------------------------------------- .csv
@@ -182,7 +290,11 @@ def read_csv(path: str | os.PathLike, labels: bool = True) -> tuple[list[np.ndar
     Rows of one sequence are ordered by ``time_step`` (integers, unique within a sequence); the label
     must be the same on every row of a sequence. Sequences keep the order of their first row.
     """
-    path = Path(path)
+    cases = _read_csv(Path(path), labels)
+    return cases.X, cases.y
+
+
+def _read_csv(path: Path, labels: bool = True) -> Cases:
     try:
         fh = open(path, newline="", encoding="utf-8")
     except OSError as exc:
@@ -223,9 +335,16 @@ def read_csv(path: str | os.PathLike, labels: bool = True) -> tuple[list[np.ndar
                 except ValueError as exc:
                     raise DataFileError(f"{path}:{line}: feature values must be numbers ({exc})") from None
                 if seq in seq_labels and seq_labels[seq][0] != label:
+                    first = seq_labels[seq][1]
+                    if header[-1].strip().lower() not in LABEL_COLUMN_NAMES:
+                        raise DataFileError(
+                            f"{path}:{line}: the last column, {header[-1].strip()!r}, is read as the label but "
+                            f"sequence {seq!r} has {label!r} here and {seq_labels[seq][0]!r} on line {first}; "
+                            f"add a label column (named one of {list(LABEL_COLUMN_NAMES)}) as the last column"
+                        )
                     raise DataFileError(
                         f"{path}:{line}: sequence {seq!r} has label {label!r} here but {seq_labels[seq][0]!r} on "
-                        f"line {seq_labels[seq][1]}; a sequence has one label"
+                        f"line {first}; a sequence has one label"
                     )
                 seq_labels.setdefault(seq, (label, line))
                 steps.setdefault(seq, []).append((t, values, line))
@@ -233,7 +352,7 @@ def read_csv(path: str | os.PathLike, labels: bool = True) -> tuple[list[np.ndar
             raise DataFileError(f"{path}:{reader.line_num}: {exc}") from exc
     if not steps:
         raise DataFileError(f"{path}: no data rows after the header")
-    X = []
+    X, lines = [], []
     for seq, rows in steps.items():
         rows.sort(key=lambda r: r[0])
         for a, b in zip(rows, rows[1:]):
@@ -242,8 +361,10 @@ def read_csv(path: str | os.PathLike, labels: bool = True) -> tuple[list[np.ndar
                     f"{path}:{b[2]}: sequence {seq!r} repeats time_step {b[0]} (first on line {a[2]})"
                 )
         X.append(np.asarray([r[1] for r in rows], dtype=np.float32))
+        lines.append([r[2] for r in rows])
     y = np.asarray([seq_labels[s][0] for s in steps]) if has_label else None
-    return X, y
+    names = [h.strip() for h in header[2 : n_cols - has_label]]
+    return Cases(X, y, list(steps), str(path), lines, names, named_ids=True, path=path)
 
 
 def write_csv(path: str | os.PathLike, X: list[np.ndarray], y, ids=None) -> None:

@@ -17,35 +17,51 @@ def _save(fig, path: str | os.PathLike) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
 
 
-def learning_curve(history: dict, path: str | os.PathLike, title: str = "") -> None:
-    """Training and validation loss and accuracy per epoch, the restored (best) epoch marked."""
+def learning_curve_figure(history: dict, title: str = ""):
+    """The learning-curve figure: loss per epoch on a log axis (a linear one flattens every epoch after
+    the first few onto zero) and accuracy, training and validation; the epoch whose weights were
+    restored is marked only where validation data chose it."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
     epochs = history["epoch"]
+    has_val = any(v is not None for v in history.get("val_loss", []))
+    best = history.get("best_epoch")
     fig = Figure(figsize=(9, 3.6))
     ax_loss, ax_acc = fig.subplots(1, 2)
     for ax, key, label in ((ax_loss, "loss", "loss"), (ax_acc, "acc", "accuracy")):
         ax.plot(epochs, history[key], label=f"train {label}")
-        val = [np.nan if v is None else v for v in history[f"val_{key}"]]
-        if not np.all(np.isnan(val)):
-            ax.plot(epochs, val, label=f"validation {label}")
-        best = history.get("best_epoch")
-        if best and best > 0:
-            ax.axvline(best, color="grey", linestyle=":", label=f"restored (epoch {best})")
+        if has_val:
+            ax.plot(epochs, [np.nan if v is None else v for v in history[f"val_{key}"]], label=f"validation {label}")
+            if best and best > 0:
+                ax.axvline(best, color="grey", linestyle=":", label=f"best validation (epoch {best}, restored)")
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
+        ax.set_ylabel(label + (" (log scale)" if key == "loss" else ""))
+        ax.grid(alpha=0.3, which="both" if key == "loss" else "major")
         ax.legend(fontsize=8)
+    losses = [v for k in ("loss", "val_loss") for v in history.get(k, []) if v is not None]
+    if losses and min(losses) > 0:
+        ax_loss.set_yscale("log")
+    ax_acc.set_ylim(-0.02, 1.02)
     if title:
         fig.suptitle(title)
-    _save(fig, path)
+    return fig
+
+
+def learning_curve(history: dict, path: str | os.PathLike, title: str = "") -> None:
+    """Write :func:`learning_curve_figure` as a PNG."""
+    _save(learning_curve_figure(history, title), path)
 
 
 def confusion_matrix_plot(
     cm: np.ndarray, labels: Sequence, path: str | os.PathLike, title: str = "confusion matrix"
 ) -> None:
+    """Write :func:`confusion_matrix_figure` as a PNG."""
+    _save(confusion_matrix_figure(cm, labels, title), path)
+
+
+def confusion_matrix_figure(cm: np.ndarray, labels: Sequence, title: str = "confusion matrix"):
     """Counts with true labels on rows and predicted labels on columns."""
     from matplotlib.figure import Figure
 
@@ -67,4 +83,4 @@ def confusion_matrix_plot(
         for j in range(k):
             ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=8,
                     color="white" if cm[i, j] > threshold else "black")
-    _save(fig, path)
+    return fig
