@@ -244,3 +244,21 @@ def test_threaded_training_paths_are_differentiable_twice(two_threads, monkeypat
     f_ref, s_ref, _ = _penalty_grads(ref, x)
     for a, b in zip(f_ours + s_ours, f_ref + s_ref):
         assert_close(a, b, table={F64: (1e-9, 1e-9)})
+
+
+def test_triton_layer_second_order_matches_reference():
+    """The Triton layer node (under Triton's interpreter on CPU tensors) gives the reference
+    backend's second-order gradients, variants included (it was once-differentiable: zeros)."""
+    pytest.importorskip("triton")
+    torch.manual_seed(0)
+    kw = dict(peephole=True, layer_norm=True)
+    ours = lstmkit.LSTMCell(3, 4, backend="triton", **kw).eval()
+    ref = lstmkit.LSTMCell(3, 4, backend="reference", **kw).eval()
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3)
+    state = (torch.randn(2, 4), torch.randn(2, 4))
+    f_ours, s_ours, nodes = _penalty_grads(ours, x, state, cell=True)
+    f_ref, s_ref, _ = _penalty_grads(ref, x, state, cell=True)
+    assert "_LayerFnBackward" in nodes
+    for a, b in zip(f_ours + s_ours, f_ref + s_ref):
+        assert_close(a, b, table={torch.float32: (2e-3, 2e-3)})

@@ -29,12 +29,15 @@ Dimension legend: T steps, B batch rows, H hidden size, P = proj_size or H.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
+from . import reference
 from ._contract import LN_EPS, LayerOptions
+from ._twice import differentiable
 
 NAME = "triton"
 AUTO_DEVICE_TYPES = ("cuda",)
@@ -360,26 +363,38 @@ def _backward(g_out, g_hn, g_cn, xg_dtype, w_hh, w_hr, peephole, ln_hh, ln_cell_
     return dxg.to(xg_dtype), d_w_hh, d_w_hr, gh, gc, d_peep, d_lnh, d_lncw, d_lncb
 
 
+def _layer_reference(ctx) -> tuple:
+    w_hh, w_hr, peephole, ln_hh, ln_cell_w, ln_cell_b, xg, h0, c0 = ctx.saved_tensors
+    batch_sizes, reverse, opts = ctx.call
+
+    def fn(xg, w_hh, w_hr, h0, c0, pe, ln_hh, lnc_w, lnc_b, _cfg):
+        o = replace(opts, peephole=pe, ln_hh=ln_hh, ln_cell_w=lnc_w, ln_cell_b=lnc_b)
+        return reference.layer(xg, w_hh, w_hr, h0, c0, batch_sizes, reverse, o)
+
+    return (xg, w_hh, w_hr, h0, c0, peephole, ln_hh, ln_cell_w, ln_cell_b, None), fn
+
+
 class _LayerFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xg, w_hh, w_hr, h0, c0, peephole, ln_hh, ln_cell_w, ln_cell_b, cfg):
+    def forward(ctx, xg, w_hh, w_hr, h0, c0, peephole, ln_hh, ln_cell_w, ln_cell_b, cfg, call):
         out, h_n, c_n, saved = _forward(xg, w_hh, w_hr, h0, c0, peephole, ln_hh, ln_cell_w, ln_cell_b,
                                         cfg, store=True)
         ctx.cfg, ctx.saved, ctx.xg_dtype = cfg, saved, xg.dtype
         ctx.h0_dtype, ctx.c0_dtype = h0.dtype, c0.dtype
-        ctx.save_for_backward(w_hh, w_hr, peephole, ln_hh, ln_cell_w, ln_cell_b)
+        ctx.call = call  # (batch_sizes, reverse, opts): the call as the reference math takes it
+        ctx.save_for_backward(w_hh, w_hr, peephole, ln_hh, ln_cell_w, ln_cell_b, xg, h0, c0)
         return out, h_n, c_n
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @differentiable(_layer_reference)
     def backward(ctx, g_out, g_hn, g_cn):
-        w_hh, w_hr, peephole, ln_hh, ln_cell_w, ln_cell_b = ctx.saved_tensors
+        w_hh, w_hr, peephole, ln_hh, ln_cell_w, ln_cell_b = ctx.saved_tensors[:6]
         dxg, dw_hh, dw_hr, dh0, dc0, dpeep, dlnh, dlncw, dlncb = _backward(
             g_out, g_hn, g_cn, ctx.xg_dtype, w_hh, w_hr, peephole, ln_hh, ln_cell_w, ln_cell_b,
             ctx.cfg, ctx.saved)
         ctx.saved = None
         return (dxg, dw_hh, dw_hr, dh0.to(ctx.h0_dtype), dc0.to(ctx.c0_dtype),
-                dpeep, dlnh, dlncw, dlncb, None)
+                dpeep, dlnh, dlncw, dlncb, None, None)
 
 
 def layer(
@@ -407,6 +422,6 @@ def layer(
     params = tuple(p.contiguous() if p is not None else None for p in params)
     tensors = (xg, w_hh, w_hr, h0, c0) + params
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return _LayerFn.apply(xg, w_hh, w_hr, h0, c0, *params, cfg)
+        return _LayerFn.apply(xg, w_hh, w_hr, h0, c0, *params, cfg, (batch_sizes, bool(reverse), o))
     out, h_n, c_n, _ = _forward(xg, w_hh, w_hr, h0, c0, *params, cfg, store=False)
     return out, h_n, c_n
