@@ -21,11 +21,13 @@ P = proj_size or H, L layers, D directions.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import operator
 import os
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -338,7 +340,8 @@ def layer(
 # through ``.data`` (``p.data.copy_(w)``, a hand-written ``p.data -= lr * p.grad``) move neither, so
 # each weight that has a packed copy also keeps a raw copy, compared with the live values on every
 # hit: a packed copy is never used stale. Non-contiguous weights are converted on every call, never
-# cached. The entries hold the tensors, so their ids stay unique.
+# cached. An entry dies with its weights (:func:`_remember`), so the ids of a live entry's key are
+# its own weights'.
 _WCACHE: OrderedDict = OrderedDict()
 # calls shorter than SHORT_CALL_STEPS of at most SHORT_CALL_ROWS rows in all use the live weights,
 # unprepared (their products call the GEMM on the weights as stored): checking a prepared copy
@@ -347,6 +350,26 @@ _WCACHE: OrderedDict = OrderedDict()
 SHORT_CALL_STEPS = 8
 SHORT_CALL_ROWS = 64
 _WCACHE_SIZE = 16
+
+
+def _unowned(w: Tensor, dt) -> np.ndarray:
+    """A NumPy view of a contiguous CPU tensor's memory that does not keep the tensor alive (the views
+    of cache entries, which die with their tensors: see :func:`_remember`)."""
+    buf = (ctypes.c_byte * (w.numel() * w.element_size())).from_address(w.data_ptr())
+    a = np.frombuffer(buf, dt).reshape(tuple(w.shape))
+    return a.reshape(1, -1) if a.ndim == 1 else a
+
+
+def _remember(cache: OrderedDict, key: tuple, weights: Sequence[Tensor], entry: tuple) -> None:
+    """cache[key] = entry (the oldest out past _WCACHE_SIZE), dropped as soon as one of the weights
+    dies: entries keep weak references only (their views are :func:`_unowned`), so a deleted
+    model's weights and their prepared copies are freed at once."""
+    def drop(_ref, key=key):
+        cache.pop(key, None)
+
+    cache[key] = entry + (tuple(weakref.ref(w, drop) for w in weights),)
+    if len(cache) > _WCACHE_SIZE:
+        cache.popitem(last=False)
 
 
 def _prepared(weights: Sequence[Tensor], dtype: torch.dtype, pack_rows: Callable[[], list[int]],
@@ -361,27 +384,34 @@ def _prepared(weights: Sequence[Tensor], dtype: torch.dtype, pack_rows: Callable
         hit = _WCACHE.get(key)
         versions = [w._version for w in weights]
         ptrs = [w.data_ptr() for w in weights]
-        if hit is not None and hit[0] == versions and hit[1] == ptrs and all(
+        if hit is not None and hit[0] == versions and hit[1] == ptrs and hit[4] == [w.shape for w in weights] and all(
                 raw is None or same_contents(v.reshape(-1), raw) for v, raw in zip(hit[2], hit[5])):
             return hit[2], hit[3]
-    views = []
-    cacheable = True
+    cacheable = _check_weights(weights, dtype)
+    views = _views(weights, dtype, cache and cacheable)
+    packed = tuple(pack_b(v, n if v.shape[0] > 1 else 0, True) for v, n in zip(views, pack_rows()))
+    if cache and cacheable:
+        raws = tuple(v.reshape(-1).copy() if p.size else None for v, p in zip(views, packed))
+        _remember(_WCACHE, key, weights, (versions, ptrs, views, packed, [w.shape for w in weights], raws))
+    return views, packed
+
+
+def _check_weights(weights: Sequence[Tensor], dtype: torch.dtype) -> bool:
+    """Raise unless every weight is a CPU tensor of dtype; whether all are contiguous (cacheable)."""
     for w in weights:
         if w.dtype != dtype:
             raise TypeError(f"weights: expected dtype {dtype}, got {w.dtype}")
         if w.device.type != "cpu":
             raise RuntimeError(f"weights: expected CPU tensors, got device {w.device}")
-        cacheable = cacheable and w.is_contiguous()
-        a = _np(w)
-        views.append(a.reshape(1, -1) if a.ndim == 1 else a)
-    views = tuple(views)
-    packed = tuple(pack_b(v, n if v.shape[0] > 1 else 0, True) for v, n in zip(views, pack_rows()))
-    if cache and cacheable:
-        raws = tuple(v.reshape(-1).copy() if p.size else None for v, p in zip(views, packed))
-        _WCACHE[key] = (versions, ptrs, views, packed, tuple(weights), raws)
-        if len(_WCACHE) > _WCACHE_SIZE:
-            _WCACHE.popitem(last=False)
-    return views, packed
+    return all(w.is_contiguous() for w in weights)
+
+
+def _views(weights: Sequence[Tensor], dtype: torch.dtype, unowned: bool) -> tuple:
+    """2-D NumPy views of the weights (biases as (1, G)); ``unowned`` for a cache entry."""
+    if unowned:
+        dt = _NP_DTYPE[dtype]
+        return tuple(_unowned(w, dt) for w in weights)
+    return tuple(a.reshape(1, -1) if a.ndim == 1 else a for a in map(_np, weights))
 
 
 def lstm_stack(
@@ -1155,7 +1185,7 @@ def _weight_views(weights: Sequence[Tensor], dtype: torch.dtype) -> tuple:
 
 def _weight_addresses(weights: Sequence[Tensor], dtype: torch.dtype) -> Optional[np.ndarray]:
     """The weights' addresses as an int64 array (for ``stack_step_ptr``), or None when some weight
-    is not contiguous. The cached views keep the storages alive, so the addresses stay valid."""
+    is not contiguous; valid while the weights' storages are (the caller holds them)."""
     return _weights_entry(weights, dtype)[2]
 
 
@@ -1164,23 +1194,13 @@ def _weights_entry(weights: Sequence[Tensor], dtype: torch.dtype) -> tuple:
     key = tuple(map(id, weights))
     ptrs = tuple(map(Tensor.data_ptr, weights))
     hit = _VIEWS.get(key)
-    if hit is not None and hit[0] == ptrs:
+    if hit is not None and hit[0] == ptrs and hit[3] == tuple(w.shape for w in weights):
         return hit
-    views = []
-    cacheable = True
-    for w in weights:
-        if w.dtype != dtype:
-            raise TypeError(f"weights: expected dtype {dtype}, got {w.dtype}")
-        if w.device.type != "cpu":
-            raise RuntimeError(f"weights: expected CPU tensors, got device {w.device}")
-        cacheable = cacheable and w.is_contiguous()
-        a = _np(w)
-        views.append(a.reshape(1, -1) if a.ndim == 1 else a)
-    entry = (ptrs, tuple(views), np.array(ptrs, np.int64) if cacheable else None, tuple(weights))
+    cacheable = _check_weights(weights, dtype)
+    entry = (ptrs, _views(weights, dtype, cacheable), np.array(ptrs, np.int64) if cacheable else None,
+             tuple(w.shape for w in weights))
     if cacheable:
-        _VIEWS[key] = entry
-        if len(_VIEWS) > _WCACHE_SIZE:
-            _VIEWS.popitem(last=False)
+        _remember(_VIEWS, key, weights, entry)
     return entry
 
 
