@@ -33,6 +33,8 @@ def files(tmp_path_factory):
     Xn = [c.copy() for c in X]
     Xn[7][2, 1] = np.nan
     write_csv(d / "nan.csv", Xn, y, ids=[f"s{i}" for i in range(30)])
+    Xp = np.stack([c[:5] for c in X])
+    np.savez(d / "continuous.npz", X=Xp, y=np.linspace(0.5, 3.5, 30))
     # no label column: the last column is a feature
     (d / "nolabel.csv").write_text("".join(
         ln.rsplit(",", 1)[0] + "\n" for ln in (d / "train.csv").read_text().splitlines()
@@ -87,10 +89,11 @@ def _nan_line(files) -> int:
         (["--data", "{d}/train.csv", "--test-data", "{d}/odd_labels.csv"],
          "odd_labels.csv: labels ['weird'] do not occur in the training data"),
         (["--data", "{d}"], "data file '{d}' is a folder, not a file"),
+        (["--data", "{d}/continuous.npz"], "continuous.npz: case 0: label 0.5 is not a class label"),
     ],
     ids=["missing-file", "nan", "epochs-0", "hidden-negative", "threads-0", "threads-huge", "lr", "dropout", "seed",
          "unknown-dataset", "test-fraction", "no-label-column", "feature-count", "unseen-test-labels",
-         "folder-as-data"],
+         "folder-as-data", "continuous-labels"],
 )
 def test_train_errors_are_one_line_and_leave_no_folder(files, tmp_path, capsys, monkeypatch, args, expected):
     monkeypatch.chdir(tmp_path)
@@ -229,6 +232,18 @@ def test_evaluate_and_predict_errors_name_the_file(run, files, tmp_path, capsys)
     capsys.readouterr()
     assert main(["evaluate", str(run), "--data", str(files / "test.csv"), "--split", "train"]) == 2
     assert "--split applies to --dataset and to the run's own data" in _one_line_error(capsys, "evaluate")
+
+
+def test_a_run_whose_data_moved_says_so(files, tmp_path, capsys):
+    shutil.copy(files / "train.csv", tmp_path / "train.csv")
+    out = tmp_path / "r"
+    assert main(["train", "--data", str(tmp_path / "train.csv"), "--out", str(out), *FAST]) == 0
+    (tmp_path / "train.csv").unlink()
+    capsys.readouterr()
+    assert main(["evaluate", str(out)]) == 1
+    line = _one_line_error(capsys, "evaluate")
+    assert f"data file '{tmp_path / 'train.csv'}' does not exist (the run's own data, named in {out / 'run.json'}; " \
+           "pass --data FILE or --dataset NAME)" in line
 
 
 def test_saved_model_without_a_run_needs_data(run, tmp_path, capsys):

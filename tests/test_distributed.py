@@ -38,6 +38,7 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     assert ddp["processes"] == 2 and single["processes"] == 1
     # one writer: rank 0 printed the summary once and wrote one set of files
     assert r.stdout.count("test accuracy:") == 1
+    assert "; 2 processes; run folder" in r.stdout
     names = {run: sorted(p.name for p in (tmp_path / run).iterdir()) for run in ("ddp", "single")}
     assert names["ddp"] == names["single"]
     # each process sees half of every global batch; the result is as good as one process's

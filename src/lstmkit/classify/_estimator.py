@@ -65,6 +65,8 @@ def _resolve_device(device: str) -> torch.device:
         raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: {device!r} requested but CUDA is not available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device: {device!r} requested but there are {torch.cuda.device_count()} CUDA device(s)")
     if dev.type == "cuda" and dev.index is None and D.is_active():
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return dev

@@ -55,8 +55,9 @@ class RunInterrupted(KeyboardInterrupt):
         self.resumable = resumable
 
 
-def plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+def plural(n: int, word: str, words: Optional[str] = None) -> str:
+    """``1 epoch``, ``2 epochs``; ``words`` where the plural is not ``word + "s"``."""
+    return f"{n} {word}" if n == 1 else f"{n} {words or word + 's'}"
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -170,6 +171,15 @@ def check_training_data(train: Cases, test: Cases, impute: Optional[str]) -> Non
     check_finite(train, impute)
     check_finite(test, impute)
     check_features(test, train.n_features, f"the training data ({train.source})")
+    for cases in (train, test):
+        y = np.asarray(cases.y)
+        if y.dtype.kind == "f":
+            bad = np.flatnonzero(~np.isfinite(y) | (np.mod(np.nan_to_num(y), 1) != 0))
+            if len(bad):
+                raise DataFileError(
+                    f"{cases.where(int(bad[0]))}: label {y[bad[0]].item()!r} is not a class label (labels are "
+                    "strings or integers; a classifier cannot learn a continuous target)"
+                )
     classes = _unique_labels(np.asarray(train.y))
     if len(classes) < 2:
         raise DataFileError(
@@ -307,7 +317,12 @@ def run_data(run: Path, split: str) -> tuple[Cases, str]:
     """The ``split`` ("train" or "test") of the data a run was trained on (evaluate/predict's default),
     and a description of it."""
     spec, params = read_run(run)
-    train, test = load_split(spec, int(params.get("seed", DEFAULTS["seed"])))
+    try:
+        train, test = load_split(spec, int(params.get("seed", DEFAULTS["seed"])))
+    except DataFileError as exc:
+        raise DataFileError(
+            f"{exc} (the run's own data, named in {run / RUN_FILE}; pass --data FILE or --dataset NAME)"
+        ) from None
     cases = train if split == "train" else test
     if spec.data is not None and spec.test_data is None:
         part = "its held-out test cases" if split == "test" else "its training cases"
@@ -403,7 +418,7 @@ def train_run(
         what = "resuming" if resuming else "training"
         log(
             f"{what}: {spec.describe()}; {len(train)} train / {len(test)} test cases, "
-            f"{plural(train.n_features, 'feature')}; {plural(D.world_size(), 'process')}; run folder {run}"
+            f"{plural(train.n_features, 'feature')}; {plural(D.world_size(), 'process', 'processes')}; run folder {run}"
         )
     session_seconds = []
 
