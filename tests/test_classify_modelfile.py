@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lstmkit.classify import LSTMSequenceClassifier, ModelFileError
+from lstmkit.classify import DEFAULTS, LSTMSequenceClassifier, ModelFileError
 from lstmkit.cli import main
 from test_classify_helpers import TINY, make_sequences
 
@@ -163,3 +163,15 @@ def test_estimator_bounds_num_threads_before_touching_torch():
     with pytest.raises(ValueError, match=r"num_threads: expected None or an integer in \[1, 1024\], got 0"):
         LSTMSequenceClassifier(**{**TINY, "num_threads": 0}).fit(X, y)
     assert torch.get_num_threads() == before
+
+
+def test_save_describes_the_fitted_network_not_later_parameters(saved, tmp_path):
+    est = LSTMSequenceClassifier.load(saved)
+    X, _ = make_sequences(5, seed=4)
+    expected = est.predict_proba(X)
+    est.set_params(hidden_size=999, pooling="mean")  # after fit: the weights stay those of hidden_size 8
+    est.save(tmp_path / "again")
+    config = json.loads((tmp_path / "again" / "model.json").read_text())
+    assert config["model"]["hidden_size"] == config["params"]["hidden_size"] == 8
+    assert config["model"]["pooling"] == config["params"]["pooling"] == DEFAULTS["pooling"]
+    np.testing.assert_array_equal(LSTMSequenceClassifier.load(tmp_path / "again").predict_proba(X), expected)

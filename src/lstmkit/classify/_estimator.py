@@ -494,17 +494,18 @@ class LSTMSequenceClassifier(ClassifierMixin, BaseEstimator):
                     f"save: labels must be str, int, float or bool to be stored in JSON, got {type(v).__name__} "
                     f"({v!r}); pickle the estimator instead"
                 )
+        # the network as fitted (set_params after fit changes the parameters, not the weights)
+        lstm = self.model_.lstm
+        network = {
+            "hidden_size": int(lstm.hidden_size),
+            "num_layers": int(lstm.num_layers),
+            "bidirectional": bool(lstm.bidirectional),
+            "pooling": str(self.model_.pooling),
+            "dropout": float(self.model_.head_dropout.p),
+        }
         return {
             "format": FORMAT,
-            "model": {
-                "input_size": int(self.n_features_in_),
-                "hidden_size": int(self.hidden_size),
-                "num_layers": int(self.num_layers),
-                "output_size": len(values),
-                "bidirectional": bool(self.bidirectional),
-                "pooling": str(self.pooling),
-                "dropout": float(self.dropout),
-            },
+            "model": {"input_size": int(self.n_features_in_), **network, "output_size": len(values)},
             "classes": values,
             "classes_dtype": classes.dtype.str if classes.dtype != object else "object",
             "preprocessing": {
@@ -515,7 +516,8 @@ class LSTMSequenceClassifier(ClassifierMixin, BaseEstimator):
                 "channels_first": bool(self.channels_first),
             },
             "params": {k: _plain(v) for k, v in self.get_params().items() if k != "class_weight"}
-            | {"class_weight": self.class_weight if not isinstance(self.class_weight, dict) else None},
+            | {"class_weight": self.class_weight if not isinstance(self.class_weight, dict) else None}
+            | network,
             "history": getattr(self, "history_", None),
         }
 
