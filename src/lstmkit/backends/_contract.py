@@ -65,7 +65,7 @@ from typing import Optional, Union
 
 from torch import Tensor
 
-LN_EPS = 1e-5
+from .._gates import LN_EPS  # noqa: F401  (re-exported: the backends' equations use it)
 
 
 @dataclass
@@ -96,13 +96,3 @@ class LayerOptions:
             for v in (self.peephole, self.ln_hh, self.ln_cell_w, self.rec_mask,
                       self.zoneout_c, self.zoneout_h)
         )
-
-
-def check_batch_sizes(batch_sizes: Optional[Tensor], T: int, B: int) -> None:
-    """Internal consistency check, used by backends in debug paths and tests."""
-    if batch_sizes is None:
-        return
-    if batch_sizes.shape != (T,):
-        raise ValueError(f"batch_sizes: expected shape ({T},), got {tuple(batch_sizes.shape)}")
-    if T and (int(batch_sizes[0]) > B or int(batch_sizes.min()) < 0):
-        raise ValueError(f"batch_sizes: expected values in [0, {B}], got {batch_sizes.tolist()}")

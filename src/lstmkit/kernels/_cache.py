@@ -2,10 +2,10 @@
 
 Numba's cache checks only the source file of the function it compiled, but a kernel has the
 functions it calls from other files compiled into it (``numba_lstm``'s GEMM and activations, the
-variants' step, ``numba_blas``'s constants, ``backends/_contract``'s epsilon): after an edit there, a
+variants' step, ``numba_blas``'s constants, ``_gates``'s epsilon): after an edit there, a
 cached kernel would run the old code (seen: garbage from a changed packed-weight format, and a
 kernel that kept the old ``mm`` after it changed). :func:`tie_module` adds the stamps (name, mtime,
-size) of every kernel source file and of ``_contract.py`` to the cache index stamp of each
+size) of every kernel source file and of ``_gates.py`` to the cache index stamp of each
 dispatcher a module defines, so an edit to any of them makes every entry stale (recompiled once).
 """
 
@@ -17,7 +17,7 @@ from numba.core.dispatcher import Dispatcher
 
 _DIR = os.path.dirname(os.path.abspath(__file__))
 _FILES = sorted(os.path.join(_DIR, f) for f in os.listdir(_DIR) if f.endswith(".py")) + [
-    os.path.join(os.path.dirname(_DIR), "backends", "_contract.py")]
+    os.path.join(os.path.dirname(_DIR), "_gates.py")]
 # the 512-bit switch (``numba_blas.wide_vectors``) changes the compiled code: part of the stamp
 WIDE_VECTORS = os.environ.get("LSTMKIT_WIDE_VECTORS", "1") != "0"
 _STAMPS = tuple((os.path.basename(f), os.stat(f).st_mtime, os.stat(f).st_size) for f in _FILES) + (

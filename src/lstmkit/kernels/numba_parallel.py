@@ -225,7 +225,7 @@ def direction_bwd(sgemm, mkl, inp, y, col0, h0, c0, w_ih, w_hh, w_hh_p, w_hr, w_
 
     y (T, B, Q) the layer's output (this direction's columns col0 .. col0 + P); dy (T, B, P) the
     gradient of those columns, C-contiguous; dinp (T, B, I) written: this direction's part of the
-    gradient of the layer's input; the rest as for :func:`layer_bwd_pipe`.
+    gradient of the layer's input; the other arguments as for ``numba_lstm.layer_bwd``.
     """
     wide_vectors()
     T, B, I = inp.shape

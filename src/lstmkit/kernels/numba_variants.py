@@ -37,7 +37,7 @@ import math
 import numpy as np
 from numba import njit
 
-from ..backends._contract import LN_EPS
+from .._gates import LN_EPS
 from ._cache import tie_module
 from .numba_blas import keep, unowned, wide_vectors
 from .numba_lstm import act_sigmoid, act_tanh, mm
