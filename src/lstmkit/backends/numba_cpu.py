@@ -84,9 +84,12 @@ _blas_ctl = None
 
 
 def sync_threads() -> None:
+    """Pin the BLAS that the kernels' float64 products call (SciPy's OpenBLAS; float32 calls MKL, whose
+    thread count each call sets) to the calling thread. Its own threads would contend for the cores
+    with torch's OpenMP threads, which keep spinning after every torch op between the kernels:
+    float64 training with torch on 2 threads ran several times slower than on one."""
     global _blas_threads, _blas_ctl
-    n = torch.get_num_threads()
-    if n == _blas_threads:
+    if _blas_threads == 1:
         return
     if _blas_ctl is None:
         import scipy.linalg.cython_blas  # noqa: F401  (loads the BLAS the kernels call)
@@ -97,8 +100,8 @@ def sync_threads() -> None:
         _blas_ctl = [lib for lib in ctl.lib_controllers
                      if lib.user_api == "blas" and "scipy.libs" in lib.filepath]
     for lib in _blas_ctl:
-        lib.set_num_threads(n)
-    _blas_threads = n
+        lib.set_num_threads(1)
+    _blas_threads = 1
 
 
 # --- helpers ----------------------------------------------------------------------------------
