@@ -11,6 +11,11 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# backend="auto" picks numba in tests (and in the processes they start), compiling in the foreground
+# as an explicit backend="numba" does; tests/test_warmup.py turns the background compile on in fresh
+# processes with an empty cache directory
+os.environ["LSTMKIT_BACKGROUND_COMPILE"] = "0"
+
 
 def pytest_terminal_summary(terminalreporter):
     """Report the largest deviation from torch.nn.LSTM seen by the parity tests (this process only)."""

@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from .. import _warmup
 from ._contract import LayerOptions
 
 __all__ = ["LayerOptions", "available_backends", "resolve", "BACKEND_MODULES"]
@@ -73,16 +74,32 @@ def resolve(
                 "kernels run outside torch's dispatcher; use backend='auto' or 'reference'"
             )
         return _resolve("reference", device, dtype, opts)
-    if opts is None:  # the per-call path of plain LSTMs: remember the answer
+    if opts is None:  # the per-call path of plain LSTMs: remember the answer (once it is final)
         key = (name, device, dtype)
         mod = _plain_choice.get(key)
         if mod is None:
-            mod = _plain_choice[key] = _resolve(name, device, dtype, None)
+            mod = _resolve(name, device, dtype, None)
+            if mod is not _warmup.PENDING:
+                _plain_choice[key] = mod
         return mod
     return _resolve(name, device, dtype, opts)
 
 
 _plain_choice: dict[tuple, ModuleType] = {}
+
+
+def _while_compiling(dtype: torch.dtype, opts: Optional[LayerOptions]) -> Optional[ModuleType]:
+    """What ``auto`` answers instead of numba while numba's kernels for ``dtype`` are not known to be
+    in the on-disk cache (``lstmkit/_warmup.py``): the reference backend (the same numbers within
+    the documented tolerance), with a background process compiling them; None once they are ready,
+    or where the background compile is off (``LSTMKIT_BACKGROUND_COMPILE=0``) or could not start.
+    A plain call (``opts`` None) gets :data:`_warmup.PENDING`, the reference backend whose
+    ``call_runner`` gives modules functions that switch to numba's once the kernels are ready (the
+    modules keep their functions)."""
+    kind = "plain" if opts is None or opts.is_plain() else "variants"
+    if _warmup.ready(dtype, kind) or not _warmup.start_background(dtype, kind):
+        return None
+    return _warmup.PENDING if opts is None else _load("reference")
 
 
 def _resolve(name: str, device: torch.device, dtype: torch.dtype, opts: Optional[LayerOptions]) -> ModuleType:
@@ -91,6 +108,8 @@ def _resolve(name: str, device: torch.device, dtype: torch.dtype, opts: Optional
             if _why_not(cand, device, dtype, opts) is None:
                 auto_types = getattr(_loaded[cand], "AUTO_DEVICE_TYPES", None)
                 if auto_types is None or device.type in auto_types:
+                    if cand == "numba":
+                        return _while_compiling(dtype, opts) or _loaded[cand]
                     return _loaded[cand]
         raise RuntimeError(f"no lstmkit backend can run device={device}, dtype={dtype}")
     if name not in BACKEND_MODULES:
