@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn import init
 from torch.nn.utils.rnn import PackedSequence
 
-from . import backends, functional
+from . import _export, backends, functional
 from ._gates import NUM_GATES
 from ._variants import Variants
 
@@ -309,6 +309,9 @@ class LSTM(_KeepsRunners, nn.Module):
     def flatten_parameters(self) -> None:
         """No-op, for code written for torch.nn.LSTM (lstmkit needs no flat cuDNN buffer)."""
 
+    def __prepare_scriptable__(self):
+        _export.refuse_script(self)  # raises: names torch.jit.trace / torch.export instead
+
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
         if self.proj_size != 0:
@@ -401,6 +404,8 @@ class LSTM(_KeepsRunners, nn.Module):
         opts_for = ln_ih = None
         v = self.variants
         if v.active(self.training):
+            if _export.exporting():
+                _export.check_module(self)  # random masks cannot be captured in a graph
             D = 2 if self.bidirectional else 1
             H, P, training = self.hidden_size, self._real_hidden_size, self.training
 
@@ -420,7 +425,8 @@ class LSTM(_KeepsRunners, nn.Module):
         self,
         input: Union[Tensor, PackedSequence],
         hx: Optional[State] = None,
-        *,
+        # not keyword-only: the TorchScript-based ONNX exporter passes every defaulted parameter of
+        # the exported module's forward positionally
         lengths: Optional[Union[Tensor, list[int]]] = None,
     ):
         if type(input) is Tensor and lengths is None and input.dim() == 3:
@@ -532,7 +538,7 @@ class LSTM(_KeepsRunners, nn.Module):
         names what is wrong). The checks are those of the general path, in their cheapest form (on
         small models they cost as much as the kernels): the shapes once, where the backend's
         function for them is made (``_runner``), the rest every call."""
-        if len(state) != 2 or torch.compiler.is_compiling():
+        if len(state) != 2 or not functional.direct_calls_ok():
             return None
         h, c = state
         w = self._parameters["weight_ih_l0"]
@@ -595,6 +601,8 @@ class LSTM(_KeepsRunners, nn.Module):
         return h * keep, c * keep
 
     def _forward_lengths(self, x: Tensor, h0: Tensor, c0: Tensor, lengths) -> tuple[Tensor, Tensor, Tensor]:
+        if _export.exporting():
+            _export.refuse_lengths()  # a graph would keep the traced call's lengths
         T, B = x.shape[0], x.shape[1]
         lens = torch.as_tensor(lengths)
         if lens.dim() != 1 or lens.numel() != B:
@@ -739,6 +747,9 @@ class LSTMCell(_KeepsRunners, nn.Module):
             s += f", bias={self.bias}"
         return s + self.variants.extra_repr()
 
+    def __prepare_scriptable__(self):
+        _export.refuse_script(self)  # raises: names torch.jit.trace / torch.export instead
+
     def forward(self, input: Tensor, hx: Optional[State] = None) -> State:
         if type(input) is Tensor and input.dim() == 2 and input.is_cpu:
             if hx is None:  # zeros, then the same path as a given state
@@ -782,6 +793,8 @@ class LSTMCell(_KeepsRunners, nn.Module):
         opts = ln_ih = None
         v = self.variants
         if v.active(self.training):
+            if _export.exporting():
+                _export.check_module(self)  # random masks cannot be captured in a graph
             H = self.hidden_size
             opts = v.layer_options(self, "", B, 1, H, H, self.training, x)
             if opts.rec_mask is not None:
@@ -799,7 +812,7 @@ class LSTMCell(_KeepsRunners, nn.Module):
         """A batched CPU step without gradients straight into the backend's one-step function for
         these shapes (``LSTM.step``'s, one layer; no variant at work), or None: the general path,
         which also names what is wrong. The shapes are checked once, where that function is made."""
-        if len(state) != 2 or torch.compiler.is_compiling():
+        if len(state) != 2 or not functional.direct_calls_ok():
             return None
         h, c = state
         weights = self._weights_getter(self._parameters)

@@ -95,6 +95,12 @@ def lstm(
 
     The same computation as torch.nn.LSTM on time-first input, done by lstmkit's backends.
     """
+    if torch.jit.is_tracing() or torch.compiler.is_exporting():  # a graph capture: an op call or ONNX nodes
+        from . import _export
+
+        return _export.lstm(input, h0, c0, weights, num_layers=num_layers, bidirectional=bidirectional,
+                            has_biases=has_biases, proj_size=proj_size, dropout=dropout, training=training,
+                            batch_sizes=batch_sizes, backend=backend, opts_for=opts_for, ln_ih=ln_ih)
     T, B = input.shape[0], input.shape[1]
     D = 2 if bidirectional else 1
     plain = opts_for is None and ln_ih is None
@@ -188,6 +194,10 @@ def lstm_cell(
     ln_ih: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """One LSTM step, as ``torch.nn.LSTMCell``: returns (h', c')."""
+    if torch.jit.is_tracing() or torch.compiler.is_exporting():  # a graph capture: an op call or ONNX nodes
+        from . import _export
+
+        return _export.lstm_cell(input, h, c, w_ih, w_hh, b_ih, b_hh, backend=backend, opts=opts, ln_ih=ln_ih)
     be = backends.resolve(backend, input.device, input.dtype, opts)
     fast = getattr(be, "lstm_cell_step", None)
     if (
