@@ -1,3 +1,5 @@
+import importlib
+import math
 import os
 import sys
 
@@ -26,9 +28,16 @@ def pytest_terminal_summary(terminalreporter):
 
 
 @pytest.fixture(autouse=True)
-def _no_remembered_plans():
+def _no_remembered_plans(monkeypatch):
     """Tests change the numba backend's thresholds (monkeypatch): each starts with no per-shape
-    plan remembered from another."""
+    plan remembered from another. A team step made late by a busy test machine would move later
+    steps to one thread (``numba_cpu._team_step_done``): that is off unless a test turns it on."""
     nb = sys.modules.get("lstmkit.backends.numba_cpu")
-    if nb is not None:
-        nb._PLANS.clear()
+    if nb is None:
+        try:
+            nb = importlib.import_module("lstmkit.backends.numba_cpu")
+        except ImportError:
+            return
+    nb._PLANS.clear()
+    monkeypatch.setattr(nb, "STEP_TEAM_LATE", math.inf)
+    monkeypatch.setattr(nb, "_team_off_until", 0.0)

@@ -982,6 +982,9 @@ def step_runner(x_shape: tuple, h_shape: tuple, c_shape: tuple, dtype: torch.dty
     last_weights: tuple = ()
     last_ptrs: tuple = ()
     addresses = None
+    # the fastest one-thread and team steps of this stream so far (seconds): what a team step is
+    # held to (:func:`_team_step_done`)
+    best = [math.inf, math.inf]
 
     def run(x: Tensor, h0: Tensor, c0: Tensor, weights: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         nonlocal last_weights, last_ptrs, addresses
@@ -992,7 +995,7 @@ def step_runner(x_shape: tuple, h_shape: tuple, c_shape: tuple, dtype: torch.dty
         team = None
         if may_split and (nthreads := torch.get_num_threads()) > 1:
             team = _step_team(dtype)  # (the first call loads or compiles the team's kernels: a stream's first step)
-            if not (hot or always):
+            if not (hot or always) or now < _team_off_until:
                 team = None
         if team is None and stack:
             out, h_n, c_n = lstm_stack(x.reshape(1, B, I), h0, c0, weights, num_layers=num_layers,
@@ -1011,11 +1014,17 @@ def step_runner(x_shape: tuple, h_shape: tuple, c_shape: tuple, dtype: torch.dty
             K.stack_fwd_short(_np(x).reshape(1, B, I), _np(h0), _np(c0), _weight_views(weights, dtype), num_layers,
                               1, bias, proj, y.reshape(1, B, P), h_n, c_n)
         elif team is not None:
+            t0 = time.perf_counter()
             KS.stack_step_team(team, min(nthreads, max_team), x.data_ptr(), h0.data_ptr(), c0.data_ptr(), addresses,
                                num_layers, B, I, H, P, bias, proj, y, h_n, c_n)
+            _team_step_done(time.perf_counter() - t0, best, t0)
         else:
+            t0 = time.perf_counter()
             K.stack_step_ptr(x.data_ptr(), h0.data_ptr(), c0.data_ptr(), addresses, num_layers, B, I, H, P, bias, proj,
                              y, h_n, c_n)
+            t = time.perf_counter() - t0
+            if t < best[0]:
+                best[0] = t
         return torch.from_numpy(y), torch.from_numpy(h_n), torch.from_numpy(c_n)
 
     return run
@@ -1035,10 +1044,41 @@ STEP_TEAM_HOT_S = 200e-6
 STEP_TEAM_UNITS = 32
 # rows up to which a step runs the kernels above (their products read the weights once per row)
 STEP_MAX_ROWS = 8
+# A team step waits for its partner threads at every layer. With another process busy on a core, a
+# partner is often descheduled and the step waits for the scheduler instead (measured at H=128, B=1,
+# 2 layers, 2 threads: 530 steps/s and a p99 of 15-20 ms, against 28,700 steps/s alone). A team step
+# that takes longer than STEP_TEAM_LATE times what the stream's steps take (the fastest one-thread
+# step, or its fastest team step when that is less) plus STEP_TEAM_LATE_PAD_S turns the team off for
+# every stream for a back-off time: STEP_TEAM_BACKOFF_S, doubled after each late retry up to
+# STEP_TEAM_BACKOFF_MAX_S, back to the start after a step on time. A busy machine thus pays one late
+# step per STEP_TEAM_BACKOFF_MAX_S at most; an idle one loses the split for a back-off time after a
+# rare late step.
+STEP_TEAM_LATE = 2.0
+STEP_TEAM_LATE_PAD_S = 10e-6
+STEP_TEAM_BACKOFF_S = 0.02
+STEP_TEAM_BACKOFF_MAX_S = 1.0
+_team_off_until = 0.0
+_team_backoff = STEP_TEAM_BACKOFF_S
 _last_step = 0.0
 _CPUS = os.cpu_count() or 1  # never more threads than cores (read once: ~2 us a call)
 _step_teams: dict = {}  # torch dtype -> team block; emptied in a forked child (libgomp would hang there)
 os.register_at_fork(after_in_child=_step_teams.clear)
+
+
+def _team_step_done(elapsed: float, best: list, start: float) -> None:
+    """Hold a team step that took ``elapsed`` seconds from ``start`` to the stream's fastest steps
+    ``best`` ([one-thread, team]); a late one turns the team off for a back-off time (above)."""
+    global _team_off_until, _team_backoff
+    if elapsed <= STEP_TEAM_LATE * min(best) + STEP_TEAM_LATE_PAD_S:
+        if elapsed < best[1]:
+            best[1] = elapsed
+        _team_backoff = STEP_TEAM_BACKOFF_S
+        return
+    if best[1] == math.inf:  # the stream's first team step (it may have loaded the team): the yardstick
+        best[1] = elapsed
+        return
+    _team_off_until = start + elapsed + _team_backoff
+    _team_backoff = min(2 * _team_backoff, STEP_TEAM_BACKOFF_MAX_S)
 
 
 def _step_team(dtype: torch.dtype) -> Optional[np.ndarray]:
