@@ -34,8 +34,13 @@ _CELL_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
 
 class _KeepsRunners:
-    """A module that keeps the backend's functions per input shape in ``_runners``: closures, so
-    pickling and deepcopy drop them (made again on the first call)."""
+    """A module that keeps the backend's functions per input shape in ``_runners`` (closures) and
+    other per-process helpers, named in ``_TRANSIENT`` and made by ``_init_transient``. Pickling and
+    deepcopy drop them and keep the variant options as plain values, so that a pickled module holds
+    its parameters, options and public classes only (``torch.load(..., weights_only=True)`` needs
+    nothing but :func:`lstmkit.safe_globals`)."""
+
+    _TRANSIENT: tuple[str, ...] = ("_runners",)
 
     @staticmethod
     def _make_runner(backend: str, dt: torch.dtype, *args, **kwargs) -> Optional[Callable]:
@@ -56,13 +61,14 @@ class _KeepsRunners:
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
-        state["_runners"] = {}
+        for name in self._TRANSIENT:
+            state.pop(name, None)
+        state["variants"] = state["variants"].options()
         return state
 
     def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        self.__dict__.pop("_step_runners", None)  # pickled by an earlier version
-        self.__dict__.setdefault("_runners", {})
+        super().__setstate__({**state, "variants": Variants(**state["variants"])})
+        self._init_transient()
 
 
 def _check_int(name: str, value, minimum: int) -> None:
@@ -84,7 +90,8 @@ def _check_state_tensor(name: str, t, like: Tensor) -> None:
     if t.dtype != like.dtype:
         raise ValueError(f"{name}: expected dtype {like.dtype} (the input's), got {t.dtype}")
     if t.device != like.device:
-        raise RuntimeError(f"{name}: expected device {like.device} (the input's), got {t.device}")
+        raise RuntimeError("Input and hidden tensors are not at the same device, found input tensor at "
+                           f"{like.device} and hidden tensor at {t.device} (hidden tensor: {name})")
 
 
 def _unpack_hx(hx, name: str = "hx") -> State:
@@ -176,7 +183,15 @@ class LSTM(_KeepsRunners, nn.Module):
         weight_ih_l[k], weight_hh_l[k], bias_ih_l[k], bias_hh_l[k], weight_hr_l[k] (and the
         ``_reverse`` ones): the same names, shapes and initialization
         :math:`\mathcal{U}(-1/\sqrt{H}, 1/\sqrt{H})` as :class:`torch.nn.LSTM`, so state dicts load
-        both ways.
+        both ways. They are read through the module's attributes, once per call, so torch's
+        parametrizations (``torch.nn.utils.parametrizations.weight_norm``, ``spectral_norm``,
+        ``torch.nn.utils.parametrize.register_parametrization``), the legacy
+        ``torch.nn.utils.weight_norm`` and plain tensors set in a weight's place (AWD-LSTM's
+        WeightDrop) work as on :class:`torch.nn.LSTM`.
+
+    Saving: ``torch.save(model)`` pickles the parameters, the options and lstmkit's public classes
+    only. ``torch.load`` (``weights_only=True`` by default) loads such a file once they are allowed:
+    ``torch.serialization.add_safe_globals(lstmkit.safe_globals())``. State dicts need nothing.
 
     Example::
 
@@ -273,16 +288,16 @@ class LSTM(_KeepsRunners, nn.Module):
                 self._suffixes.append(sfx)
         # variant parameters after all of torch's, so torch's parameter order is kept as a prefix
         self._variant_names = [self.variants.register(self, sfx, hidden_size, factory) for sfx in self._suffixes]
+        self._init_transient()
+        self.reset_parameters()
+
+    _TRANSIENT = ("_runners", "_flat_getter")
+
+    def _init_transient(self) -> None:
         self._flat_getter = operator.itemgetter(*self._flat_weights_names)
         # (x.shape, h.shape, c.shape, dtype, backend, batch_first, grad, threads) -> the backend's
         # function for plain calls of those shapes, or None (``_runner``)
         self._runners: dict = {}
-        self.reset_parameters()
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        if "_flat_getter" not in self.__dict__:  # pickled before the getter existed
-            self._flat_getter = operator.itemgetter(*self._flat_weights_names)
 
     # -- torch.nn.LSTM compatibility -------------------------------------------------------------
     def reset_parameters(self) -> None:
@@ -293,14 +308,23 @@ class LSTM(_KeepsRunners, nn.Module):
             b_ih, b_hh = getattr(self, "bias_ih" + sfx, None), getattr(self, "bias_hh" + sfx, None)
             self.variants.reset(self, names, b_ih, b_hh, self.hidden_size)
 
+    def _weights(self) -> tuple[Tensor, ...]:
+        """The weights in torch's ``_flat_weights`` order, read once per call (every path takes them
+        from there). Straight from the parameter dict where all of them are this module's Parameters
+        (0.11 us; nn.Module.__getattr__ costs ~1 us a name); else through the attributes, as torch
+        reads them: a parametrization (``parametrizations.weight_norm``, ``spectral_norm``,
+        ``register_parametrization``: computed here, once per call) or a plain tensor set in the
+        weight's place (the legacy ``weight_norm``, AWD-LSTM's WeightDrop)."""
+        if not torch.compiler.is_compiling():  # Dynamo cannot trace an itemgetter
+            try:
+                return self._flat_getter(self._parameters)
+            except KeyError:
+                pass
+        return tuple(getattr(self, n) for n in self._flat_weights_names)
+
     @property
     def _flat_weights(self) -> tuple[Tensor, ...]:
-        # straight from the dict (nn.Module.__getattr__ costs ~1 us per name on the per-step path),
-        # read every call so that replaced parameters are seen: 0.11 us, a list comprehension 0.42
-        if torch.compiler.is_compiling():  # Dynamo cannot trace an itemgetter
-            p = self._parameters
-            return tuple(p[n] for n in self._flat_weights_names)
-        return self._flat_getter(self._parameters)
+        return self._weights()
 
     @property
     def all_weights(self) -> list[list[nn.Parameter]]:
@@ -345,39 +369,39 @@ class LSTM(_KeepsRunners, nn.Module):
     def _real_hidden_size(self) -> int:
         return self.proj_size if self.proj_size > 0 else self.hidden_size
 
-    def _check_input(self, x: Tensor, packed: bool) -> None:
-        w = self.weight_ih_l0
+    def _check_input(self, x: Tensor, packed: bool, w: Tensor) -> None:
+        """Raise for an input that w (weight_ih_l0) and the options cannot take, with torch's
+        messages."""
         if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
             raise ValueError(
-                f"input: dtype {x.dtype} does not match the weights' dtype {w.dtype}. "
+                f"RNN input dtype ({x.dtype}) does not match weight dtype ({w.dtype}). "
                 f"Convert input: input.to({w.dtype}), or convert model: model.to({x.dtype})"
-            )
-        if x.device != w.device:
-            raise RuntimeError(
-                f"input: expected device {w.device} (the weights'), got {x.device}; move one of them"
             )
         if x.shape[-1] != self.input_size:
             raise RuntimeError(
                 f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got {x.shape[-1]}"
             )
+        if x.device != w.device:
+            raise RuntimeError(
+                "Input and parameter tensors are not at the same device, found input tensor at "
+                f"{x.device} and parameter tensor at {w.device}"
+            )
         if not packed and x.shape[0 if not self.batch_first else 1] == 0:
             raise RuntimeError(
-                f"input: expected sequence length to be larger than 0, got input of shape {tuple(x.shape)}"
+                f"Expected sequence length to be larger than 0 in RNN, got input of shape {tuple(x.shape)}"
             )
 
-    def _check_hidden(self, h: Tensor, c: Tensor, batch: int) -> None:
+    def _check_hidden(self, h: Tensor, c: Tensor, batch: int, arg: str = "hx") -> None:
         D = 2 if self.bidirectional else 1
-        exp_h = (self.num_layers * D, batch, self._real_hidden_size)
-        exp_c = (self.num_layers * D, batch, self.hidden_size)
-        if tuple(h.shape) != exp_h:
-            raise RuntimeError(f"hx[0] (h_0): expected size {exp_h}, got {tuple(h.shape)}")
-        if tuple(c.shape) != exp_c:
-            raise RuntimeError(f"hx[1] (c_0): expected size {exp_c}, got {tuple(c.shape)}")
+        LD = self.num_layers * D
+        expected = ((LD, batch, self._real_hidden_size), (LD, batch, self.hidden_size))
+        for i, (t, exp) in enumerate(zip((h, c), expected)):
+            if tuple(t.shape) != exp:
+                raise RuntimeError(f"Expected hidden[{i}] size {exp}, got {list(t.shape)} ({arg}[{i}])")
 
-    def _input_ok(self, x: Tensor) -> bool:
-        """True when x has the weights' dtype and device and input_size features (the per-call
+    def _input_ok(self, x: Tensor, w: Tensor) -> bool:
+        """True when x has w's (weight_ih_l0's) dtype and device and input_size features (the per-call
         check); False sends the caller through :meth:`_check_input`, which names what is wrong."""
-        w = self._parameters["weight_ih_l0"]  # straight from the dict: __getattr__ costs ~1 us
         return x.dtype is w.dtype and x.device == w.device and x.shape[-1] == self.input_size
 
     def _state_ok(self, hx, x: Tensor, batch: int) -> bool:
@@ -399,8 +423,9 @@ class LSTM(_KeepsRunners, nn.Module):
         c = torch.zeros(self.num_layers * D, batch, self.hidden_size, dtype=x.dtype, device=x.device)
         return h, c
 
-    def _run(self, x: Tensor, h0: Tensor, c0: Tensor, batch_sizes: Optional[Tensor]):
-        """Time-first (T, B, I) input, (L*D, B, *) states -> (output, h_n, c_n)."""
+    def _run(self, x: Tensor, h0: Tensor, c0: Tensor, batch_sizes: Optional[Tensor], weights: tuple[Tensor, ...]):
+        """Time-first (T, B, I) input, (L*D, B, *) states, the call's weights (``_weights``) ->
+        (output, h_n, c_n)."""
         opts_for = ln_ih = None
         v = self.variants
         if v.active(self.training):
@@ -415,7 +440,7 @@ class LSTM(_KeepsRunners, nn.Module):
             if v.layer_norm:
                 ln_ih = [v.input_norm(self, sfx) for sfx in self._suffixes]
         return functional.lstm(
-            x, h0, c0, self._flat_weights,
+            x, h0, c0, weights,
             num_layers=self.num_layers, bidirectional=self.bidirectional, has_biases=self.bias,
             proj_size=self.proj_size, dropout=self.dropout, training=self.training,
             batch_sizes=batch_sizes, backend=self.backend, opts_for=opts_for, ln_ih=ln_ih,
@@ -429,24 +454,25 @@ class LSTM(_KeepsRunners, nn.Module):
         # the exported module's forward positionally
         lengths: Optional[Union[Tensor, list[int]]] = None,
     ):
+        weights = self._weights()
         if type(input) is Tensor and lengths is None and input.dim() == 3:
             if hx is None and input.is_cpu:  # zeros, then the same path as a given state
                 hx = self._zeros_state(input, input.shape[0 if self.batch_first else 1])
             if type(hx) is tuple:
-                fast = self._fast(input, hx)  # plain calls: the checks once per shape
+                fast = self._fast(input, hx, weights)  # plain calls: the checks once per shape
                 if fast is not None:
                     return fast
         if isinstance(input, PackedSequence):
             if lengths is not None:
                 raise ValueError("lengths: must be None for a PackedSequence input (it carries its lengths)")
-            return self._forward_packed(input, hx)
+            return self._forward_packed(input, hx, weights)
         if not isinstance(input, Tensor):
             raise TypeError(f"input: expected a Tensor or PackedSequence, got {type(input).__name__}")
         if input.dim() not in (2, 3):
             raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
         batched = input.dim() == 3
-        if not self._input_ok(input) or input.shape[1 if batched and self.batch_first else 0] == 0:
-            self._check_input(input, packed=False)  # raises, or accepts a dtype under autocast
+        if not self._input_ok(input, weights[0]) or input.shape[1 if batched and self.batch_first else 0] == 0:
+            self._check_input(input, False, weights[0])  # raises, or accepts a dtype under autocast
         if not batched:
             if lengths is not None:
                 raise ValueError("lengths: only valid for batched 3-D input, got unbatched 2-D input")
@@ -468,17 +494,17 @@ class LSTM(_KeepsRunners, nn.Module):
             if h0.dim() != want or c0.dim() != want:
                 kind = "batched 3-D" if batched else "unbatched 2-D"
                 raise RuntimeError(
-                    f"hx: for {kind} input, h_0 and c_0 should also be {want}-D, "
-                    f"got ({h0.dim()}-D, {c0.dim()}-D) tensors"
+                    f"For {kind} input, hx and cx should also be {want}-D but got "
+                    f"({h0.dim()}-D, {c0.dim()}-D) tensors"
                 )
             if not batched:
                 h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
             self._check_hidden(h0, c0, B)
 
         if lengths is None:
-            out, h_n, c_n = self._run(x, h0, c0, None)
+            out, h_n, c_n = self._run(x, h0, c0, None, weights)
         else:
-            out, h_n, c_n = self._forward_lengths(x, h0, c0, lengths)
+            out, h_n, c_n = self._forward_lengths(x, h0, c0, lengths, weights)
 
         if not batched:
             return out.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
@@ -496,11 +522,12 @@ class LSTM(_KeepsRunners, nn.Module):
         The same numbers as one ``forward`` call over the whole sequence. Unidirectional LSTMs only.
         In training mode, recurrent dropout and zoneout masks are drawn per call.
         """
+        weights = self._weights()
         if type(x) is Tensor and x.dim() == 2 and not self.bidirectional:
             if state is None and x.is_cpu:  # a stream's first step: zeros, then the same path
                 state = self._zeros_state(x, x.shape[0])
             if type(state) is tuple:
-                fast = self._fast(x, state)  # the per-step path of streaming loops
+                fast = self._fast(x, state, weights)  # the per-step path of streaming loops
                 if fast is not None:
                     return fast
         if self.bidirectional:
@@ -510,7 +537,7 @@ class LSTM(_KeepsRunners, nn.Module):
             raise ValueError(f"step: expected x of shape (batch, input_size) or (input_size,), got {got}")
         batched = x.dim() == 2
         x1 = x.unsqueeze(0) if batched else x.view(1, 1, -1)  # (1, B, I)
-        self._check_input(x1, packed=False)
+        self._check_input(x1, False, weights[0])
         B = x1.shape[1]
         if state is None:
             h0, c0 = self._zeros_state(x1, B)
@@ -525,13 +552,13 @@ class LSTM(_KeepsRunners, nn.Module):
                                    f"got ({h0.dim() - (not batched)}-D, {c0.dim() - (not batched)}-D)")
             if h0.shape != (self.num_layers, B, self._real_hidden_size) or c0.shape != (
                     self.num_layers, B, self.hidden_size):
-                self._check_hidden(h0, c0, B)
-        out, h, c = self._run(x1, h0, c0, None)
+                self._check_hidden(h0, c0, B, "state")
+        out, h, c = self._run(x1, h0, c0, None, weights)
         if not batched:
             return out[0, 0], (h[:, 0], c[:, 0])
         return out[0], (h, c)
 
-    def _fast(self, x: Tensor, state: tuple) -> Optional[tuple[Tensor, State]]:
+    def _fast(self, x: Tensor, state: tuple, weights: tuple[Tensor, ...]) -> Optional[tuple[Tensor, State]]:
         """forward() of a batched CPU input (3-D) with a well-formed state, or step() of a batched x
         (B, I) without gradients, straight into the backend's function for these shapes (plain
         LSTM: no variant, no dropout at work); None leaves the call to the general path (which also
@@ -541,13 +568,12 @@ class LSTM(_KeepsRunners, nn.Module):
         if len(state) != 2 or not functional.direct_calls_ok():
             return None
         h, c = state
-        w = self._parameters["weight_ih_l0"]
+        w = weights[0]
         dt = x.dtype
         if (type(h) is not Tensor or type(c) is not Tensor or h.dtype is not dt or c.dtype is not dt
                 or w.dtype is not dt or not (x.is_cpu and h.is_cpu and c.is_cpu and w.is_cpu)
                 or self.variants.active(self.training) or (self.training and self.dropout > 0 and self.num_layers > 1)):
             return None
-        weights = self._flat_getter(self._parameters)
         grad = torch.is_grad_enabled() and functional.needs_grad([x, h, c, *weights])
         if grad and x.dim() == 2:
             return None  # step() with gradients: the general path
@@ -600,7 +626,8 @@ class LSTM(_KeepsRunners, nn.Module):
         keep = keep.view(1, B, 1)
         return h * keep, c * keep
 
-    def _forward_lengths(self, x: Tensor, h0: Tensor, c0: Tensor, lengths) -> tuple[Tensor, Tensor, Tensor]:
+    def _forward_lengths(self, x: Tensor, h0: Tensor, c0: Tensor, lengths,
+                         weights: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor]:
         if _export.exporting():
             _export.refuse_lengths()  # a graph would keep the traced call's lengths
         T, B = x.shape[0], x.shape[1]
@@ -615,7 +642,7 @@ class LSTM(_KeepsRunners, nn.Module):
             raise ValueError(f"lengths: expected every length in [1, {T}] (the sequence length), "
                              f"got min {int(lens.min())}, max {int(lens.max())}")
         if B == 0 or bool((lens == T).all()):
-            return self._run(x, h0, c0, None)
+            return self._run(x, h0, c0, None, weights)
         sorted_lens, order = torch.sort(lens, descending=True)
         unorder = torch.empty_like(order)
         unorder[order] = torch.arange(B)
@@ -623,14 +650,14 @@ class LSTM(_KeepsRunners, nn.Module):
         dev = x.device
         order_d, unorder_d = order.to(dev), unorder.to(dev)
         out, h_n, c_n = self._run(x.index_select(1, order_d), h0.index_select(1, order_d),
-                                  c0.index_select(1, order_d), batch_sizes)
+                                  c0.index_select(1, order_d), batch_sizes, weights)
         return out.index_select(1, unorder_d), h_n.index_select(1, unorder_d), c_n.index_select(1, unorder_d)
 
-    def _forward_packed(self, packed: PackedSequence, hx: Optional[State]):
+    def _forward_packed(self, packed: PackedSequence, hx: Optional[State], weights: tuple[Tensor, ...]):
         data, batch_sizes, sorted_indices, unsorted_indices = packed
-        self._check_input(data, packed=True)
         if data.dim() != 2:
-            raise RuntimeError(f"input: PackedSequence data must have 2 dimensions, got {data.dim()}")
+            raise RuntimeError(f"input must have 2 dimensions, got {data.dim()} (the data of a PackedSequence)")
+        self._check_input(data, True, weights[0])
         B = int(batch_sizes[0])
         if hx is None:
             h0, c0 = self._zeros_state(data, B)
@@ -642,7 +669,7 @@ class LSTM(_KeepsRunners, nn.Module):
             if sorted_indices is not None:
                 h0, c0 = h0.index_select(1, sorted_indices), c0.index_select(1, sorted_indices)
         x = functional.packed_to_padded(data, batch_sizes)  # (T, B, I)
-        out, h_n, c_n = self._run(x, h0, c0, batch_sizes)
+        out, h_n, c_n = self._run(x, h0, c0, batch_sizes, weights)
         out_packed = PackedSequence(functional.padded_to_packed(out, batch_sizes), batch_sizes,
                                     sorted_indices, unsorted_indices)
         if unsorted_indices is not None:
@@ -678,7 +705,9 @@ class LSTMCell(_KeepsRunners, nn.Module):
 
     Attributes:
         weight_ih ``(4H, H_in)``, weight_hh ``(4H, H)``, bias_ih ``(4H)``, bias_hh ``(4H)``,
-        initialized :math:`\mathcal{U}(-1/\sqrt{H}, 1/\sqrt{H})` as in torch.
+        initialized :math:`\mathcal{U}(-1/\sqrt{H}, 1/\sqrt{H})` as in torch; read through the
+        attributes once per call (parametrizations, weight_norm, plain tensors: see
+        :class:`LSTM`). Saving and ``torch.load``: as :class:`LSTM`.
 
     Example::
 
@@ -699,7 +728,6 @@ class LSTMCell(_KeepsRunners, nn.Module):
         self.backend = backends.validate_name(backend)
         self.variants = Variants.parse(layer_norm=layer_norm, peephole=peephole, recurrent_dropout=recurrent_dropout,
                                        zoneout=zoneout, forget_bias=forget_bias, bias=bias)
-        self._rec_mask: Optional[Tensor] = None
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.bias = bias
@@ -714,16 +742,26 @@ class LSTMCell(_KeepsRunners, nn.Module):
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)
         self._variant_names = self.variants.register(self, "", hidden_size, factory)
-        self._weights_getter = operator.itemgetter(*_CELL_WEIGHTS[:4 if bias else 2])
+        self._init_transient()
+        self.reset_parameters()
+
+    _TRANSIENT = ("_runners", "_weights_getter", "_rec_mask")
+
+    def _init_transient(self) -> None:
+        self._weights_getter = operator.itemgetter(*_CELL_WEIGHTS[:4 if self.bias else 2])
         # (x.shape, h.shape, c.shape, dtype, backend, threads) -> the backend's one-step function for
         # calls without gradients (``_runner``), or None
         self._runners: dict = {}
-        self.reset_parameters()
+        self._rec_mask: Optional[Tensor] = None  # the recurrent-dropout mask of the sequence in progress
 
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        if "_weights_getter" not in self.__dict__:  # pickled by an earlier version
-            self._weights_getter = operator.itemgetter(*_CELL_WEIGHTS[:4 if self.bias else 2])
+    def _weights(self) -> tuple[Tensor, ...]:
+        """(weight_ih, weight_hh[, bias_ih, bias_hh]), read once per call as :meth:`LSTM._weights`."""
+        if not torch.compiler.is_compiling():  # Dynamo cannot trace an itemgetter
+            try:
+                return self._weights_getter(self._parameters)
+            except KeyError:
+                pass
+        return tuple(getattr(self, n) for n in _CELL_WEIGHTS[:4 if self.bias else 2])
 
     def reset_parameters(self) -> None:
         stdv = 1.0 / math.sqrt(self.hidden_size)
@@ -751,48 +789,64 @@ class LSTMCell(_KeepsRunners, nn.Module):
         _export.refuse_script(self)  # raises: names torch.jit.trace / torch.export instead
 
     def forward(self, input: Tensor, hx: Optional[State] = None) -> State:
+        weights = self._weights()
         if type(input) is Tensor and input.dim() == 2 and input.is_cpu:
             if hx is None:  # zeros, then the same path as a given state
                 z = torch.zeros(input.shape[0], self.hidden_size, dtype=input.dtype)
                 hx = (z, z)
             if type(hx) is tuple:
-                fast = self._fast(input, hx)  # token-by-token calls: the checks once per shape
+                fast = self._fast(input, hx, weights)  # token-by-token calls: the checks once per shape
                 if fast is not None:
                     return fast
+        # torch's checks in torch's order (ranks, then sizes), then dtype and device
         if not isinstance(input, Tensor):
             raise TypeError(f"input: expected a Tensor, got {type(input).__name__}")
         if input.dim() not in (1, 2):
             raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
-        w = self.weight_ih
-        if input.dtype != w.dtype:
-            raise ValueError(f"input: dtype {input.dtype} does not match the weights' dtype {w.dtype}")
-        if input.device != w.device:
-            raise RuntimeError(f"input: expected device {w.device} (the weights'), got {input.device}")
+        if hx is not None:
+            h, c = _unpack_hx(hx)
+            for idx, (name, t) in enumerate((("hx[0] (h)", h), ("hx[1] (c)", c))):
+                if not isinstance(t, Tensor):
+                    raise TypeError(f"{name}: expected a Tensor, got {type(t).__name__}")
+                if t.dim() not in (1, 2):
+                    raise ValueError(f"LSTMCell: Expected hx[{idx}] to be 1D or 2D, got {t.dim()}D instead")
         if input.shape[-1] != self.input_size:
             raise RuntimeError(
                 f"input has inconsistent input_size: got {input.shape[-1]} expected {self.input_size}"
             )
         batched = input.dim() == 2
         x = input if batched else input.unsqueeze(0)
-        B = x.shape[0]
+        B, H = x.shape[0], self.hidden_size
         if hx is None:
-            h = c = torch.zeros(B, self.hidden_size, dtype=x.dtype, device=x.device)
+            h = c = torch.zeros(B, H, dtype=x.dtype, device=x.device)
         else:
-            h, c = _unpack_hx(hx)
-            for idx, (name, t) in enumerate((("hx[0] (h)", h), ("hx[1] (c)", c))):
-                _check_state_tensor(name, t, x)
-                if t.dim() not in (1, 2):
-                    raise ValueError(f"LSTMCell: Expected hx[{idx}] to be 1D or 2D, got {t.dim()}D instead")
+            for name, t in (("hx[0] (h)", h), ("hx[1] (c)", c)):
                 if t.dim() != input.dim():
-                    raise ValueError(f"{name}: expected {input.dim()}-D like the input, got {t.dim()}-D")
+                    raise RuntimeError(f"{name}: expected {input.dim()}-D like the input, got {t.dim()}-D")
             if not batched:
                 h, c = h.unsqueeze(0), c.unsqueeze(0)
-            for name, t in (("hx[0] (h)", h), ("hx[1] (c)", c)):
-                if tuple(t.shape) != (B, self.hidden_size):
-                    raise RuntimeError(f"{name}: expected size {(B, self.hidden_size)}, got {tuple(t.shape)}")
+            for idx, t in enumerate((h, c)):
+                if t.shape[0] != B:
+                    raise RuntimeError(f"Input batch size {B} doesn't match hidden{idx} batch size {t.shape[0]}")
+                if t.shape[1] != H:
+                    raise RuntimeError(f"hidden{idx} has inconsistent hidden_size: got {t.shape[1]}, expected {H}")
+        w = weights[0]
+        if input.dtype != w.dtype:
+            raise ValueError(
+                f"RNN input dtype ({input.dtype}) does not match weight dtype ({w.dtype}). "
+                f"Convert input: input.to({w.dtype}), or convert model: model.to({input.dtype})"
+            )
+        if input.device != w.device:
+            raise RuntimeError(
+                "Input and parameter tensors are not at the same device, found input tensor at "
+                f"{input.device} and parameter tensor at {w.device}"
+            )
+        if hx is not None:
+            _check_state_tensor("hx[0] (h)", h, x)
+            _check_state_tensor("hx[1] (c)", c, x)
         opts = ln_ih = None
         v = self.variants
-        if v.active(self.training):
+        if not v.plain and v.active(self.training):  # a plain cell never reads the training flag
             if _export.exporting():
                 _export.check_module(self)  # random masks cannot be captured in a graph
             H = self.hidden_size
@@ -802,24 +856,24 @@ class LSTMCell(_KeepsRunners, nn.Module):
                     self._rec_mask = opts.rec_mask
                 opts.rec_mask = self._rec_mask
             ln_ih = v.input_norm(self, "")
-        h1, c1 = functional.lstm_cell(x, h, c, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
+        b_ih, b_hh = (weights[2], weights[3]) if self.bias else (None, None)
+        h1, c1 = functional.lstm_cell(x, h, c, weights[0], weights[1], b_ih, b_hh,
                                       backend=self.backend, opts=opts, ln_ih=ln_ih)
         if not batched:
             return h1.squeeze(0), c1.squeeze(0)
         return h1, c1
 
-    def _fast(self, x: Tensor, state: tuple) -> Optional[State]:
+    def _fast(self, x: Tensor, state: tuple, weights: tuple[Tensor, ...]) -> Optional[State]:
         """A batched CPU step without gradients straight into the backend's one-step function for
         these shapes (``LSTM.step``'s, one layer; no variant at work), or None: the general path,
         which also names what is wrong. The shapes are checked once, where that function is made."""
         if len(state) != 2 or not functional.direct_calls_ok():
             return None
         h, c = state
-        weights = self._weights_getter(self._parameters)
         dt = x.dtype
         if (type(h) is not Tensor or type(c) is not Tensor or h.dtype is not dt or c.dtype is not dt
                 or weights[0].dtype is not dt or not (h.is_cpu and c.is_cpu and weights[0].is_cpu)
-                or self.variants.active(self.training)
+                or (not self.variants.plain and self.variants.active(self.training))
                 or (torch.is_grad_enabled() and functional.needs_grad([x, h, c, *weights]))):
             return None
         key = (x.shape, h.shape, c.shape, dt, self.backend, torch.get_num_threads())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional, Union
 
 import torch
@@ -31,12 +31,25 @@ def _check_prob(name: str, p, upper_inclusive: bool = False) -> float:
 
 @dataclass(frozen=True)
 class Variants:
+    """One module's variant options. ``plain`` (not a field): True when none of them changes the
+    recurrence, in either mode."""
+
     layer_norm: bool = False
     peephole: bool = False
     recurrent_dropout: float = 0.0
     zoneout_cell: float = 0.0
     zoneout_hidden: float = 0.0
     forget_bias: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        # no variant in the recurrence: every call is torch's, in training and evaluation alike (so a
+        # plain LSTMCell's forward never reads the module's training flag, as torch's does not)
+        object.__setattr__(self, "plain", not (self.layer_norm or self.peephole or self.recurrent_dropout > 0
+                                                 or self.zoneout_cell > 0 or self.zoneout_hidden > 0))
+
+    def options(self) -> dict:
+        """The options as plain values (what a pickled module keeps): ``Variants(**v.options()) == v``."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def parse(cls, *, layer_norm=False, peephole=False, recurrent_dropout=0.0,
@@ -62,8 +75,8 @@ class Variants:
 
     def active(self, training: bool) -> bool:
         """True when this call's recurrence differs from torch's (recurrent dropout is off in eval)."""
-        return (self.layer_norm or self.peephole or self.zoneout_cell > 0 or self.zoneout_hidden > 0
-                or (training and self.recurrent_dropout > 0))
+        return not self.plain and (self.layer_norm or self.peephole or self.zoneout_cell > 0
+                                   or self.zoneout_hidden > 0 or (training and self.recurrent_dropout > 0))
 
     def extra_repr(self) -> str:
         parts = []
