@@ -223,3 +223,34 @@ def test_warmup_module_entry_point(tmp_path):
              "import lstmkit, lstmkit.warmup\nprint(callable(lstmkit.warmup))", tmp_path)
     assert str(tmp_path) in "".join(p.stdout.split()) and "--dtypes" in p.stdout  # the cache dir, in the help
     assert p.stdout.strip().splitlines()[-1] == "True"
+
+
+def test_first_use_bench_reports_cold_first_calls(monkeypatch):
+    """``lstmkit bench --suite first-use``'s first-call part, without waiting for the background
+    compile: every shape's cold first calls ran on the reference math with torch's numbers, and the
+    background processes they started are stopped."""
+    from lstmkit.bench import first_use
+
+    monkeypatch.setenv("PYTHONPATH", SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = first_use.first_calls(wait_s=0)
+    assert set(first_use.SHAPES) <= set(r)
+    pids = []
+    for name in first_use.SHAPES:
+        cold = r[name]["cold"]
+        assert cold["backend"] == "reference", cold
+        assert cold["max_dev"] < 1e-5 and cold["max_grad_dev"] < 1e-3
+        assert cold["first_forward_s"] > 0 and cold["first_forward_backward_s"] >= cold["first_forward_s"]
+        pids += cold["background_pids"]
+    assert len(pids) == len(first_use.SHAPES) and not any(map(first_use._alive, pids))
+    assert r["cache_warm"] is False
+
+
+def test_first_use_bench_step_latency():
+    from lstmkit.bench import first_use
+
+    r = first_use.step_latency(steps=1000, H=16, layers=2)
+    for load in ("idle", "busy"):
+        for who in ("lstmkit", "torch"):
+            s = r[load][who]
+            assert 0 < s["p50_us"] <= s["p99_us"] and s["steps_per_s"] > 0
+    assert r["busy_over_idle_p99"] > 0

@@ -22,7 +22,9 @@ def _device_of(argv: list[str]) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """``--suite lstm`` (default): plain LSTM against torch.nn.LSTM; ``--suite variants``: the
-    variants and the step API (:mod:`lstmkit.bench.variants`)."""
+    variants and the step API (:mod:`lstmkit.bench.variants`); ``--suite first-use``: the first calls
+    of a fresh install (empty kernel cache) and the step API's latency on an idle and a busy machine
+    (:mod:`lstmkit.bench.first_use`)."""
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -36,13 +38,17 @@ def main(argv: Optional[list[str]] = None) -> int:
             suite = a.split("=", 1)[1]
             del argv[i]
             break
-    if suite not in ("lstm", "variants"):
-        print(f"lstmkit bench: --suite expected 'lstm' or 'variants', got {suite!r}", file=sys.stderr)
+    if suite not in ("lstm", "variants", "first-use"):
+        print(f"lstmkit bench: --suite expected 'lstm', 'variants' or 'first-use', got {suite!r}", file=sys.stderr)
         return 2
     if suite == "variants":
         from . import variants
 
         return variants.main(argv)
+    if suite == "first-use":
+        from . import first_use
+
+        return first_use.main(argv)
     if _device_of(argv).startswith("cuda"):
         try:
             from . import cuda
