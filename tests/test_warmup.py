@@ -254,3 +254,33 @@ def test_first_use_bench_step_latency():
             s = r[load][who]
             assert 0 < s["p50_us"] <= s["p99_us"] and s["steps_per_s"] > 0
     assert r["busy_over_idle_p99"] > 0
+
+
+def test_warmup_runs_each_part_under_each_thread_count_and_writes_its_marker(tmp_path, monkeypatch):
+    """What ``lstmkit.warmup`` runs and records (the calls themselves replaced by a recorder: the
+    real ones compile for minutes with an empty cache)."""
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv(_warmup.ENV_BACKGROUND, "1")
+    monkeypatch.setattr(_warmup, "_ready", set())
+    monkeypatch.setattr(_warmup, "_checked", {})
+    ran = []
+    monkeypatch.setattr(_warmup, "_plain_calls", lambda dt, tr: ran.append(("plain", dt, tr, torch.get_num_threads())))
+    monkeypatch.setattr(_warmup, "_variant_calls",
+                        lambda dt, tr, vs: ran.append(("variants", dt, tr, torch.get_num_threads(), tuple(vs))))
+    n0 = torch.get_num_threads()
+    torch.manual_seed(123)
+    want = torch.rand(3)
+    torch.manual_seed(123)
+    assert not _warmup.ready(torch.float64, "variants")
+    r = lstmkit.warmup(dtypes=["float64"], training=False, variants=["peephole"], threads=[1, 2])
+    assert torch.equal(torch.rand(3), want)  # the caller's random state untouched
+    assert torch.get_num_threads() == n0
+    assert ran == [("plain", torch.float64, False, 1), ("plain", torch.float64, False, 2),
+                   ("variants", torch.float64, False, 1, ("peephole",)),
+                   ("variants", torch.float64, False, 2, ("peephole",))]
+    assert r["cache_dir"] == str(tmp_path) and set(r["seconds"]) == {"plain-float64", "variants-float64"}
+    for kind in ("plain", "variants"):
+        with open(_warmup.marker_path(torch.float64, kind)) as fh:
+            assert json.load(fh)["training"] is False
+        assert _warmup.ready(torch.float64, kind)
+    assert not _warmup.ready(torch.float32, "plain")

@@ -377,25 +377,34 @@ def warmup(dtypes: Iterable[Union[str, torch.dtype]] = ("float32",), training: b
 
     backends.resolve("numba", torch.device("cpu"), torch.float32)  # numba installed, else a clear error
     seconds = {}
+    for dt in dts:
+        for kind in ("plain", "variants") if vs else ("plain",):
+            seconds[_kind_name(dt, kind)] = _warm_part(dt, kind, training, vs, threads, verbose)
+    return {"cache_dir": cache_dir(), "seconds": seconds}
+
+
+def _warm_part(dt: torch.dtype, kind: str, training: bool, vs: Sequence[str], threads: Sequence[int],
+               verbose: bool) -> float:
+    """Run one part's calls under each thread count and write its marker; the seconds it took."""
+    n0 = torch.get_num_threads()
+    t0 = time.perf_counter()
     try:
-        for dt in dts:
-            parts = [("plain", lambda dt=dt: _plain_calls(dt, training))]
-            if vs:
-                parts.append(("variants", lambda dt=dt: _variant_calls(dt, training, vs)))
-            for kind, run in parts:
-                t0 = time.perf_counter()
-                for n in threads:
-                    torch.set_num_threads(n)
-                    torch.manual_seed(0)
-                    run()
-                s = seconds[_kind_name(dt, kind)] = time.perf_counter() - t0
-                _write_marker(dt, kind, training, s)
-                _checked.pop((dt, kind), None)
-                if verbose:
-                    print(f"lstmkit warmup: {_kind_name(dt, kind)} kernels ready in {s:.1f} s", flush=True)
+        with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was
+            for n in threads:
+                torch.set_num_threads(n)
+                torch.manual_seed(0)
+                if kind == "plain":
+                    _plain_calls(dt, training)
+                else:
+                    _variant_calls(dt, training, vs)
     finally:
         torch.set_num_threads(n0)
-    return {"cache_dir": cache_dir(), "seconds": seconds}
+    s = time.perf_counter() - t0
+    _write_marker(dt, kind, training, s)
+    _checked.pop((dt, kind), None)
+    if verbose:
+        print(f"lstmkit warmup: {_kind_name(dt, kind)} kernels ready in {s:.1f} s", flush=True)
+    return s
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -419,8 +428,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _background(dtypes: Sequence[str], kind: str) -> int:
-    """The background process: one per (dtype, kind) at a time (a file lock); low priority, so the
-    calls that run meanwhile keep the cores."""
+    """The background process: low priority, so that the calls running meanwhile keep the cores;
+    one compile of a part at a time (a file lock per part: a process that finds one running waits
+    for it, then finds its marker). The variants' part compiles the plain part first (their calls
+    share kernels)."""
     import fcntl
 
     try:
@@ -429,13 +440,15 @@ def _background(dtypes: Sequence[str], kind: str) -> int:
         pass
     dt = _dtype(dtypes[0])
     os.makedirs(cache_dir(), exist_ok=True)
-    with open(os.path.join(cache_dir(), f"lstmkit-warm-{_kind_name(dt, kind)}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process's compile of the same: wait for it
-        if os.path.exists(marker_path(dt, kind)):
-            return 0
-        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} compiling {_kind_name(dt, kind)} into {cache_dir()}", flush=True)
-        r = warmup(dtypes=[dt], training=True, variants=VARIANTS if kind == "variants" else (), verbose=True)
-        print(f"done: {r['seconds']}", flush=True)
+    threads = sorted({1, torch.get_num_threads()})
+    for part in ("plain", "variants") if kind == "variants" else ("plain",):
+        with open(os.path.join(cache_dir(), f"lstmkit-warm-{_kind_name(dt, part)}.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if os.path.exists(marker_path(dt, part)):
+                continue
+            print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} compiling {_kind_name(dt, part)} into {cache_dir()}",
+                  flush=True)
+            _warm_part(dt, part, True, VARIANTS, threads, True)
     return 0
 
 
