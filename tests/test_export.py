@@ -171,6 +171,27 @@ def test_trace_cell_answers_new_inputs(case):
             _check(traced(*args), ref(*args), msg=f"{case} at B={B}")
 
 
+def test_saved_trace_and_exported_program_answer_new_inputs():
+    """A traced module and an ExportedProgram keep their op call through torch.jit.save / load and
+    torch.export.save / load (the op is registered by ``import lstmkit``); torch.export in strict
+    mode (Dynamo) records the same op."""
+    ours, ref = _pair(num_layers=2, bidirectional=True)
+    args = _args(ours, *EXPORTED, False, False)
+    buf = io.BytesIO()
+    torch.jit.save(torch.jit.trace(ours, args), buf)
+    buf.seek(0)
+    traced = torch.jit.load(buf)
+    ep_buf = io.BytesIO()
+    torch.export.save(torch.export.export(ours, args, dynamic_shapes=_dims(ours, False, False), strict=True), ep_buf)
+    ep_buf.seek(0)
+    run = torch.export.load(ep_buf).module()
+    for T, B in NEW:
+        new = _args(ours, T, B, False, False, seed=11)
+        with torch.no_grad():
+            _check(traced(*new), ref(*new))
+            _check(run(*new), ref(*new))
+
+
 def test_trace_gradients_match_torch():
     """The recorded op is differentiable: a traced model trains with torch's gradients."""
     ours, ref = _pair(num_layers=2, bidirectional=True)
@@ -193,7 +214,8 @@ def test_trace_variants_answer_new_inputs():
     """Variants in evaluation mode trace as the same op: the traced model gives the eager model's
     numbers at other shapes."""
     torch.manual_seed(0)
-    m = lstmkit.LSTM(I, H, 2, bidirectional=True, layer_norm=True, peephole=True, zoneout=(0.2, 0.1)).eval()
+    m = lstmkit.LSTM(I, H, 2, bidirectional=True, proj_size=3, layer_norm=True, peephole=True,
+                     zoneout=(0.2, 0.1)).eval()
     traced = torch.jit.trace(m, _args(m, *EXPORTED, False, False))
     for T, B in NEW:
         (x,) = _args(m, T, B, False, False, seed=4)
@@ -337,6 +359,10 @@ def test_onnx_lstm_operator_at_new_shapes(exporter, case):
         model = _onnx_legacy(ours, args, _legacy_axes(ours, unbatched))
     assert _ops(model).count("LSTM") == ours.num_layers
     assert "Scan" not in _ops(model) and "Loop" not in _ops(model)
+    consts = {i.name for i in model.graph.initializer}
+    for node in model.graph.node:  # W, R (and B) converted once, at export: initializers
+        if node.op_type == "LSTM":
+            assert all(name in consts for name in node.input[1:4] if name), node.input
     for T, B in _unbatched_shapes(unbatched):
         new = _args(ours, T, B, state, unbatched, seed=7)
         y, (h, c) = _run_onnx(model, new)
@@ -388,7 +414,7 @@ def test_onnx_dynamo_scan_for_projection_and_variants():
     """What ONNX's LSTM cannot compute (projections, layer norm, zoneout) the dynamo exporter writes as
     an ONNX Scan of plain ops over the steps: torch's numbers (projection) or the eager model's
     (variants) at other shapes."""
-    ours, ref = _pair(num_layers=2, bidirectional=True, proj_size=3)
+    ours, ref = _pair(bidirectional=True, proj_size=3)
     model = _onnx_dynamo(ours, _args(ours, *EXPORTED, True, False), _dims(ours, True, False))
     assert "Scan" in _ops(model) and "LSTM" not in _ops(model)
     for T, B in NEW:
@@ -396,7 +422,7 @@ def test_onnx_dynamo_scan_for_projection_and_variants():
         with torch.no_grad():
             _check(_run_onnx(model, new), ref(*new))
     torch.manual_seed(0)
-    m = lstmkit.LSTM(I, H, bidirectional=True, layer_norm=True, peephole=True, zoneout=(0.2, 0.1)).eval()
+    m = lstmkit.LSTM(I, H, 2, layer_norm=True, peephole=True, zoneout=(0.2, 0.1)).eval()
     model = _onnx_dynamo(m, _args(m, *EXPORTED, False, False), _dims(m, False, False))
     for T, B in NEW:
         new = _args(m, T, B, False, False, seed=2)
@@ -413,12 +439,16 @@ def test_onnx_legacy_refuses_what_the_lstm_operator_lacks(option, kw):
 
 
 @pytest.mark.filterwarnings("ignore:Exporting a model while it is in training mode:UserWarning")
-def test_onnx_refuses_lengths_and_training_masks():
+def test_onnx_refuses_lengths_and_training_masks_exports_dropout_in_eval():
     m = lstmkit.LSTM(I, H, num_layers=2, dropout=0.3).train()
     with pytest.raises(RuntimeError, match="ONNX export.*dropout=0.3.*model.eval"):
         torch.onnx.export(m, _args(m, *EXPORTED, False, False), dynamo=True, verbose=False)
-    m.eval()
-    x = torch.randn(4, 2, I)
+    m = lstmkit.LSTM(I, H, num_layers=2, dropout=0.3, recurrent_dropout=0.2).eval()  # no-ops in evaluation
+    model = _onnx_legacy(m, _args(m, *EXPORTED, False, False), _legacy_axes(m, False))
+    assert _ops(model).count("LSTM") == 2
+    (x,) = _args(m, 6, 3, False, False)
+    with torch.no_grad():
+        _check(_run_onnx(model, (x,)), m(x))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(RuntimeError, match="lengths="):

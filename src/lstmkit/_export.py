@@ -2,19 +2,20 @@
 
 The eager paths run Numba/Triton kernels on NumPy views or raw pointers, which a tracer cannot see:
 traced as they are, they would bake the traced input's answer into the graph as a constant. While a
-graph is captured (``exporting()``), :func:`lstmkit.functional.lstm` and ``lstm_cell`` hand their
+graph is captured (:func:`exporting`), :func:`lstmkit.functional.lstm` and ``lstm_cell`` hand their
 call to :func:`lstm` here, which emits one of
 
 - ONNX export (``torch.onnx.export``): ONNX's own ``LSTM`` operator, one node per layer (both
-  directions in one node), with torch's weights converted to ONNX's layout. The dynamo exporter
-  gets it through ``torch.onnx.ops.symbolic_multi_out``; the TorchScript-based (legacy) exporter
-  through an autograd function's ``symbolic``. Options ONNX's LSTM cannot express raise an error
-  naming them.
+  directions in one node), torch's weights converted to ONNX's layout (gates i, o, f, c; the
+  peephole rows i, o, f). The dynamo exporter gets it through ``torch.onnx.ops.symbolic_multi_out``,
+  the TorchScript-based (legacy) exporter through an autograd function's ``symbolic``. What ONNX's
+  LSTM cannot compute (projections, layer norm, zoneout) the dynamo exporter writes as an ONNX
+  ``Scan`` of the reference backend's step; the legacy exporter raises, naming the option.
 - anything else (``torch.jit.trace``, ``torch.export``): one call of the custom operator
   ``lstmkit::lstm`` (below), whose eager kernel is ``functional.lstm`` on lstmkit's backends and
   whose fake kernel gives the output shapes for any batch and sequence length.
 
-Calls whose randomness cannot be recorded (inter-layer dropout, recurrent dropout and zoneout in
+Calls whose randomness a graph cannot hold (inter-layer dropout, recurrent dropout and zoneout in
 training mode) and variable lengths (``lengths=``, PackedSequence) raise instead of tracing a
 constant mask or lengths. ``torch.jit.script`` is refused with the alternatives named
 (:func:`refuse_script`). docs/export.md lists what exports how.
@@ -232,9 +233,10 @@ lstm_op.register_autograd(_op_backward, setup_context=_op_setup)
 # --- ONNX ---------------------------------------------------------------------------------------
 
 def _onnx_gates(w: Tensor) -> Tensor:
-    """(4H, ...) in torch's gate order -> ONNX's (i, o, f, c)."""
-    blocks = w.chunk(4, 0)
-    return torch.cat([blocks[k] for k in _ONNX_GATES], 0)
+    """(4H, ...) in torch's gate order -> ONNX's (i, o, f, c). Slices, not chunk: the exporters fold
+    single-output ops on weights into constants, not ONNX's multi-output Split."""
+    H = w.shape[0] // 4
+    return torch.cat([w[k * H:(k + 1) * H] for k in _ONNX_GATES], 0)
 
 
 class _LegacyOnnxLSTM(torch.autograd.Function):
@@ -252,7 +254,8 @@ class _LegacyOnnxLSTM(torch.autograd.Function):
     def symbolic(g, x, W, R, Bias, P, h0, c0, direction: str):
         from torch.onnx import symbolic_helper
 
-        inputs = [x, W, R, Bias, symbolic_helper._optional_input_placeholder_tensor(g), h0, c0]
+        none = symbolic_helper._optional_input_placeholder_tensor
+        inputs = [x, W, R, none(g) if symbolic_helper._is_none(Bias) else Bias, none(g), h0, c0]
         if not symbolic_helper._is_none(P):
             inputs.append(P)
         hidden_size = symbolic_helper._get_tensor_dim_size(R, 2)
@@ -264,8 +267,6 @@ def _onnx_node(x: Tensor, W: Tensor, R: Tensor, Bias: Optional[Tensor], P: Optio
     """One ONNX LSTM node: x (T, B, I), W (D, 4H, I), R (D, 4H, H), Bias (D, 8H), P (D, 3H) or None,
     h0, c0 (D, B, H) -> Y (T, D, B, H), Y_h (D, B, H), Y_c (D, B, H)."""
     if torch.jit.is_tracing():  # the TorchScript-based exporter
-        if Bias is None:
-            Bias = W.new_zeros((W.shape[0], 2 * W.shape[1]))
         return _LegacyOnnxLSTM.apply(x, W, R, Bias, P, h0, c0, direction)
     T, B, D, H = x.shape[0], x.shape[1], R.shape[0], R.shape[2]
     y, y_h, y_c = torch.onnx.ops.symbolic_multi_out(
