@@ -39,9 +39,8 @@ NEW = ((7, 5), (1, 3), (4, 1))  # other (T, B) the exported graph must answer fo
 CASES = {
     "2-layer": (dict(num_layers=2), False, False),
     "bidirectional-2-layer-state": (dict(num_layers=2, bidirectional=True), True, False),
-    "batch_first-state": (dict(batch_first=True), True, False),
-    "no-bias-unbatched-state": (dict(bias=False), True, True),
-    "bidirectional-unbatched": (dict(bidirectional=True), False, True),
+    "batch_first-no-bias-state": (dict(batch_first=True, bias=False), True, False),
+    "bidirectional-unbatched-state": (dict(bidirectional=True), True, True),
 }
 # name -> (LSTMCell kwargs, given state, unbatched)
 CELL_CASES = {
