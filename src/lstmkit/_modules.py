@@ -31,6 +31,7 @@ State = tuple[Tensor, Tensor]
 _CALL_BACKENDS: dict = {}
 _NO_RUNNER = object()  # LSTM._runners, LSTMCell._runners: shapes not seen yet
 _CELL_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+_compiling = torch.compiler.is_compiling  # bound once: read on every call
 
 
 class _KeepsRunners:
@@ -315,7 +316,7 @@ class LSTM(_KeepsRunners, nn.Module):
         reads them: a parametrization (``parametrizations.weight_norm``, ``spectral_norm``,
         ``register_parametrization``: computed here, once per call) or a plain tensor set in the
         weight's place (the legacy ``weight_norm``, AWD-LSTM's WeightDrop)."""
-        if not torch.compiler.is_compiling():  # Dynamo cannot trace an itemgetter
+        if not _compiling():  # Dynamo cannot trace an itemgetter
             try:
                 return self._flat_getter(self._parameters)
             except KeyError:
@@ -756,7 +757,7 @@ class LSTMCell(_KeepsRunners, nn.Module):
 
     def _weights(self) -> tuple[Tensor, ...]:
         """(weight_ih, weight_hh[, bias_ih, bias_hh]), read once per call as :meth:`LSTM._weights`."""
-        if not torch.compiler.is_compiling():  # Dynamo cannot trace an itemgetter
+        if not _compiling():  # Dynamo cannot trace an itemgetter
             try:
                 return self._weights_getter(self._parameters)
             except KeyError:
