@@ -203,16 +203,16 @@ def _forward_error_cases():
         ("input_size", m, lambda: (z(5, 2, 7),), RuntimeError,
          r"input.size\(-1\) must be equal to input_size. Expected 3, got 7"),
         ("dtype", m, lambda: (z(5, 2, 3, dtype=torch.float64),), ValueError,
-         r"input: dtype torch.float64 does not match the weights' dtype torch.float32"),
+         r"RNN input dtype \(torch.float64\) does not match weight dtype \(torch.float32\)"),
         ("empty", m, lambda: (z(0, 2, 3),), RuntimeError, r"sequence length to be larger than 0"),
         ("hx rank batched", m, lambda: (z(5, 2, 3), (z(2, 4), z(2, 4))), RuntimeError,
-         r"for batched 3-D input, h_0 and c_0 should also be 3-D, got \(2-D, 2-D\)"),
+         r"For batched 3-D input, hx and cx should also be 3-D but got \(2-D, 2-D\) tensors"),
         ("hx rank unbatched", m, lambda: (z(5, 3), (z(2, 1, 4), z(2, 1, 4))), RuntimeError,
-         r"for unbatched 2-D input, h_0 and c_0 should also be 2-D, got \(3-D, 3-D\)"),
+         r"For unbatched 2-D input, hx and cx should also be 2-D but got \(3-D, 3-D\) tensors"),
         ("h0 size", m, lambda: (z(5, 2, 3), (z(2, 3, 4), z(2, 2, 4))), RuntimeError,
-         r"hx\[0\] \(h_0\): expected size \(2, 2, 4\), got \(2, 3, 4\)"),
+         r"Expected hidden\[0\] size \(2, 2, 4\), got \[2, 3, 4\]"),
         ("c0 size", m, lambda: (z(5, 2, 3), (z(2, 2, 4), z(1, 2, 4))), RuntimeError,
-         r"hx\[1\] \(c_0\): expected size \(2, 2, 4\), got \(1, 2, 4\)"),
+         r"Expected hidden\[1\] size \(2, 2, 4\), got \[1, 2, 4\]"),
         ("hx type", m, lambda: (z(5, 2, 3), z(2, 2, 4)), TypeError, r"hx: expected a tuple \(h_0, c_0\)"),
         ("hx dtype", m, lambda: (z(5, 2, 3), (z(2, 2, 4, dtype=torch.float64), z(2, 2, 4))), ValueError,
          r"hx\[0\] \(h_0\): expected dtype torch.float32 \(the input's\), got torch.float64"),
@@ -242,10 +242,12 @@ def test_forward_errors(case):
 
 def test_device_mismatch():
     m = lstmkit.LSTM(3, 4, device="meta")
-    with pytest.raises(RuntimeError, match=r"input: expected device meta \(the weights'\), got cpu"):
+    with pytest.raises(RuntimeError, match=r"Input and parameter tensors are not at the same device, found input "
+                                           r"tensor at cpu and parameter tensor at meta"):
         m(torch.zeros(5, 2, 3))
     m = lstmkit.LSTM(3, 4)
-    with pytest.raises(RuntimeError, match=r"hx\[0\] \(h_0\): expected device cpu \(the input's\), got meta"):
+    with pytest.raises(RuntimeError, match=r"Input and hidden tensors are not at the same device, found input tensor "
+                                           r"at cpu and hidden tensor at meta \(hidden tensor: hx\[0\] \(h_0\)\)"):
         m(torch.zeros(5, 2, 3), (torch.zeros(1, 2, 4, device="meta"), torch.zeros(1, 2, 4)))
 
 
@@ -266,12 +268,13 @@ def test_forward_error_types_match_torch():
         ((torch.zeros(2, 3, 3),), ValueError, r"LSTMCell: Expected input to be 1D or 2D, got 3D"),
         ((torch.zeros(2, 4),), RuntimeError, r"inconsistent input_size: got 4 expected 3"),
         ((torch.zeros(2, 3), (torch.zeros(3, 5), torch.zeros(2, 5))), RuntimeError,
-         r"hx\[0\] \(h\): expected size \(2, 5\), got \(3, 5\)"),
+         r"Input batch size 2 doesn't match hidden0 batch size 3"),
         ((torch.zeros(2, 3), (torch.zeros(2, 5), torch.zeros(2, 4))), RuntimeError,
-         r"hx\[1\] \(c\): expected size \(2, 5\), got \(2, 4\)"),
+         r"hidden1 has inconsistent hidden_size: got 4, expected 5"),
         ((torch.zeros(2, 3), (torch.zeros(1, 2, 5), torch.zeros(2, 5))), ValueError,
          r"Expected hx\[0\] to be 1D or 2D, got 3D"),
-        ((torch.zeros(2, 3, dtype=torch.float64),), ValueError, r"dtype torch.float64 does not match"),
+        ((torch.zeros(2, 3, dtype=torch.float64),), ValueError,
+         r"RNN input dtype \(torch.float64\) does not match weight dtype \(torch.float32\)"),
     ],
 )
 def test_cell_errors(args, exc, pattern):

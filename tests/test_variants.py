@@ -397,7 +397,7 @@ def test_step_errors():
         m.step(torch.zeros(1, 2, 3))
     with pytest.raises(RuntimeError, match=r"input_size. Expected 3, got 5"):
         m.step(torch.zeros(2, 5))
-    with pytest.raises(RuntimeError, match=r"hx\[0\] \(h_0\): expected size \(2, 2, 4\)"):
+    with pytest.raises(RuntimeError, match=r"Expected hidden\[0\] size \(2, 2, 4\), got \[1, 2, 4\] \(state\[0\]\)"):
         m.step(torch.zeros(2, 3), (torch.zeros(1, 2, 4), torch.zeros(2, 2, 4)))
 
 
@@ -559,7 +559,8 @@ def test_step_state_errors():
     with torch.no_grad():
         with pytest.raises(ValueError, match=r"state\[0\] \(h\): expected dtype torch.float32"):
             m.step(x, (good[0].double(), good[1]))
-        with pytest.raises(RuntimeError, match=r"state\[1\] \(c\): expected device cpu"):
+        with pytest.raises(RuntimeError, match=r"Input and hidden tensors are not at the same device.*"
+                                               r"\(hidden tensor: state\[1\] \(c\)\)"):
             m.step(x, (good[0], torch.zeros(2, 2, 4, device="meta")))
         with pytest.raises(RuntimeError, match=r"state: expected \(3-D h, c\)"):
             m.step(x, (torch.zeros(2, 8), torch.zeros(2, 8)))

@@ -113,8 +113,9 @@ _bias_sum_op.register_autograd(lambda ctx, g: torch.ops.lstmkit.grad_copies(g))
 def _bias_sum(b_ih: Tensor, b_hh: Tensor) -> Tensor:
     """b_ih + b_hh. Under torch.compile an opaque op whose gradients are two distinct tensors: the
     compiled backward of a plain sum returns one tensor as both parameters' gradients, which
-    accumulation and in-place clipping then count twice."""
-    if torch.compiler.is_compiling():
+    accumulation and in-place clipping then count twice. Not while exporting (torch.export, ONNX):
+    such a graph holds no backward, and the ONNX exporters know no such op."""
+    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
         return torch.ops.lstmkit.bias_sum(b_ih, b_hh)
     return b_ih + b_hh
 
