@@ -53,8 +53,8 @@ def background_enabled() -> bool:
 def cache_dir() -> str:
     """The directory of the kernels' on-disk cache (and of the warm-up markers): ``NUMBA_CACHE_DIR``
     where set, else ``__pycache__`` next to the kernel sources when writable (Numba's own default),
-    else ``$XDG_CACHE_HOME/lstmkit`` (``~/.cache/lstmkit``), which is then given to Numba as well when
-    it is not yet imported."""
+    else ``$XDG_CACHE_HOME/lstmkit`` (``~/.cache/lstmkit``) for the markers, Numba then keeping the
+    kernels in its user-wide cache directory."""
     d = os.environ.get("NUMBA_CACHE_DIR")
     if d:
         return os.path.abspath(os.path.expanduser(d))
@@ -91,13 +91,10 @@ def _key() -> str:
             nb_version = version("numba")
         except PackageNotFoundError:
             nb_version = "?"
-        files = sorted(f for f in os.listdir(_KERNELS_DIR) if f.endswith(".py"))
-        paths = [os.path.join(_KERNELS_DIR, f) for f in files] + [
-            os.path.join(os.path.dirname(_KERNELS_DIR), "backends", "_contract.py")]
-        stamps = [(os.path.basename(p), os.stat(p).st_mtime, os.stat(p).st_size) for p in paths]
+        from .kernels._cache import _STAMPS
+
         parts = [__version__, nb_version, sys.version, ll.get_host_cpu_name(), ll.get_host_cpu_features().flatten(),
-                 os.environ.get("NUMBA_CPU_NAME", ""), os.environ.get("NUMBA_CPU_FEATURES", ""),
-                 os.environ.get("LSTMKIT_WIDE_VECTORS", "1") != "0", stamps]
+                 os.environ.get("NUMBA_CPU_NAME", ""), os.environ.get("NUMBA_CPU_FEATURES", ""), _STAMPS]
         _KEY = hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
     return _KEY
 
@@ -177,7 +174,7 @@ def start_background(dtype: torch.dtype, kind: str = "plain") -> bool:
     except OSError:
         _gave_up.add(k)
         return False
-    env = dict(os.environ, **{ENV_BACKGROUND: "0", "NUMBA_CACHE_DIR": cache_dir()})
+    env = dict(os.environ, **{ENV_BACKGROUND: "0"})  # the same NUMBA_CACHE_DIR (or none) as this process
     try:
         _procs[k] = subprocess.Popen(
             [sys.executable, "-m", "lstmkit.warmup", "--background", "--dtypes", str(dtype).replace("torch.", ""),

@@ -7,13 +7,19 @@ cached kernel would run the old code (seen: garbage from a changed packed-weight
 kernel that kept the old ``mm`` after it changed). :func:`tie_module` adds the stamps (name, mtime,
 size) of every kernel source file and of ``_gates.py`` to the cache index stamp of each
 dispatcher a module defines, so an edit to any of them makes every entry stale (recompiled once).
+The warm-up markers (``lstmkit/_warmup.py``) hold the same stamps (this module imports Numba only
+in :func:`tie_module`).
+
+Numba keys each entry of a cache index by the signature, the function's bytecode and
+``codegen.magic_tuple()``: the target triple, the host CPU's name and its feature string (numba
+0.63, ``numba/core/caching.py``, ``Cache._index_key``). A cache directory shared between machines
+(an image, a CI cache) therefore never loads code built for another CPU: such a machine compiles
+its own entries next to the others.
 """
 
 from __future__ import annotations
 
 import os
-
-from numba.core.dispatcher import Dispatcher
 
 _DIR = os.path.dirname(os.path.abspath(__file__))
 _FILES = sorted(os.path.join(_DIR, f) for f in os.listdir(_DIR) if f.endswith(".py")) + [
@@ -34,6 +40,8 @@ def tie(obj) -> None:
 
 def tie_module(namespace: dict) -> None:
     """:func:`tie` every Numba dispatcher defined in the module whose globals are ``namespace``."""
+    from numba.core.dispatcher import Dispatcher
+
     name = namespace["__name__"]
     for v in list(namespace.values()):
         if isinstance(v, Dispatcher) and getattr(v.py_func, "__module__", None) == name:
