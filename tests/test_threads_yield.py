@@ -18,8 +18,8 @@ nb = pytest.importorskip("lstmkit.backends.numba_cpu")
 @pytest.fixture
 def policy(monkeypatch):
     """The lateness rule at its shipped thresholds (tests/conftest.py turns it off elsewhere)."""
-    monkeypatch.setattr(nb, "STEP_TEAM_LATE", 2.0)
-    monkeypatch.setattr(nb, "STEP_TEAM_LATE_PAD_S", 10e-6)
+    monkeypatch.setattr(nb, "STEP_TEAM_LATE", 3.0)
+    monkeypatch.setattr(nb, "STEP_TEAM_LATE_PAD_S", 50e-6)
     monkeypatch.setattr(nb, "_team_off_until", 0.0)
     monkeypatch.setattr(nb, "_team_backoff", nb.STEP_TEAM_BACKOFF_S)
     return nb
@@ -29,7 +29,7 @@ def test_on_time_team_steps_keep_the_team_and_set_the_yardstick(policy):
     best = [10e-6, math.inf]
     nb._team_step_done(8e-6, best, 1.0)
     assert best == [10e-6, 8e-6] and nb._team_off_until == 0.0
-    nb._team_step_done(20e-6, best, 2.0)  # 20 us <= 2 * 8 us + 10 us: on time
+    nb._team_step_done(60e-6, best, 2.0)  # 60 us <= 3 * 8 us + 50 us: on time
     assert best == [10e-6, 8e-6] and nb._team_off_until == 0.0
 
 

@@ -188,14 +188,15 @@ def test_cold_runner_trains_with_torch_gradients(monkeypatch):
     assert_close(hs, hrs)
 
 
-def test_failed_background_compile_falls_back_to_compiling_on_first_use(monkeypatch, capsys):
+def test_failed_background_compile_falls_back_to_compiling_on_first_use(monkeypatch, capsys, tmp_path):
     class Failed:
         returncode = 3
 
         def poll(self):
-            return 3
+            return self.returncode
 
     monkeypatch.setenv(_warmup.ENV_BACKGROUND, "1")
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))  # no marker there
     k = (torch.float64, "variants")
     monkeypatch.setitem(_warmup._procs, k, Failed())
     monkeypatch.setattr(_warmup, "_checked", {})
@@ -203,6 +204,13 @@ def test_failed_background_compile_falls_back_to_compiling_on_first_use(monkeypa
     monkeypatch.setattr(_warmup, "_ready", set())
     assert _warmup.ready(*k) is True
     assert "failed (exit 3" in capsys.readouterr().err
+    # finished without failing but without this process's marker (the kernel sources changed meanwhile):
+    # no second background compile, the kernels compile on first use, nothing printed
+    Failed.returncode = 0
+    k = (torch.float32, "variants")
+    monkeypatch.setitem(_warmup._procs, k, Failed())
+    assert _warmup.ready(*k) is True and k in _warmup._gave_up
+    assert capsys.readouterr().err == ""
 
 
 def test_warmup_rejects_bad_arguments():

@@ -145,13 +145,15 @@ def ready(dtype: torch.dtype, kind: str = "plain") -> bool:
         return False
     _checked[k] = now
     proc = _procs.get(k)
-    if proc is not None and proc.poll() is not None and proc.returncode != 0:
-        _gave_up.add(k)
-        sys.stderr.write(f"lstmkit: the background compile of the {_kind_name(dtype, kind)} kernels failed "
-                         f"(exit {proc.returncode}; log: {_log_path(dtype, kind)}); compiling on first use\n")
-        return True
+    done = proc is not None and proc.poll() is not None
     if os.path.exists(marker_path(dtype, kind)):
         _ready.add(k)
+        return True
+    if done:  # finished without a marker for this process (failed, or the kernel sources changed meanwhile)
+        _gave_up.add(k)
+        if proc.returncode != 0:
+            sys.stderr.write(f"lstmkit: the background compile of the {_kind_name(dtype, kind)} kernels failed "
+                             f"(exit {proc.returncode}; log: {_log_path(dtype, kind)}); compiling on first use\n")
         return True
     return False
 
