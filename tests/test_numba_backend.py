@@ -459,7 +459,7 @@ def test_prepared_weights_start_on_a_cache_line():
 
 def test_kernel_caches_follow_every_kernel_source():
     """Every cached kernel's on-disk cache entry is stamped with all kernel source files (and
-    _contract.py), so an edit to a function compiled into it (numba_lstm's mm, say) makes the
+    _gates.py), so an edit to a function compiled into it (numba_lstm's mm, say) makes the
     entry stale; Numba alone checks only the kernel's own file, and a kernel kept an edited
     function's old code."""
     from numba.core.dispatcher import Dispatcher
@@ -476,7 +476,7 @@ def test_kernel_caches_follow_every_kernel_source():
 
     names = {s[0] for s in _cache._STAMPS}
     assert {"numba_lstm.py", "numba_blas.py", "numba_stack.py", "numba_parallel.py", "numba_variants.py",
-            "numba_step.py", "_contract.py"} <= names
+            "numba_step.py", "_gates.py"} <= names
     for mod in (numba_blas, numba_lstm, numba_stack, numba_parallel, numba_variants, numba_step):
         cached = [v for v in vars(mod).values() if isinstance(v, Dispatcher) and v.py_func.__module__ == mod.__name__
                   and getattr(v._cache, "_cache_file", None) is not None]
