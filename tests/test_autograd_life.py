@@ -264,3 +264,29 @@ def test_triton_layer_second_order_matches_reference():
     assert "_LayerFnBackward" in nodes
     for a, b in zip(f_ours + s_ours, f_ref + s_ref):
         assert_close(a, b, table={torch.float32: (2e-3, 2e-3)})
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_with_background_compile_on(tmp_path):
+    """torch.compile(fullgraph=True) of a plain LSTM in a process where ``auto`` may answer with the
+    reference math while kernels compile (the default outside tests): the graph holds numba's ops."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, lstmkit, warnings\n"
+        "warnings.simplefilter('ignore')\n"
+        "m = lstmkit.LSTM(3, 5, 2)\n"
+        "ref = torch.nn.LSTM(3, 5, 2); ref.load_state_dict(m.state_dict())\n"
+        "x = torch.randn(4, 2, 3)\n"
+        "out, _ = torch.compile(m, fullgraph=True)(x)\n"
+        "out.sum().backward(); ref(x)[0].sum().backward()\n"
+        "torch.testing.assert_close(out, ref(x)[0], rtol=1e-5, atol=1e-5)\n"
+        "torch.testing.assert_close(m.weight_hh_l1.grad, ref.weight_hh_l1.grad, rtol=1e-5, atol=1e-5)\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "LSTMKIT_BACKGROUND_COMPILE"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=tmp_path)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]

@@ -108,7 +108,7 @@ def _resolve(name: str, device: torch.device, dtype: torch.dtype, opts: Optional
             if _why_not(cand, device, dtype, opts) is None:
                 auto_types = getattr(_loaded[cand], "AUTO_DEVICE_TYPES", None)
                 if auto_types is None or device.type in auto_types:
-                    if cand == "numba":
+                    if cand == "numba" and not torch.compiler.is_compiling():  # (compiled: its ops)
                         return _while_compiling(dtype, opts) or _loaded[cand]
                     return _loaded[cand]
         raise RuntimeError(f"no lstmkit backend can run device={device}, dtype={dtype}")
