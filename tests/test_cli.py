@@ -289,3 +289,17 @@ def test_train_pooling_option_reaches_the_saved_model(files, tmp_path, capsys):
     assert config["params"]["pooling"] == "max" and config["model"]["pooling"] == "max"
     loaded = LSTMSequenceClassifier.load(out)
     assert loaded.pooling == "max" and loaded.model_.pooling == "max"
+
+
+def test_warmup_command_is_lstmkit_warmup(capsys):
+    """`lstmkit warmup` is lstmkit.warmup's command line: its options and their checks."""
+    from lstmkit.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["warmup", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: lstmkit warmup") and "--dtypes" in out and "--variants" in out
+    with pytest.raises(SystemExit) as exc:
+        main(["warmup", "--dtypes", "float16"])
+    assert exc.value.code == 2 and "invalid choice: 'float16'" in capsys.readouterr().err

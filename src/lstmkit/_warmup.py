@@ -406,11 +406,11 @@ def _warm_part(dt: torch.dtype, kind: str, training: bool, vs: Sequence[str], th
     return s
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m lstmkit.warmup``: :func:`warmup` from the command line."""
+def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m lstmkit.warmup") -> int:
+    """``lstmkit warmup`` / ``python -m lstmkit.warmup``: :func:`warmup` from the command line."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m lstmkit.warmup",
+    p = argparse.ArgumentParser(prog=prog,
                                 description="Compile lstmkit's CPU kernels into the on-disk cache "
                                             f"(now: {cache_dir()}; set NUMBA_CACHE_DIR or LSTMKIT_CACHE_DIR).")
     p.add_argument("--dtypes", nargs="+", default=["float32"], choices=sorted(_DTYPE_NAMES))

@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="the benchmark suite (lstmkit.bench)", add_help=False)
     b.add_argument("args", nargs=argparse.REMAINDER)
+    w = sub.add_parser("warmup", help="compile the CPU kernels into the on-disk cache (images, CI caches)",
+                       add_help=False)
+    w.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -356,6 +359,12 @@ def _cmd_datasets(args) -> int:
     return 0
 
 
+def _cmd_warmup(args) -> int:
+    from lstmkit import _warmup
+
+    return int(_warmup.main(args.args, prog="lstmkit warmup") or 0)
+
+
 def _cmd_bench(args) -> int:
     try:
         from lstmkit import bench
@@ -388,8 +397,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of the ``lstmkit`` console script and ``python -m lstmkit``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if argv and argv[0] == "bench":  # everything after 'bench' belongs to lstmkit.bench
-        args = argparse.Namespace(command="bench", args=argv[1:])
+    if argv and argv[0] in ("bench", "warmup"):  # everything after it belongs to lstmkit.bench / warmup
+        args = argparse.Namespace(command=argv[0], args=argv[1:])
     else:
         args = parser.parse_args(argv)
     if args.command is None:
@@ -397,7 +406,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     handler = {
         "train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict,
-        "datasets": _cmd_datasets, "bench": _cmd_bench,
+        "datasets": _cmd_datasets, "bench": _cmd_bench, "warmup": _cmd_warmup,
     }[args.command]
     prefix = f"lstmkit {args.command}: error:"
     try:
