@@ -46,10 +46,14 @@ class _KeepsRunners:
     @staticmethod
     def _make_runner(backend: str, dt: torch.dtype, *args, **kwargs) -> Optional[Callable]:
         """``call_runner(*args, **kwargs)`` of the backend that runs CPU tensors of dtype dt, or None
-        where it has no such hook."""
+        where it has no such hook or ``auto`` leaves these shapes to another backend (args: x_shape,
+        h_shape, c_shape, ...)."""
         be = _CALL_BACKENDS.get((backend, dt))
         if be is None:
             be = _CALL_BACKENDS[backend, dt] = backends.resolve(backend, torch.device("cpu"), dt)
+        c_shape = args[2]
+        if backend == "auto" and backends.declines(be, dt, c_shape[1] * c_shape[2]):
+            return None  # the general path, which asks backends.resolve with the shapes
         make = getattr(be, "call_runner", None)
         return None if make is None else make(*args, **kwargs)
 

@@ -105,7 +105,7 @@ def lstm(
     D = 2 if bidirectional else 1
     plain = opts_for is None and ln_ih is None
     first_opts = None if opts_for is None else opts_for(0, 0, B, T)
-    be = backends.resolve(backend, input.device, input.dtype, first_opts)
+    be = backends.resolve(backend, input.device, input.dtype, first_opts, units=B * c0.shape[2])
     inter_dropout = dropout > 0 and training and num_layers > 1
 
     fast = getattr(be, "lstm_stack", None)
@@ -198,7 +198,7 @@ def lstm_cell(
         from . import _export
 
         return _export.lstm_cell(input, h, c, w_ih, w_hh, b_ih, b_hh, backend=backend, opts=opts, ln_ih=ln_ih)
-    be = backends.resolve(backend, input.device, input.dtype, opts)
+    be = backends.resolve(backend, input.device, input.dtype, opts, units=input.shape[0] * c.shape[-1])
     fast = getattr(be, "lstm_cell_step", None)
     if (
         fast is not None and opts is None and ln_ih is None

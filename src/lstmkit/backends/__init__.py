@@ -56,12 +56,14 @@ def _why_not(name: str, device: torch.device, dtype: torch.dtype, opts: Optional
 
 
 def resolve(
-    name: str, device: torch.device, dtype: torch.dtype, opts: Optional[LayerOptions] = None
+    name: str, device: torch.device, dtype: torch.dtype, opts: Optional[LayerOptions] = None, units: int = 0
 ) -> ModuleType:
     """The backend module that runs tensors of ``device``/``dtype`` with ``opts``.
 
-    ``"auto"`` picks the first backend in :data:`BACKEND_MODULES` order that can serve the input.
-    An explicit name that cannot serve it raises; nothing falls back silently.
+    ``"auto"`` picks the first backend in :data:`BACKEND_MODULES` order that can serve the input,
+    except that a backend may leave calls of ``units`` (batch rows x hidden units, where the caller
+    knows them) to the reference backend as slower (its ``declines(dtype, units)``). An explicit
+    name that cannot serve the input raises; nothing falls back silently.
 
     Under a ``torch.func`` transform (``jacrev``, ``vmap``, ``grad``, ...) only the reference
     backend can run: the fused kernels work outside torch's dispatcher, where no transform sees
@@ -81,8 +83,18 @@ def resolve(
             mod = _resolve(name, device, dtype, None)
             if mod is not _warmup.PENDING:
                 _plain_choice[key] = mod
-        return mod
-    return _resolve(name, device, dtype, opts)
+    else:
+        mod = _resolve(name, device, dtype, opts)
+    if units and dtype is torch.float64 and name == "auto" and declines(mod, dtype, units):
+        return _load("reference")
+    return mod
+
+
+def declines(mod: ModuleType, dtype: torch.dtype, units: int) -> bool:
+    """Whether backend ``mod`` leaves calls of dtype with ``units`` (rows x hidden units) to the
+    reference backend under ``auto``."""
+    fn = getattr(mod, "declines", None)
+    return fn is not None and fn(dtype, units)
 
 
 _plain_choice: dict[tuple, ModuleType] = {}

@@ -65,6 +65,20 @@ _DTYPES = (torch.float32, torch.float64)
 _NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
 
 
+# float64 runs the exact exp / tanh, scalar libm calls (~17 ns an element; float32's approximations
+# vectorize): from this many rows x hidden units a step's elementwise work outweighs what the fused
+# kernels save, and torch's vectorized ops (the reference backend) win. Measured, 2 threads, ms,
+# torch.nn.LSTM / numba / reference: training T=10 B=5 H=5 L=2 2.98 / 0.39 / 3.37; T=100 B=16 H=128
+# L=2 85 / 100 / 94; T=50 B=64 H=256 113 / 300 / 116; an LSTMCell step of B=97 H=51 0.85 / 1.90 / 0.89.
+F64_MAX_UNITS = 512
+
+
+def declines(dtype: torch.dtype, units: int) -> bool:
+    """``auto`` leaves float64 calls of more than F64_MAX_UNITS rows x hidden units to the reference
+    backend (``backends.resolve``)."""
+    return dtype is torch.float64 and units > F64_MAX_UNITS
+
+
 def unavailable(device: torch.device, dtype: torch.dtype, opts: Optional[LayerOptions] = None) -> Optional[str]:
     dev_type = device.type if isinstance(device, torch.device) else torch.device(device).type
     if dev_type != "cpu":
