@@ -22,6 +22,7 @@ from . import backends
 from .backends._contract import LayerOptions
 from .backends.reference import input_projection as _input_projection
 from .backends.reference import layer_weights as _layer_weights
+from .backends.reference import stack_layers as _stack_layers
 
 __all__ = ["lstm", "lstm_cell", "lengths_to_batch_sizes", "padded_to_packed", "packed_to_padded"]
 
@@ -153,31 +154,23 @@ def lstm(
         if res is not NotImplemented:
             return res
         opts_for = (lambda layer, d, B, T, opts=opts: opts[layer]) if opts_for is not None else None
-    x = input
-    h_n: list[Tensor] = []
-    c_n: list[Tensor] = []
-    for layer in range(num_layers):
-        outs = []
-        for d in range(D):
-            idx = layer * D + d
-            w_ih, w_hh, b_ih, b_hh, w_hr = _layer_weights(weights, has_biases, proj_size, D, layer, d)
-            ln = None if ln_ih is None else ln_ih[idx]
-            opts = first_opts if idx == 0 else (None if opts_for is None else opts_for(layer, d, B, T))
-            res = NotImplemented
-            if rows is not None:
-                res = rows(x, w_ih, b_ih, b_hh, ln, w_hh, w_hr, h0[idx], c0[idx], batch_sizes, d == 1, opts,
-                           num_layers=num_layers)
-            if res is NotImplemented:
-                res = be.layer(_input_projection(x, w_ih, b_ih, b_hh, ln), w_hh, w_hr, h0[idx], c0[idx],
-                               batch_sizes, d == 1, opts)
-            out, h, c = res
-            outs.append(out)
-            h_n.append(h)
-            c_n.append(c)
-        x = outs[0] if D == 1 else torch.cat(outs, 2)
-        if inter_dropout and layer < num_layers - 1:
-            x = F.dropout(x, dropout, training=True)
-    return x, torch.stack(h_n), torch.stack(c_n)
+
+    def run(x: Tensor, layer: int, d: int) -> tuple[Tensor, Tensor, Tensor]:
+        idx = layer * D + d
+        w_ih, w_hh, b_ih, b_hh, w_hr = _layer_weights(weights, has_biases, proj_size, D, layer, d)
+        ln = None if ln_ih is None else ln_ih[idx]
+        opts = first_opts if idx == 0 else (None if opts_for is None else opts_for(layer, d, B, T))
+        res = NotImplemented
+        if rows is not None:
+            res = rows(x, w_ih, b_ih, b_hh, ln, w_hh, w_hr, h0[idx], c0[idx], batch_sizes, d == 1, opts,
+                       num_layers=num_layers)
+        if res is NotImplemented:
+            res = be.layer(_input_projection(x, w_ih, b_ih, b_hh, ln), w_hh, w_hr, h0[idx], c0[idx],
+                           batch_sizes, d == 1, opts)
+        return res
+
+    between = (lambda x: F.dropout(x, dropout, training=True)) if inter_dropout else None
+    return _stack_layers(input, num_layers, D, run, between)
 
 
 def lstm_cell(

@@ -6,7 +6,7 @@ It never calls torch's recurrent kernels.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Optional
 
 import torch
@@ -153,6 +153,31 @@ def input_projection(
     return xg.view(T, B, w_ih.shape[0])
 
 
+def stack_layers(
+    x: Tensor,                                               # (T, B, I)
+    num_layers: int,
+    D: int,
+    run: Callable[[Tensor, int, int], tuple[Tensor, Tensor, Tensor]],
+    between: Optional[Callable[[Tensor], Tensor]] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Layers and directions stacked: ``run(x, layer, d) -> (out, h, c)`` runs one layer-direction
+    on its input x; a layer's input is the concatenation of the directions' outputs below it, after
+    ``between`` (dropout) where given. Returns (out (T, B, D*P), h_n (L*D, B, P), c_n (L*D, B, H))."""
+    h_n: list[Tensor] = []
+    c_n: list[Tensor] = []
+    for lay in range(num_layers):
+        outs = []
+        for d in range(D):
+            out, h, c = run(x, lay, d)
+            outs.append(out)
+            h_n.append(h)
+            c_n.append(c)
+        x = outs[0] if D == 1 else torch.cat(outs, 2)
+        if between is not None and lay < num_layers - 1:
+            x = between(x)
+    return x, torch.stack(h_n), torch.stack(c_n)
+
+
 def stack(
     x: Tensor,                                   # (T, B, I)
     h0: Tensor,                                  # (L*D, B, P)
@@ -169,18 +194,11 @@ def stack(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """A stacked LSTM without dropout between layers on the reference math: (out, h_n, c_n). The
     recomputation behind differentiable backward passes of the fused backends' stack nodes."""
-    h_n: list[Tensor] = []
-    c_n: list[Tensor] = []
-    for lay in range(num_layers):
-        outs = []
-        for d in range(D):
-            idx = lay * D + d
-            w_ih, w_hh, b_ih, b_hh, w_hr = layer_weights(weights, has_biases, proj_size, D, lay, d)
-            xg = input_projection(x, w_ih, b_ih, b_hh, None if ln_ih is None else ln_ih[idx])
-            out, h, c = layer(xg, w_hh, w_hr, h0[idx], c0[idx], batch_sizes, d == 1,
-                              None if opts is None else opts[idx])
-            outs.append(out)
-            h_n.append(h)
-            c_n.append(c)
-        x = outs[0] if D == 1 else torch.cat(outs, 2)
-    return x, torch.stack(h_n), torch.stack(c_n)
+
+    def run(x: Tensor, lay: int, d: int) -> tuple[Tensor, Tensor, Tensor]:
+        idx = lay * D + d
+        w_ih, w_hh, b_ih, b_hh, w_hr = layer_weights(weights, has_biases, proj_size, D, lay, d)
+        xg = input_projection(x, w_ih, b_ih, b_hh, None if ln_ih is None else ln_ih[idx])
+        return layer(xg, w_hh, w_hr, h0[idx], c0[idx], batch_sizes, d == 1, None if opts is None else opts[idx])
+
+    return stack_layers(x, num_layers, D, run)
