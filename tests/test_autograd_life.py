@@ -74,16 +74,21 @@ def test_gradient_penalty_matches_torch_lstm(kw, node, dtype):
         assert_close(a, b, table={torch.float32: (1e-4, 1e-4), F64: (1e-9, 1e-9)})
 
 
-def test_gradient_penalty_matches_torch_lstm_cell():
-    """LSTMCell with gradients runs the per-layer node (``numba_cpu._LayerFn``)."""
-    ours, ref = _pair(lstmkit.LSTMCell, torch.nn.LSTMCell, 3, 4, backend="numba")
-    x = torch.randn(2, 3, dtype=F64)
-    state = (torch.randn(2, 4, dtype=F64), torch.randn(2, 4, dtype=F64))
+def _check_cell_second_order(ours, ref, dtype=F64, tol=1e-9):
+    """ours (an lstmkit.LSTMCell) runs a fused layer node and gives ref's first- and second-order
+    gradients of a gradient penalty."""
+    x = torch.randn(2, 3, dtype=dtype)
+    state = (torch.randn(2, 4, dtype=dtype), torch.randn(2, 4, dtype=dtype))
     f_ours, s_ours, nodes = _penalty_grads(ours, x, state, cell=True)
     f_ref, s_ref, _ = _penalty_grads(ref, x, state, cell=True)
     assert "_LayerFnBackward" in nodes
     for a, b in zip(f_ours + s_ours, f_ref + s_ref):
-        assert_close(a, b, table={F64: (1e-9, 1e-9)})
+        assert_close(a, b, table={dtype: (tol, tol)})
+
+
+def test_gradient_penalty_matches_torch_lstm_cell():
+    """LSTMCell with gradients runs the per-layer node (``numba_cpu._LayerFn``)."""
+    _check_cell_second_order(*_pair(lstmkit.LSTMCell, torch.nn.LSTMCell, 3, 4, backend="numba"))
 
 
 @pytest.fixture
@@ -127,13 +132,7 @@ def test_variant_cell_second_order_matches_reference():
     ours = lstmkit.LSTMCell(3, 4, dtype=F64, backend="numba", layer_norm=True, peephole=True).eval()
     ref = lstmkit.LSTMCell(3, 4, dtype=F64, backend="reference", layer_norm=True, peephole=True).eval()
     ref.load_state_dict(ours.state_dict())
-    x = torch.randn(2, 3, dtype=F64)
-    state = (torch.randn(2, 4, dtype=F64), torch.randn(2, 4, dtype=F64))
-    f_ours, s_ours, nodes = _penalty_grads(ours, x, state, cell=True)
-    f_ref, s_ref, _ = _penalty_grads(ref, x, state, cell=True)
-    assert "_LayerFnBackward" in nodes
-    for a, b in zip(f_ours + s_ours, f_ref + s_ref):
-        assert_close(a, b, table={F64: (1e-9, 1e-9)})
+    _check_cell_second_order(ours, ref)
 
 
 def _as_function(model):
@@ -257,13 +256,7 @@ def test_triton_layer_second_order_matches_reference():
     ours = lstmkit.LSTMCell(3, 4, backend="triton", **kw).eval()
     ref = lstmkit.LSTMCell(3, 4, backend="reference", **kw).eval()
     ref.load_state_dict(ours.state_dict())
-    x = torch.randn(2, 3)
-    state = (torch.randn(2, 4), torch.randn(2, 4))
-    f_ours, s_ours, nodes = _penalty_grads(ours, x, state, cell=True)
-    f_ref, s_ref, _ = _penalty_grads(ref, x, state, cell=True)
-    assert "_LayerFnBackward" in nodes
-    for a, b in zip(f_ours + s_ours, f_ref + s_ref):
-        assert_close(a, b, table={torch.float32: (2e-3, 2e-3)})
+    _check_cell_second_order(ours, ref, torch.float32, 2e-3)
 
 
 @pytest.mark.slow
