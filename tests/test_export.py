@@ -15,8 +15,12 @@ import lstmkit
 from lstmkit import _export
 from tolerances import assert_close
 
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
+try:
+    import onnx
+    import onnxruntime as ort
+except ImportError:  # the extra lstmkit[export]; trace and torch.export need neither
+    onnx = ort = None
+needs_onnx = pytest.mark.skipif(onnx is None, reason="needs onnx and onnxruntime: pip install 'lstmkit[export]'")
 
 pytestmark = [
     # torch deprecates torch.jit.trace and the TorchScript-based ONNX exporter, which these tests exercise
@@ -346,6 +350,7 @@ def _ops(model_proto):
 
 @pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
 @pytest.mark.parametrize("case", list(CASES))
+@needs_onnx
 def test_onnx_lstm_operator_at_new_shapes(exporter, case):
     """A plain LSTM becomes ONNX's own LSTM operator (one per layer); onnxruntime gives torch's numbers
     at other batch sizes, sequence lengths and values."""
@@ -372,6 +377,7 @@ def test_onnx_lstm_operator_at_new_shapes(exporter, case):
 
 @pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
 @pytest.mark.parametrize("case", list(CELL_CASES))
+@needs_onnx
 def test_onnx_cell_lstm_operator(exporter, case):
     kw, state, unbatched = CELL_CASES[case]
     ours, ref = _cell_pair(**kw)
@@ -395,6 +401,7 @@ def test_onnx_cell_lstm_operator(exporter, case):
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+@needs_onnx
 def test_onnx_peephole_is_the_lstm_operator(exporter):
     """Peephole connections are ONNX LSTM's P input (rows reordered to i, o, f)."""
     torch.manual_seed(0)
@@ -409,6 +416,7 @@ def test_onnx_peephole_is_the_lstm_operator(exporter):
             _check(_run_onnx(model, new), m(*new))
 
 
+@needs_onnx
 def test_onnx_dynamo_scan_for_projection_and_variants():
     """What ONNX's LSTM cannot compute (projections, layer norm, zoneout) the dynamo exporter writes as
     an ONNX Scan of plain ops over the steps: torch's numbers (projection) or the eager model's
@@ -431,6 +439,7 @@ def test_onnx_dynamo_scan_for_projection_and_variants():
 
 @pytest.mark.parametrize("option, kw", [("proj_size=3", dict(proj_size=3)), ("layer_norm=True", dict(layer_norm=True)),
                                         ("zoneout=", dict(zoneout=0.1))])
+@needs_onnx
 def test_onnx_legacy_refuses_what_the_lstm_operator_lacks(option, kw):
     m = lstmkit.LSTM(I, H, **kw).eval()
     with pytest.raises(RuntimeError, match=f"{option}.*dynamo=False.*dynamo=True"):
@@ -438,6 +447,7 @@ def test_onnx_legacy_refuses_what_the_lstm_operator_lacks(option, kw):
 
 
 @pytest.mark.filterwarnings("ignore:Exporting a model while it is in training mode:UserWarning")
+@needs_onnx
 def test_onnx_refuses_lengths_and_training_masks_exports_dropout_in_eval():
     m = lstmkit.LSTM(I, H, num_layers=2, dropout=0.3).train()
     with pytest.raises(RuntimeError, match="ONNX export.*dropout=0.3.*model.eval"):
