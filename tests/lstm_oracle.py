@@ -119,3 +119,16 @@ def spy_step_runs(monkeypatch, calls: list, name="lstm_step") -> None:
         return spy
 
     monkeypatch.setattr(numba_cpu, "step_runner", make)
+
+
+def graph_nodes(t: torch.Tensor) -> list[str]:
+    """The class names of every node in t's autograd graph (which autograd nodes a call built)."""
+    seen, todo, names = set(), [t.grad_fn], []
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.append(type(fn).__name__)
+        todo.extend(f for f, _ in fn.next_functions)
+    return names

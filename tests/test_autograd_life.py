@@ -9,22 +9,11 @@ import torch
 from torch.func import functional_call, grad, jacrev, vmap
 
 import lstmkit
+from lstm_oracle import graph_nodes
 from lstmkit.backends import numba_cpu as nb
 from tolerances import assert_close
 
 F64 = torch.float64
-
-
-def _graph_nodes(t: torch.Tensor) -> list[str]:
-    seen, todo, names = set(), [t.grad_fn], []
-    while todo:
-        fn = todo.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        names.append(type(fn).__name__)
-        todo.extend(f for f, _ in fn.next_functions)
-    return names
 
 
 def _penalty_grads(model, x, state=None, cell=False):
@@ -44,7 +33,7 @@ def _penalty_grads(model, x, state=None, cell=False):
     assert all(f.requires_grad for f in firsts), "first-order gradients carry no graph"
     penalty = sum((f ** 2).sum() for f in firsts)
     seconds = torch.autograd.grad(loss + penalty, [x, *params])
-    return firsts, seconds, _graph_nodes(outs[0])
+    return firsts, seconds, graph_nodes(outs[0])
 
 
 def _pair(cls_ours, cls_ref, *args, dtype=F64, **kw):

@@ -6,21 +6,11 @@ import pytest
 import torch
 
 import lstmkit
+from lstm_oracle import graph_nodes
 from lstmkit.backends import numba_cpu as nb
 from tolerances import assert_close
 
 F64 = torch.float64
-
-
-def _nodes(t: torch.Tensor) -> set[str]:
-    seen, todo = set(), [t.grad_fn]
-    while todo:
-        fn = todo.pop()
-        if fn is None or type(fn).__name__ in seen:
-            continue
-        seen.add(type(fn).__name__)
-        todo.extend(f for f, _ in fn.next_functions)
-    return seen
 
 
 @pytest.mark.parametrize("B,H,fused", [(5, 5, True), (16, 64, False), (2, nb.F64_MAX_UNITS // 2, True)])
@@ -47,8 +37,8 @@ def test_auto_float64_leaves_large_steps_to_the_reference_math(B, H, fused, cell
     for p, q in zip(ours.parameters(), ref.parameters()):
         assert_close(p.grad, q.grad)
     fused_nodes = {"_StackFnBackward", "_LayerFnBackward", "_RowsLayerFnBackward"}
-    assert bool(_nodes(out) & fused_nodes) == fused
-    assert _nodes(explicit(x)[0]) & fused_nodes
+    assert bool(set(graph_nodes(out)) & fused_nodes) == fused
+    assert set(graph_nodes(explicit(x)[0])) & fused_nodes
     if not fused:  # inference: the same choice (the module's per-shape functions included)
         for name in ("lstm_stack", "lstm_cell_step", "call_runner", "step_runner", "layer"):
             monkeypatch.setattr(nb, name, lambda *a, _name=name, **k: pytest.fail(f"numba's {_name} ran"))

@@ -16,6 +16,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import lstmkit
+from lstm_oracle import graph_nodes
 from lstmkit.backends import numba_cpu as nb
 from tolerances import TOL, TOL_NORMALIZED, assert_close
 
@@ -445,19 +446,6 @@ def _variant_training_pair(L, kw, seed=0, **extra):
     return ours, ref
 
 
-def _graph_nodes(t) -> list:
-    """The class names of every node in t's autograd graph."""
-    seen, todo, names = set(), [t.grad_fn], []
-    while todo:
-        fn = todo.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        names.append(type(fn).__name__)
-        todo.extend(f for f, _ in fn.next_functions)
-    return names
-
-
 def _train_step(m, x, h0, c0, lengths, x_grad=True):
     """Output, final state and every gradient of one seeded training step (the same masks)."""
     xs, hs, cs = x.clone().requires_grad_(x_grad), h0.clone().requires_grad_(), c0.clone().requires_grad_()
@@ -490,7 +478,7 @@ def test_variant_stack_trains_as_one_node(threaded, rows_train_seen, kw, proj, b
             assert g is None, name
         else:
             assert_close(g, w, msg=name, table=TOL_NORMALIZED if "layer_norm" in kw else TOL)
-    nodes = _graph_nodes(out)
+    nodes = graph_nodes(out)
     assert nodes.count("_RowsStackFnBackward") == 1 and "_RowsLayerFnBackward" not in nodes
     assert threaded == [(2, True)] * 3
     assert sorted(rows_train_seen) == [(0, 4)] * 3 + [(4, 9)] * 3
@@ -507,7 +495,7 @@ def test_variant_stack_node_leaves_what_it_cannot_run(threaded, extra):
     out, got = _train_step(ours, x, h0, c0, None)
     for w, g in zip(want, got):
         assert_close(g, w)
-    nodes = _graph_nodes(out)
+    nodes = graph_nodes(out)
     assert "_RowsStackFnBackward" not in nodes and nodes.count("_RowsLayerFnBackward") == 2 * D
     assert threaded.count((2, True)) == 3 * 2 * D  # three threaded calls per layer-direction
 
@@ -526,7 +514,7 @@ def test_variant_stack_masks_drawn_once_when_left_to_layers(threaded, monkeypatc
     out, got = _train_step(ours, x, h0, c0, None)
     for w, g in zip(want, got):
         assert_close(g, w)
-    assert _graph_nodes(out).count("_RowsLayerFnBackward") == 2
+    assert graph_nodes(out).count("_RowsLayerFnBackward") == 2
     monkeypatch.setattr(nv, "lstm_stack_variants", lambda *a, **k: NotImplemented)
     results = []
     for m in (ref, ours):
@@ -547,7 +535,7 @@ def test_variant_stack_training_with_busy_pool(threaded):
         out, got = _train_step(ours, x, h0, c0, None)
     for w, g in zip(want, got):
         assert_close(g, w, table=TOL_NORMALIZED)
-    assert _graph_nodes(out).count("_RowsStackFnBackward") == 1
+    assert graph_nodes(out).count("_RowsStackFnBackward") == 1
     assert threaded and all(not ok for _, ok in threaded)
 
 
